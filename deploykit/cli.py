@@ -1,0 +1,115 @@
+"""Entry points: the action (inputs from INPUT_* variables) and the command line.
+
+`main()` is the one boundary where errors become an `::error` annotation, the outputs and an
+exit code. No other function exits the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import TextIO
+
+from deploykit.errors import DeployError, JobCancelled
+from deploykit.github import Workflow
+from deploykit.inputs import INPUTS, parse_settings, read_action_inputs
+from deploykit.report import Outcome, summary_markdown
+
+OUTPUTS = ("instance-id", "command-id", "status", "rolled-back", "bucket", "duration")
+
+
+def install_cancel_handlers() -> None:
+    """The runner cancels a job with SIGINT, then SIGTERM, then SIGKILL (about 10 s in all).
+    As PID 1 in the container we get neither signal unless we handle it. The first one raises
+    JobCancelled where the program stands; later ones are ignored so cleanup can finish."""
+    cancelled = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal cancelled
+        if cancelled:
+            return
+        cancelled = True
+        raise JobCancelled(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def run_deploy(raw: Mapping[str, str], env: Mapping[str, str], out: TextIO | None = None) -> int:
+    """Validate, deploy, and write outputs and summary on every path. 0 only for success."""
+    gh = Workflow(env, out)
+    outcome = Outcome()
+    started = time.monotonic()
+    region = ""
+    try:
+        settings = parse_settings(raw, env)
+        region = settings.aws_region
+        from deploykit.awsapi import AwsClients
+        from deploykit.deploy import deploy
+
+        deploy(settings, AwsClients(settings.aws_region), gh, outcome)
+    except DeployError as exc:
+        if outcome.status == "success":
+            outcome.status = "failed"
+        outcome.message = outcome.message or exc.message
+        outcome.fix = exc.fix or ""
+        gh.error(exc.title, exc.message + (f"\nHow to fix: {exc.fix}" if exc.fix else ""))
+    except JobCancelled:
+        outcome.status = "cancelled"
+        outcome.message = "The job was cancelled; staged files were deleted."
+        gh.error("Deploy cancelled", outcome.message)
+    except Exception as exc:  # a bug: still write the outputs, and show where it happened
+        outcome.status = "failed"
+        outcome.message = f"unexpected error: {type(exc).__name__}: {exc}"
+        gh.log(traceback.format_exc())
+        gh.error("Unexpected error", outcome.message)
+    finally:
+        outcome.duration = round(time.monotonic() - started)
+        _write_outputs(gh, outcome)
+        gh.summary(summary_markdown(outcome, region))
+    return 0 if outcome.status == "success" else 1
+
+
+def _write_outputs(gh: Workflow, outcome: Outcome) -> None:
+    values = {
+        "instance-id": outcome.instance_id,
+        "command-id": outcome.command_id,
+        "status": outcome.status,
+        "rolled-back": str(outcome.rolled_back).lower(),
+        "bucket": outcome.bucket,
+        "duration": str(outcome.duration),
+    }
+    for name in OUTPUTS:
+        gh.set_output(name, values[name])
+    gh.log("Result: " + " ".join(f"{k}={v}" for k, v in values.items() if v))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploykit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    deploy = commands.add_parser("deploy", help="deploy manifests (flags are the action's inputs)")
+    for name, (default, help_text) in INPUTS.items():
+        deploy.add_argument(f"--{name}", dest=name, help=f"{help_text} (default: {default or 'none'})")
+    commands.add_parser("demo", help="deploy the example platform to a simulated AWS and K3s master")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # run by the GitHub runner as the container's entry point
+        install_cancel_handlers()
+        return run_deploy(read_action_inputs(os.environ), os.environ)
+    args = _parser().parse_args(argv)
+    if args.command == "deploy":
+        install_cancel_handlers()
+        raw = {name: value for name, value in vars(args).items() if name in INPUTS and value is not None}
+        return run_deploy(raw, os.environ)
+    from deploykit.demo import run_demo
+
+    return run_demo()

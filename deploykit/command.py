@@ -1,0 +1,230 @@
+"""The command lines sent through SSM Run Command (AWS-RunShellScript), and sending them.
+
+AWS-RunShellScript joins the lines into one file and runs it with `sh` (dash on Ubuntu), so the
+lines are plain POSIX sh. Every value in them is either made by the action (ids, sums, numbers)
+or an input validated in inputs.py, and every one is quoted with shlex.quote all the same.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from deploykit.awsapi import aws_call, error_code
+from deploykit.errors import AwsCallFailed
+from deploykit.inputs import Settings
+from deploykit.stage import Staging
+
+SCRIPT_NAME = "k3s-deploy.sh"
+BUNDLE_NAME = "manifests.tar.gz"
+# Exit codes of the command lines themselves (the script's own are in its header).
+EXIT_DOWNLOAD_FAILED = 90
+EXIT_CHECKSUM_MISMATCH = 91
+# The SSM agent treats 194 as "reboot now and run again": never let it through.
+REBOOT_EXIT_CODE = 194
+# A command not started within this many seconds is never run (SSM minimum: 30).
+DELIVERY_TIMEOUT = 120
+# SSM must never kill the script before its own deadline, rollback and cleanup have run.
+EXECUTION_MARGIN = 60
+STATE_DIR = '"${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy}"'
+
+
+def deploy_script() -> bytes:
+    return resources.files("deploykit").joinpath("scripts", SCRIPT_NAME).read_bytes()
+
+
+def execution_timeout(settings: Settings) -> int:
+    return settings.timeout + settings.rollback_timeout + EXECUTION_MARGIN
+
+
+def _q(value: str | int) -> str:
+    return shlex.quote(str(value))
+
+
+def _common_flags(settings: Settings) -> list[str]:
+    return [
+        "--kubectl",
+        _q(" ".join(settings.kubectl)),
+        "--namespace",
+        _q(settings.namespace),
+        "--rollback-timeout",
+        _q(settings.rollback_timeout),
+        "--request-timeout",
+        _q(settings.request_timeout),
+    ]
+
+
+def deploy_lines(
+    settings: Settings, staging: Staging, deploy_id: str, script_sha256: str, bundle_sha256: str
+) -> list[str]:
+    """Download, verify, run, clean up, and exit with the script's code."""
+    fetch = (
+        'fetch() { aws s3api get-object --region "$region" --bucket "$bucket" --key "$1"'
+        ' --expected-bucket-owner "$owner" "$2" >/dev/null'
+        ' || { echo "k3s-deploy: could not download s3://$bucket/$1; the instance role needs'
+        f' s3:GetObject on it" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
+    )
+    run = [
+        "bash",
+        f"./{SCRIPT_NAME}",
+        "deploy",
+        "--bundle",
+        BUNDLE_NAME,
+        "--deploy-id",
+        _q(deploy_id),
+        "--timeout",
+        _q(settings.timeout),
+        "--rollback",
+        _q(str(settings.rollback).lower()),
+        "--validate",
+        _q(str(settings.kubectl_validate).lower()),
+        "--state-dir",
+        STATE_DIR,
+        "--commit",
+        _q(settings.commit),
+        "--run-url",
+        _q(settings.run_url),
+        *_common_flags(settings),
+    ]
+    return [
+        "set -eu",
+        "umask 077",
+        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.XXXXXXXX")',
+        "trap 'rm -rf \"$work\"' EXIT",
+        'cd "$work"',
+        f"region={_q(settings.aws_region)} bucket={_q(staging.bucket)} owner={_q(staging.account)}",
+        fetch,
+        f"fetch {_q(staging.key(SCRIPT_NAME))} {SCRIPT_NAME}",
+        f"fetch {_q(staging.key(BUNDLE_NAME))} {BUNDLE_NAME}",
+        f"printf '%s  %s\\n' {_q(script_sha256)} {SCRIPT_NAME} {_q(bundle_sha256)} {BUNDLE_NAME}"
+        " > SHA256SUMS",
+        "sha256sum -c --status SHA256SUMS || { echo 'k3s-deploy: sha256 mismatch: the staged "
+        "files are not the ones this deploy uploaded; refusing to run them' >&2; "
+        f"exit {EXIT_CHECKSUM_MISMATCH}; }}",
+        "rc=0",
+        " ".join(run) + " || rc=$?",
+        f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
+        'exit "$rc"',
+    ]
+
+
+def rollback_lines(settings: Settings, deploy_id: str) -> list[str]:
+    """Run the rollback entry point of the copy the deploy left on the master.
+
+    Needs nothing from S3: the deploy keeps its revisions and a copy of the script in the state
+    folder until it is over. No folder means the deploy had not recorded anything yet, or it
+    already finished (and rolled back when it had to).
+    """
+    run = [
+        "bash",
+        '"$dir/k3s-deploy.sh"',
+        "rollback",
+        "--deploy-id",
+        _q(deploy_id),
+        "--state-dir",
+        STATE_DIR,
+        *_common_flags(settings),
+    ]
+    return [
+        "set -eu",
+        f"id={_q(deploy_id)}",
+        f'dir={STATE_DIR}/"$id"',
+        'if [ ! -f "$dir/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for deploy'
+        ' $id on this master: nothing to roll back"; exit 0; fi',
+        "rc=0",
+        " ".join(run) + " || rc=$?",
+        f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
+        'exit "$rc"',
+    ]
+
+
+@dataclass(frozen=True)
+class SentCommand:
+    command_id: str
+    instance_id: str
+    sent_at: float  # monotonic clock
+    execution_timeout: int
+
+
+def send_lines(
+    ssm_send: Any,
+    ssm: Any,
+    instance_id: str,
+    lines: list[str],
+    comment: str,
+    execution_timeout: int,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SentCommand:
+    """SendCommand, never blindly re-sent.
+
+    `ssm_send` does not retry. Throttling means the request was refused, so it is safe to send
+    again after a pause. A 5xx or a lost connection may or may not have started the command:
+    look for our comment (it carries the deploy id) before sending again.
+    """
+    from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
+
+    parameters = {"commands": lines, "executionTimeout": [str(execution_timeout)]}
+    for attempt in range(1, 6):
+        try:
+            with aws_call(f"send the deploy command to {instance_id}", "ssm:SendCommand"):
+                try:
+                    response = ssm_send.send_command(
+                        InstanceIds=[instance_id],
+                        DocumentName="AWS-RunShellScript",
+                        Comment=comment,
+                        TimeoutSeconds=DELIVERY_TIMEOUT,
+                        Parameters=parameters,
+                    )
+                    return SentCommand(
+                        response["Command"]["CommandId"], instance_id, clock(), execution_timeout
+                    )
+                except ClientError as exc:
+                    code = error_code(exc)
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if code in ("ThrottlingException", "Throttling", "TooManyRequestsException"):
+                        raise _Retry() from None
+                    if status >= 500:
+                        raise _Ambiguous() from None
+                    raise
+                except (ConnectionError, ReadTimeoutError):
+                    raise _Ambiguous() from None
+        except _Retry:
+            pass
+        except _Ambiguous:
+            found = find_sent(ssm, instance_id, comment)
+            if found:
+                return SentCommand(found, instance_id, clock(), execution_timeout)
+        sleep(min(2**attempt, 10))
+    raise AwsCallFailed(
+        f"can't send the deploy command to {instance_id}: SSM kept refusing it (throttled or "
+        "unavailable) after 5 tries",
+        fix="Run the deploy again in a few minutes.",
+    )
+
+
+class _Retry(Exception):
+    pass
+
+
+class _Ambiguous(Exception):
+    pass
+
+
+def find_sent(ssm: Any, instance_id: str, comment: str) -> str | None:
+    """The id of a command we already sent to this instance with this comment, if any."""
+    with aws_call("look for the deploy command already sent", "ssm:ListCommands"):
+        for command in ssm.list_commands(InstanceId=instance_id).get("Commands", []):
+            if command.get("Comment") == comment:
+                return str(command["CommandId"])
+    return None
+
+
+def cancel(ssm: Any, command_id: str, instance_id: str) -> None:
+    with aws_call(f"cancel command {command_id}", "ssm:CancelCommand"):
+        ssm.cancel_command(CommandId=command_id, InstanceIds=[instance_id])

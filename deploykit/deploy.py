@@ -1,0 +1,323 @@
+"""The deploy, as one linear story: render, find the master, stage, run, wait, report, roll back,
+clean up. Each step lives in the module named for it; this one only tells the story.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from deploykit import command, report, stage, target, wait
+from deploykit.awsapi import AwsClients
+from deploykit.errors import (
+    FIX_IMAGE_PULL,
+    FIX_K3S_UNRESPONSIVE,
+    FIX_ROLLOUT_STUCK,
+    FIX_SSM_AGENT,
+    FIX_TLS_TIMEOUT,
+    DeployError,
+    JobCancelled,
+    RemoteCommandFailed,
+)
+from deploykit.github import Workflow
+from deploykit.inputs import Settings
+from deploykit.render import Bundle, build_bundle
+from deploykit.report import Outcome
+
+# How long past the SSM execution timeout the action keeps waiting before it gives up on the
+# command itself (the agent reports a kill a little late).
+WAIT_MARGIN = 30
+# Exit codes that mean the script never ran anything on the cluster.
+NOTHING_RAN = {command.EXIT_DOWNLOAD_FAILED, command.EXIT_CHECKSUM_MISMATCH, 2, 3, 4, 5, 6}
+
+
+@dataclass
+class Clock:
+    """Time, injected so the tests run without waiting."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    utcnow: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+def new_deploy_id(now: datetime) -> str:
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+
+
+def deploy(
+    settings: Settings, aws: AwsClients, gh: Workflow, outcome: Outcome, clock: Clock | None = None
+) -> None:
+    """Run the whole deploy; fills `outcome`; raises DeployError when the deploy fails."""
+    clock = clock or Clock()
+    deploy_id = new_deploy_id(clock.utcnow())
+    bundle = build_bundle(settings.manifests, settings.workspace, settings.images)
+    _log_bundle(gh, settings, bundle)
+
+    master = target.find_master(aws.ec2, aws.ssm, settings, gh.log)
+    outcome.instance_id = master.instance_id
+
+    staging: stage.Staging | None = None
+    sent: command.SentCommand | None = None
+    try:
+        account = stage.caller_account(aws.sts)
+        staging = _stage(settings, aws, gh, deploy_id, account, bundle, clock)
+        outcome.bucket = staging.bucket
+        script = command.deploy_script()
+        stage.upload(aws.s3, staging, command.SCRIPT_NAME, script)
+        stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
+
+        lines = command.deploy_lines(settings, staging, deploy_id, _sha256(script), bundle.sha256)
+        sent = command.send_lines(
+            aws.ssm_send,
+            aws.ssm,
+            master.instance_id,
+            lines,
+            f"k3s-deploy {deploy_id}",
+            command.execution_timeout(settings),
+            clock=clock.monotonic,
+            sleep=clock.sleep,
+        )
+        outcome.command_id = sent.command_id
+        gh.log(
+            f"Sent command {sent.command_id} to {master.instance_id}; watch it at "
+            f"{report.console_url(settings.aws_region, sent.command_id)}"
+        )
+        _finish(settings, aws, gh, outcome, deploy_id, sent, clock)
+    except JobCancelled:
+        outcome.status = "cancelled"
+        outcome.message = "The job was cancelled."
+        if sent is not None:
+            _abandon(settings, aws, gh, outcome, deploy_id, sent)
+        raise
+    finally:
+        if staging is not None:
+            _clean_up(settings, aws, gh, staging)
+
+
+def _log_bundle(gh: Workflow, settings: Settings, bundle: Bundle) -> None:
+    gh.log(
+        f"Bundle: {len(bundle.manifests)} objects from "
+        f"{settings.manifests.relative_to(settings.workspace).as_posix() or '.'}, "
+        f"{len(bundle.workloads)} workloads to watch, {len(bundle.data):,} bytes, "
+        f"sha256 {bundle.sha256[:16]}"
+    )
+    for ref in settings.images:
+        gh.log(f"Pinned {ref.repository} to {ref}")
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stage(
+    settings: Settings,
+    aws: AwsClients,
+    gh: Workflow,
+    deploy_id: str,
+    account: str,
+    bundle: Bundle,
+    clock: Clock,
+) -> stage.Staging:
+    if settings.bucket:
+        stage.check_given_bucket(aws.s3, settings.bucket, account)
+        staging = stage.Staging(settings.bucket, f"{stage.PREFIX_ROOT}/{deploy_id}/", account, False)
+    else:
+        name = stage.new_bucket_name(clock.utcnow())
+        # Recorded before creating it: the post-entrypoint deletes it if this run cannot.
+        gh.save_state("bucket", name)
+        stage.create_bucket(aws.s3, settings.aws_region, account, name, deploy_id, clock.utcnow())
+        staging = stage.Staging(name, "", account, True)
+    gh.save_state("prefix", staging.prefix)
+    gh.log(f"Staging in {staging.where()}")
+    return staging
+
+
+def _finish(
+    settings: Settings,
+    aws: AwsClients,
+    gh: Workflow,
+    outcome: Outcome,
+    deploy_id: str,
+    sent: command.SentCommand,
+    clock: Clock,
+) -> None:
+    deadline = sent.sent_at + command.DELIVERY_TIMEOUT + sent.execution_timeout + WAIT_MARGIN
+    try:
+        invocation = wait.wait_for_command(
+            aws.ssm,
+            sent.command_id,
+            sent.instance_id,
+            deadline,
+            gh.log,
+            clock=clock.monotonic,
+            sleep=clock.sleep,
+        )
+    except wait.DeadlinePassed:
+        outcome.status = "timed-out"
+        outcome.message = (
+            f"The command was still running {deadline - sent.sent_at:.0f} s after it was sent; "
+            "it was cancelled."
+        )
+        _abandon(settings, aws, gh, outcome, deploy_id, sent, wait_for_rollback=True)
+        raise RemoteCommandFailed(outcome.message, fix=FIX_K3S_UNRESPONSIVE) from None
+
+    found = report.parse_report(invocation.stderr)
+    _show_output(gh, invocation)
+    outcome.report = found
+    if invocation.status == "Success" and invocation.response_code == 0:
+        outcome.status = "success"
+        outcome.message = "Every workload is ready."
+        return
+
+    if found:
+        rolled_back = found.get("rollback") == "done"
+        outcome.rolled_back = rolled_back
+        if found.get("result") == "timed-out":
+            outcome.status = "timed-out"
+        else:
+            outcome.status = "rolled-back" if rolled_back else "failed"
+        outcome.message = str(found.get("message") or report.EXIT_MEANINGS.get(invocation.response_code, ""))
+        if found.get("rollback") == "failed":
+            outcome.message += " The rollback failed too: check the workloads by hand."
+    else:
+        _conclude_without_report(settings, aws, gh, outcome, deploy_id, sent, invocation)
+    raise RemoteCommandFailed(outcome.message, fix=_fix_for(invocation, found))
+
+
+def _conclude_without_report(
+    settings: Settings,
+    aws: AwsClients,
+    gh: Workflow,
+    outcome: Outcome,
+    deploy_id: str,
+    sent: command.SentCommand,
+    invocation: wait.Invocation,
+) -> None:
+    """The script did not get to report: it was killed, never started, or could not run."""
+    code = invocation.response_code
+    never_started = code == -1 and invocation.status_details in ("DeliveryTimedOut", "Undeliverable")
+    if invocation.status == "TimedOut":
+        outcome.status = "timed-out"
+        outcome.message = f"SSM stopped the command ({invocation.status_details or 'TimedOut'})."
+    else:
+        meaning = report.EXIT_MEANINGS.get(code, f"the command ended with exit code {code}")
+        outcome.status = "failed"
+        outcome.message = f"SSM says {invocation.status}: {meaning}."
+    if never_started:
+        outcome.message = (
+            f"The master did not pick up the command ({invocation.status_details}); nothing ran."
+        )
+        return
+    if settings.rollback and code not in NOTHING_RAN:
+        outcome.rolled_back = _remote_rollback(settings, aws, gh, deploy_id, sent.instance_id)
+        if outcome.rolled_back and outcome.status == "failed":
+            outcome.status = "rolled-back"
+
+
+def _remote_rollback(
+    settings: Settings,
+    aws: AwsClients,
+    gh: Workflow,
+    deploy_id: str,
+    instance_id: str,
+    *,
+    wait_for_it: bool = True,
+) -> bool:
+    """Ask the master to undo what the deploy recorded. True when something was undone."""
+    lines = command.rollback_lines(settings, deploy_id)
+    timeout = settings.rollback_timeout + command.EXECUTION_MARGIN
+    try:
+        sent = command.send_lines(
+            aws.ssm_send, aws.ssm, instance_id, lines, f"k3s-deploy rollback {deploy_id}", timeout
+        )
+    except DeployError as exc:
+        gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
+        return False
+    gh.log(f"Sent rollback command {sent.command_id} to {instance_id}")
+    if not wait_for_it:
+        return False
+    try:
+        invocation = wait.wait_for_command(
+            aws.ssm,
+            sent.command_id,
+            instance_id,
+            sent.sent_at + command.DELIVERY_TIMEOUT + timeout + WAIT_MARGIN,
+            gh.log,
+        )
+    except (wait.DeadlinePassed, DeployError):
+        gh.warning("The rollback command did not finish in time.", title="Rollback unconfirmed")
+        return False
+    with gh.group("Output of the rollback on the master"):
+        gh.echo_untrusted(invocation.stdout)
+    found = report.parse_report(invocation.stderr)
+    return bool(found and found.get("rollback") == "done")
+
+
+def _abandon(
+    settings: Settings,
+    aws: AwsClients,
+    gh: Workflow,
+    outcome: Outcome,
+    deploy_id: str,
+    sent: command.SentCommand,
+    *,
+    wait_for_rollback: bool = False,
+) -> None:
+    """Stop the command and, when asked to, undo what it may have changed."""
+    try:
+        command.cancel(aws.ssm, sent.command_id, sent.instance_id)
+        gh.log(f"Cancelled command {sent.command_id}")
+    except DeployError as exc:
+        gh.warning(f"Could not cancel command {sent.command_id}: {exc.message}")
+    if settings.rollback:
+        outcome.rolled_back = _remote_rollback(
+            settings, aws, gh, deploy_id, sent.instance_id, wait_for_it=wait_for_rollback
+        )
+
+
+def _show_output(gh: Workflow, invocation: wait.Invocation) -> None:
+    with gh.group("Output of the deploy on the master"):
+        gh.echo_untrusted(invocation.stdout)
+        rest = report.strip_report(invocation.stderr)
+        if rest.strip():
+            gh.echo_untrusted(rest)
+    for part in report.was_truncated(invocation.stdout, invocation.stderr):
+        gh.warning(f"The master's {part} was cut by SSM.", title="Output truncated")
+
+
+def _fix_for(invocation: wait.Invocation, found: dict[str, Any] | None) -> str:
+    text = invocation.stdout + invocation.stderr
+    if invocation.status_details in ("DeliveryTimedOut", "Undeliverable"):
+        return FIX_SSM_AGENT
+    if invocation.response_code == 4:
+        return FIX_K3S_UNRESPONSIVE
+    if "TLS handshake timeout" in text:
+        return FIX_TLS_TIMEOUT
+    if any(reason in text for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
+        return FIX_IMAGE_PULL
+    if invocation.response_code == command.EXIT_DOWNLOAD_FAILED:
+        return (
+            "Give the master's instance role s3:GetObject on arn:aws:s3:::k3s-deploy-*/* (see examples/iam/)."
+        )
+    return FIX_ROLLOUT_STUCK
+
+
+def _clean_up(settings: Settings, aws: AwsClients, gh: Workflow, staging: stage.Staging) -> None:
+    if not settings.cleanup:
+        gh.log(f"Leaving {staging.where()} in place (input 'cleanup' is false)")
+        return
+    try:
+        stage.delete_staged(aws.s3, staging)
+        gh.log(f"Deleted {staging.where()}")
+        gh.save_state("bucket", "")
+    except DeployError as exc:
+        gh.warning(
+            f"{exc.message}. Left behind: {staging.where()}; delete it by hand.",
+            title="Cleanup incomplete",
+        )

@@ -1,0 +1,79 @@
+"""Typed errors. Each carries a title for the `::error` annotation and, where we know one, the fix.
+
+`main()` in cli.py is the only place that turns them into output and an exit code.
+"""
+
+from __future__ import annotations
+
+
+class DeployError(Exception):
+    """Something stopped the deploy; the message says what and, with `fix`, what to do."""
+
+    title = "Deploy failed"
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+
+class InputError(DeployError):
+    title = "Invalid input"
+
+
+class ManifestError(DeployError):
+    title = "Invalid manifests"
+
+
+class TargetNotFound(DeployError):
+    title = "K3s master not found"
+
+
+class TargetNotReady(DeployError):
+    title = "K3s master not reachable through SSM"
+
+
+class AwsCallFailed(DeployError):
+    title = "AWS call failed"
+
+
+class StagingError(DeployError):
+    title = "Could not stage the bundle in S3"
+
+
+class RemoteCommandFailed(DeployError):
+    title = "Deploy command failed on the master"
+
+
+class JobCancelled(BaseException):
+    """Raised by the SIGINT/SIGTERM handler. A BaseException so no `except Exception` eats it."""
+
+
+# Fixes users will search for. Shown after the error that names them.
+FIX_CREDENTIALS = (
+    "Check the AWS credentials of the job: with OIDC, the aws-actions/configure-aws-credentials "
+    "step and the role's trust policy; with static keys, the AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY secrets."
+)
+FIX_SSM_AGENT = (
+    "On the master: `sudo systemctl status amazon-ssm-agent`; the instance role needs the "
+    "AmazonSSMManagedInstanceCore policy; the instance needs a route to the SSM endpoints."
+)
+FIX_K3S_UNRESPONSIVE = (
+    "The K3s API did not answer in time. On the master: `sudo systemctl restart k3s`, then "
+    "`kubectl get --raw=/readyz`. On a small instance, check memory with `free -m`."
+)
+FIX_TLS_TIMEOUT = (
+    "TLS handshake timeouts mean an overloaded K3s API: keep `kubectl-validate: false` and raise "
+    "`request-timeout` (e.g. 120s); check `kubectl top nodes`."
+)
+FIX_IMAGE_PULL = (
+    "The cluster cannot pull an image: check that the image and tag were pushed "
+    "(`docker pull IMAGE:TAG`), the registry credentials (imagePullSecrets), and "
+    "`kubectl describe pod -n NAMESPACE POD`."
+)
+FIX_ROLLOUT_STUCK = (
+    "A rollout did not become ready: check `kubectl describe pod -n NAMESPACE POD`, "
+    "`kubectl logs -n NAMESPACE POD`, readiness probes, and node resources with "
+    "`kubectl top nodes`."
+)

@@ -1,0 +1,266 @@
+"""Read and validate every input, once, before any AWS call.
+
+The action reads `INPUT_<NAME>` variables (the runner keeps hyphens: `INPUT_AWS-REGION`); the
+CLI passes the same names as flags. Both end in `parse_settings`, one code path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploykit.errors import InputError
+from deploykit.images import TAG_PATTERN, ImageRef, parse_image
+from deploykit.stage import bucket_name_problem
+
+# name -> (default, help). The default "" means none. action.yml is checked against this table.
+INPUTS: dict[str, tuple[str, str]] = {
+    "aws-region": (
+        "",
+        "AWS region of the instance and the bucket (default: AWS_REGION, then AWS_DEFAULT_REGION)",
+    ),
+    "instance-id": ("", "deploy to this instance; skips discovery"),
+    "instance-tag": ("*k3s-master*", "pattern for the value of tag instance-tag-key; running instances only"),
+    "instance-tag-key": ("Name", "tag key used for discovery"),
+    "manifests": (
+        "k8s/base",
+        "folder (searched recursively for .yaml/.yml) or file, relative to the workspace",
+    ),
+    "namespace": ("production-platform", "namespace whose pods and events are reported"),
+    "images": ("", "image references, one per line or comma-separated, pinned in the manifests"),
+    "image-tag": ("", "tag for image references given without one (default: GITHUB_SHA)"),
+    "timeout": ("600", "seconds the remote deploy may take"),
+    "rollback": ("true", "roll back changed workloads when the deploy fails"),
+    "rollback-timeout": ("120", "seconds a rollback may wait for the undone workloads"),
+    "cleanup": ("true", "delete what was staged when done"),
+    "bucket": ("", "stage under a unique prefix in this existing bucket instead of a temporary one"),
+    "kubectl": ("kubectl", "kubectl command on the master (e.g. 'k3s kubectl')"),
+    "request-timeout": ("60s", "kubectl --request-timeout on the master"),
+    "kubectl-validate": ("false", "kubectl --validate on apply (off: slow on a t3.micro)"),
+}
+
+MIN_TIMEOUT, MAX_TIMEOUT = 10, 86400
+MIN_ROLLBACK_TIMEOUT, MAX_ROLLBACK_TIMEOUT = 10, 3600
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
+_INSTANCE_ID = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+_KUBECTL_WORD = re.compile(r"^[A-Za-z0-9_./:=-]+$")
+_DURATION = re.compile(r"^[1-9][0-9]{0,3}[sm]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Settings:
+    aws_region: str
+    instance_id: str | None
+    instance_tag: str
+    instance_tag_key: str
+    workspace: Path
+    manifests: Path
+    namespace: str
+    images: tuple[ImageRef, ...]
+    timeout: int
+    rollback: bool
+    rollback_timeout: int
+    cleanup: bool
+    bucket: str | None
+    kubectl: tuple[str, ...]
+    request_timeout: str
+    kubectl_validate: bool
+    commit: str
+    run_url: str
+
+
+def show(value: str, limit: int = 80) -> str:
+    """A value as it may appear in an error message: quoted, escaped, cut."""
+    text = value if len(value) <= limit else value[:limit] + "..."
+    return repr(text)
+
+
+def read_action_inputs(env: Mapping[str, str]) -> dict[str, str]:
+    """Map each known input to its value, accepting INPUT_AWS-REGION and INPUT_AWS_REGION."""
+    raw: dict[str, str] = {}
+    for name in INPUTS:
+        upper = name.upper()
+        for key in (f"INPUT_{upper}", f"INPUT_{upper.replace('-', '_')}"):
+            value = env.get(key, "")
+            if value.strip():
+                raw[name] = value
+                break
+    return raw
+
+
+def _bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    raise InputError(f"input '{name}' must be true or false, got {show(value)}")
+
+
+def _int(name: str, value: str, low: int, high: int) -> int:
+    text = value.strip()
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise InputError(
+            f"input '{name}' must be a whole number of seconds between {low} and {high}, got {show(value)}"
+        )
+    return int(text)
+
+
+def _plain(name: str, value: str, max_length: int) -> str:
+    if _CONTROL.search(value) or not value or len(value) > max_length:
+        raise InputError(
+            f"input '{name}' must be 1 to {max_length} characters without control characters "
+            f"or newlines, got {show(value)}"
+        )
+    return value
+
+
+def _workspace_path(workspace: Path, value: str) -> Path:
+    relative = value.strip()
+    candidate = Path(relative)
+    if not relative or _CONTROL.search(relative) or candidate.is_absolute():
+        raise InputError(f"input 'manifests' must be a path relative to the workspace, got {show(value)}")
+    resolved = (workspace / candidate).resolve()
+    if not resolved.is_relative_to(workspace):
+        raise InputError(
+            f"input 'manifests' leads outside the workspace ({workspace}), got {show(value)}; "
+            "keep the manifests in the repository"
+        )
+    if not resolved.exists():
+        raise InputError(
+            f"input 'manifests' names nothing in the workspace, got {show(value)}; "
+            "did the job check out the repository (actions/checkout) before this step?"
+        )
+    return resolved
+
+
+def _images(value: str, image_tag: str) -> tuple[ImageRef, ...]:
+    refs: list[ImageRef] = []
+    seen: dict[str, str] = {}
+    for entry in re.split(r"[,\n]", value):
+        text = entry.strip()
+        if not text:
+            continue
+        try:
+            ref = parse_image(text)
+        except ValueError as exc:
+            raise InputError(f"input 'images': {show(text)} is {exc}") from None
+        if not ref.tag and not ref.digest:
+            if not image_tag:
+                raise InputError(
+                    f"input 'images': {show(text)} has no tag, and neither 'image-tag' nor "
+                    "GITHUB_SHA gives one; add ':TAG' or set 'image-tag'"
+                )
+            ref = ref.with_tag(image_tag)
+        if ref.canonical_repository in seen:
+            raise InputError(
+                f"input 'images' lists repository {ref.canonical_repository} twice "
+                f"({seen[ref.canonical_repository]} and {text})"
+            )
+        seen[ref.canonical_repository] = text
+        refs.append(ref)
+    return tuple(refs)
+
+
+def _run_url(env: Mapping[str, str]) -> str:
+    server, repo, run = (env.get(k, "") for k in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY", "GITHUB_RUN_ID"))
+    valid = (
+        run.isdigit()
+        and re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", repo)
+        and re.fullmatch(r"https://[A-Za-z0-9.-]+(:[0-9]+)?", server)
+    )
+    return f"{server}/{repo}/actions/runs/{run}" if valid else ""
+
+
+def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None) -> Settings:
+    """Validate the inputs (names as in action.yml; missing or empty means the default)."""
+    env = os.environ if env is None else env
+    unknown = sorted(set(raw) - set(INPUTS))
+    if unknown:
+        raise InputError(f"unknown input {show(unknown[0])}; known inputs: {', '.join(INPUTS)}")
+
+    def get(name: str) -> str:
+        value = raw.get(name, "")
+        return value if value.strip() else INPUTS[name][0]
+
+    region = get("aws-region").strip() or env.get("AWS_REGION", "") or env.get("AWS_DEFAULT_REGION", "")
+    if not region:
+        raise InputError(
+            "input 'aws-region' is required: set it, or AWS_REGION (configure-aws-credentials sets it)"
+        )
+    if not _REGION.match(region):
+        raise InputError(f"input 'aws-region' must be a region name such as eu-west-1, got {show(region)}")
+
+    instance_id = get("instance-id").strip() or None
+    if instance_id is not None and not _INSTANCE_ID.match(instance_id):
+        raise InputError(
+            f"input 'instance-id' must be an EC2 instance id such as i-0123456789abcdef0, "
+            f"got {show(instance_id)}"
+        )
+
+    workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
+    namespace = get("namespace").strip()
+    if not _DNS_LABEL.match(namespace):
+        raise InputError(
+            "input 'namespace' must be a Kubernetes namespace name (lowercase letters, digits "
+            f"and '-', at most 63), got {show(namespace)}"
+        )
+
+    image_tag = get("image-tag").strip() or env.get("GITHUB_SHA", "").strip()
+    if image_tag and not TAG_PATTERN.match(image_tag):
+        raise InputError(
+            "input 'image-tag' must be a valid image tag (letters, digits, '_', '.', '-', at most "
+            f"128, not starting with '.' or '-'), got {show(image_tag)}"
+        )
+
+    timeout = _int("timeout", get("timeout"), MIN_TIMEOUT, MAX_TIMEOUT)
+    rollback_timeout = _int(
+        "rollback-timeout", get("rollback-timeout"), MIN_ROLLBACK_TIMEOUT, MAX_ROLLBACK_TIMEOUT
+    )
+
+    bucket = get("bucket").strip() or None
+    if bucket is not None:
+        problem = bucket_name_problem(bucket)
+        if problem:
+            raise InputError(f"input 'bucket' is not a valid S3 bucket name ({problem}), got {show(bucket)}")
+
+    kubectl = tuple(get("kubectl").split())
+    if not 1 <= len(kubectl) <= 8 or not all(_KUBECTL_WORD.match(w) for w in kubectl):
+        raise InputError(
+            "input 'kubectl' must be a command of 1 to 8 words made of letters, digits and "
+            f"'_./:=-' (e.g. 'k3s kubectl'), got {show(get('kubectl'))}"
+        )
+
+    request_timeout = get("request-timeout").strip()
+    if not _DURATION.match(request_timeout):
+        raise InputError(
+            f"input 'request-timeout' must be a duration such as 60s or 2m, got {show(request_timeout)}"
+        )
+
+    commit = env.get("GITHUB_SHA", "").strip()
+    if not re.fullmatch(r"[0-9a-f]{7,64}", commit):
+        commit = ""
+
+    return Settings(
+        aws_region=region,
+        instance_id=instance_id,
+        instance_tag=_plain("instance-tag", get("instance-tag"), 255),
+        instance_tag_key=_plain("instance-tag-key", get("instance-tag-key"), 128),
+        workspace=workspace,
+        manifests=_workspace_path(workspace, get("manifests")),
+        namespace=namespace,
+        images=_images(get("images"), image_tag),
+        timeout=timeout,
+        rollback=_bool("rollback", get("rollback")),
+        rollback_timeout=rollback_timeout,
+        cleanup=_bool("cleanup", get("cleanup")),
+        bucket=bucket,
+        kubectl=kubectl,
+        request_timeout=request_timeout,
+        kubectl_validate=_bool("kubectl-validate", get("kubectl-validate")),
+        commit=commit,
+        run_url=_run_url(env),
+    )

@@ -1,0 +1,245 @@
+"""Read the manifests, check them, pin images, and build the deterministic bundle.
+
+The action parses the YAML so the master does not have to: documents are sorted into apply
+phases (Namespaces first: `kubectl apply -f DIR` does not sort by kind) and the workloads to
+watch are listed in `workloads.tsv`. Layout: docs/internals.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploykit.errors import ManifestError
+from deploykit.images import ImageRef, pin_images
+
+# Apply phases, in order. Kinds not listed go to the last phase.
+PHASES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("1-namespaces", frozenset({"Namespace", "CustomResourceDefinition"})),
+    (
+        "2-config",
+        frozenset(
+            {
+                "ConfigMap",
+                "Secret",
+                "ServiceAccount",
+                "Role",
+                "RoleBinding",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "PersistentVolumeClaim",
+                "PersistentVolume",
+                "ResourceQuota",
+                "LimitRange",
+                "StorageClass",
+                "PriorityClass",
+            }
+        ),
+    ),
+    ("3-services", frozenset({"Service"})),
+    ("4-statefulsets", frozenset({"StatefulSet"})),
+    ("5-workloads", frozenset()),
+)
+WATCHED_KINDS = {"Deployment": "deployment", "StatefulSet": "statefulset"}
+
+MAX_FILES = 5000
+MAX_FILE_BYTES = 5 * 1024 * 1024
+MAX_NODES = 200_000  # per document, aliases expanded: stops "billion laughs" YAML bombs
+FIXED_MTIME = 315532800  # 1980-01-01: any fixed time makes the archive reproducible
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: str  # path relative to the workspace, and document number
+    kind: str
+    namespace: str
+    name: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    data: bytes
+    sha256: str
+    manifests: tuple[Manifest, ...]
+    workloads: tuple[tuple[str, str, str], ...]  # (kind, namespace, name)
+
+
+def find_manifest_files(path: Path, workspace: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(
+            (p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+    for file in files:
+        if not file.resolve().is_relative_to(workspace):
+            raise ManifestError(
+                f"{file.relative_to(workspace) if file.is_relative_to(workspace) else file} "
+                "is a link leading outside the workspace; refusing to read it"
+            )
+    if not files:
+        raise ManifestError(
+            f"no .yaml or .yml files under {path.relative_to(workspace) or '.'}",
+            fix="Point the 'manifests' input at the folder holding your Kubernetes manifests.",
+        )
+    if len(files) > MAX_FILES:
+        raise ManifestError(f"{len(files)} manifest files found; at most {MAX_FILES} are supported")
+    return files
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Node count with aliases expanded, computed without expanding them."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[key] = size
+    return size
+
+
+def load_documents(text: str, where: str) -> list[Any]:
+    loader = yaml.SafeLoader(text)
+    documents = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None and _expanded_size(node, {}) > MAX_NODES:
+                raise ManifestError(
+                    f"{where}, document {len(documents) + 1}: more than {MAX_NODES} YAML nodes "
+                    "once aliases are expanded; refusing it"
+                )
+            documents.append(loader.construct_document(node) if node is not None else None)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{where}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+def _check(doc: Any, where: str) -> Manifest:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where}: a Kubernetes object must be a mapping, got {type(doc).__name__}")
+    missing = [
+        field
+        for field, value in (
+            ("apiVersion", doc.get("apiVersion")),
+            ("kind", doc.get("kind")),
+            (
+                "metadata.name",
+                (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None,
+            ),
+        )
+        if not isinstance(value, str) or not value.strip()
+    ]
+    if missing:
+        raise ManifestError(f"{where}: missing {', '.join(missing)}")
+    metadata = doc["metadata"]
+    namespace = metadata.get("namespace") or ""
+    if not isinstance(namespace, str):
+        raise ManifestError(f"{where}: metadata.namespace must be a string")
+    for label, value in (
+        ("kind", doc["kind"]),
+        ("metadata.name", metadata["name"]),
+        ("metadata.namespace", namespace),
+    ):
+        if "\t" in value or "\n" in value:
+            raise ManifestError(f"{where}: {label} contains a tab or newline")
+    return Manifest(where, doc["kind"], namespace, metadata["name"], doc)
+
+
+def read_manifests(path: Path, workspace: Path) -> list[Manifest]:
+    manifests: list[Manifest] = []
+    for file in find_manifest_files(path, workspace):
+        relative = file.relative_to(workspace).as_posix()
+        if file.stat().st_size > MAX_FILE_BYTES:
+            raise ManifestError(f"{relative}: larger than {MAX_FILE_BYTES // 1024 // 1024} MiB")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ManifestError(f"{relative}: not UTF-8 text") from None
+        for number, doc in enumerate(load_documents(text, relative), start=1):
+            if doc is None:  # empty document, e.g. a trailing `---`
+                continue
+            manifests.append(_check(doc, f"{relative}, document {number}"))
+    if not manifests:
+        raise ManifestError(f"the manifests under {path.relative_to(workspace)} hold no Kubernetes objects")
+    return manifests
+
+
+def apply_pins(manifests: Iterable[Manifest], images: Iterable[ImageRef]) -> None:
+    pins = {ref.canonical_repository: ref for ref in images}
+    used: set[str] = set()
+    for manifest in manifests:
+        used |= pin_images(manifest.body, pins)
+    unused = [str(pins[repo]) for repo in pins if repo not in used]
+    if unused:
+        raise ManifestError(
+            f"input 'images' lists {', '.join(unused)}, but no container in the manifests uses "
+            "that repository",
+            fix="Check the repository spelling against the `image:` fields of your manifests.",
+        )
+
+
+def phase_of(kind: str) -> str:
+    for name, kinds in PHASES:
+        if kind in kinds:
+            return name
+    return PHASES[-1][0]
+
+
+def _dump(documents: list[dict[str, Any]]) -> bytes:
+    return "---\n".join(
+        yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        for doc in documents
+    ).encode("utf-8")
+
+
+def pack(files: dict[str, bytes]) -> bytes:
+    """A gzipped tar of `files` that is byte-for-byte the same for the same input."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            info.mtime = FIXED_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            tar.addfile(info, io.BytesIO(files[name]))
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=9) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+def build_bundle(path: Path, workspace: Path, images: Iterable[ImageRef]) -> Bundle:
+    manifests = read_manifests(path, workspace)
+    apply_pins(manifests, images)
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for manifest in manifests:
+        phases.setdefault(phase_of(manifest.kind), []).append(manifest.body)
+    workloads = tuple(
+        (WATCHED_KINDS[m.kind], m.namespace, m.name) for m in manifests if m.kind in WATCHED_KINDS
+    )
+    # StatefulSets are applied (and so watched) before Deployments.
+    workloads = tuple(sorted(workloads, key=lambda w: w[0] != "statefulset"))
+    files = {f"bundle/{name}.yaml": _dump(docs) for name, docs in phases.items()}
+    files["bundle/workloads.tsv"] = "".join(f"{k}\t{ns}\t{n}\n" for k, ns, n in workloads).encode()
+    data = pack(files)
+    return Bundle(data, hashlib.sha256(data).hexdigest(), tuple(manifests), workloads)

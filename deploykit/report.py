@@ -1,0 +1,133 @@
+"""Read what the master reported, decide the deploy's status, and write it up for people."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+REPORT_BEGIN = "===K3S-DEPLOY-REPORT-BEGIN==="
+REPORT_END = "===K3S-DEPLOY-REPORT-END==="
+STDOUT_LIMIT, STDERR_LIMIT = 24_000, 8_000  # what GetCommandInvocation returns at most
+
+# Exit codes of the deploy script and of the command lines around it (docs/internals.md).
+EXIT_MEANINGS = {
+    2: "the deploy script was called wrongly",
+    3: "a tool the deploy script needs is missing on the master",
+    4: "the Kubernetes API on the master is not healthy",
+    5: "the cluster rejected the bundle before anything changed",
+    6: "another deploy holds the cluster's deploy lock",
+    7: "the deploy failed and the changed workloads were rolled back",
+    8: "the deploy failed and the rollback failed too",
+    9: "the deploy failed and nothing was rolled back",
+    10: "the deploy timed out and the changed workloads were rolled back",
+    11: "the deploy timed out and the rollback failed",
+    12: "the deploy timed out and nothing was rolled back",
+    90: "the master could not download the staged files from S3",
+    91: "the staged files did not match their sha256 sums, so the master refused to run them",
+}
+
+
+@dataclass
+class Outcome:
+    """What the run writes to its outputs; filled in as the story goes."""
+
+    status: str = "failed"
+    rolled_back: bool = False
+    instance_id: str = ""
+    command_id: str = ""
+    bucket: str = ""
+    duration: int = 0
+    message: str = ""
+    fix: str = ""
+    report: dict[str, Any] | None = None  # the master's report, when it wrote one
+
+
+def parse_report(stderr: str) -> dict[str, Any] | None:
+    """The JSON report between the markers, or None when it is missing or cut."""
+    begin = stderr.rfind(REPORT_BEGIN)
+    if begin < 0:
+        return None
+    end = stderr.find(REPORT_END, begin)
+    if end < 0:
+        return None
+    try:
+        report = json.loads(stderr[begin + len(REPORT_BEGIN) : end])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def strip_report(stderr: str) -> str:
+    begin = stderr.rfind(REPORT_BEGIN)
+    return stderr[:begin].rstrip() if begin >= 0 else stderr
+
+
+def was_truncated(stdout: str, stderr: str) -> list[str]:
+    cut = []
+    if len(stdout) >= STDOUT_LIMIT:
+        cut.append(f"standard output (SSM returns the first {STDOUT_LIMIT:,} characters)")
+    if len(stderr) >= STDERR_LIMIT:
+        cut.append(f"standard error (SSM returns the first {STDERR_LIMIT:,} characters)")
+    return cut
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _fence(lines: list[str]) -> str:
+    body = "\n".join(str(line).replace("```", "'''") for line in lines)
+    return f"```\n{body}\n```\n"
+
+
+def console_url(region: str, command_id: str) -> str:
+    return f"https://{region}.console.aws.amazon.com/systems-manager/run-command/{command_id}?region={region}"
+
+
+STATUS_HEADLINES = {
+    "success": "✅ Deployed",
+    "rolled-back": "↩️ Deploy failed and was rolled back",
+    "failed": "❌ Deploy failed",
+    "timed-out": "⏱️ Deploy timed out",
+    "cancelled": "🛑 Deploy cancelled",
+}
+
+
+def summary_markdown(outcome: Outcome, region: str) -> str:
+    report = outcome.report
+    lines = [f"## {STATUS_HEADLINES.get(outcome.status, outcome.status)}", ""]
+    if outcome.message:
+        lines += [_cell(outcome.message), ""]
+    if outcome.fix:
+        lines += [f"**How to fix:** {_cell(outcome.fix)}", ""]
+    lines += ["| | |", "|---|---|"]
+    if outcome.instance_id:
+        lines.append(f"| Instance | `{outcome.instance_id}` |")
+    if outcome.command_id:
+        lines.append(f"| Command | [`{outcome.command_id}`]({console_url(region, outcome.command_id)}) |")
+    lines.append(f"| Status | `{outcome.status}` (rolled back: {str(outcome.rolled_back).lower()}) |")
+    lines.append(f"| Duration | {outcome.duration} s |")
+    lines.append("")
+    if report and report.get("workloads"):
+        lines += [
+            "### Workloads",
+            "",
+            "| Workload | Ready | Updated | Revision | Result |",
+            "|---|---|---|---|---|",
+        ]
+        for w in report["workloads"]:
+            name = f"{w.get('kind', '')}/{w.get('name', '')}"
+            if w.get("namespace"):
+                name = f"{w['namespace']}/{name}"
+            revision = f"{w.get('revision_before') or '-'} → {w.get('revision_after') or '-'}"
+            lines.append(
+                f"| {_cell(name)} | {_cell(w.get('ready', '?'))}/{_cell(w.get('desired', '?'))} "
+                f"| {_cell(w.get('updated', '?'))} | {_cell(revision)} | {_cell(w.get('result', ''))} |"
+            )
+        lines.append("")
+    if report and report.get("pods"):
+        lines += ["### Pods", "", _fence(list(report["pods"]))]
+    if report and report.get("events"):
+        lines += ["### Recent warning events", "", _fence(list(report["events"]))]
+    return "\n".join(lines) + "\n"
