@@ -41,7 +41,8 @@ class AwsClients:
 
         return Config(
             region_name=self.region,
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            # total_max_attempts counts the first call; botocore's max_attempts would not.
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             user_agent_extra=f"k3s-deploy-action/{__version__}",
             connect_timeout=10,
             read_timeout=60,

@@ -16,7 +16,7 @@ from typing import Any
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*)(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"  # ASCII only: Python's \w would accept any letter
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 _REFERENCE = re.compile(
     rf"^(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
@@ -64,7 +64,7 @@ class ImageRef:
 
 def parse_image(reference: str) -> ImageRef:
     """Parse a reference; ValueError with the reason when it is not one."""
-    match = _REFERENCE.match(reference)
+    match = _REFERENCE.fullmatch(reference)  # not match(): `$` would let a trailing newline through
     if not match:
         raise ValueError("not a valid image reference ([REGISTRY[:PORT]/]NAME[:TAG][@DIGEST])")
     name = match["name"]
@@ -89,7 +89,8 @@ def pod_specs(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield spec
         return
     if doc.get("kind") == "CronJob":
-        spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+        job_template = spec.get("jobTemplate")
+        spec = job_template.get("spec") if isinstance(job_template, dict) else None
     template = spec.get("template") if isinstance(spec, dict) else None
     if isinstance(template, dict) and isinstance(template.get("spec"), dict):
         yield template["spec"]

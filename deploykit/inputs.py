@@ -102,7 +102,8 @@ def _bool(name: str, value: str) -> bool:
 
 def _int(name: str, value: str, low: int, high: int) -> int:
     text = value.strip()
-    if not text.isdigit() or not low <= int(text) <= high:
+    # not str.isdigit(): it takes '²' (int() then fails) and other scripts' digits
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not low <= int(text) <= high:
         raise InputError(
             f"input '{name}' must be a whole number of seconds between {low} and {high}, got {show(value)}"
         )
@@ -191,7 +192,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         raise InputError(
             "input 'aws-region' is required: set it, or AWS_REGION (configure-aws-credentials sets it)"
         )
-    if not _REGION.match(region):
+    if not _REGION.fullmatch(region):  # the environment's value is not stripped
         raise InputError(f"input 'aws-region' must be a region name such as eu-west-1, got {show(region)}")
 
     instance_id = get("instance-id").strip() or None

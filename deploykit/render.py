@@ -53,6 +53,7 @@ WATCHED_KINDS = {"Deployment": "deployment", "StatefulSet": "statefulset"}
 MAX_FILES = 5000
 MAX_FILE_BYTES = 5 * 1024 * 1024
 MAX_NODES = 200_000  # per document, aliases expanded: stops "billion laughs" YAML bombs
+MAX_DEPTH = 100  # nesting levels per document: deeper ones would overflow the YAML dumper's stack
 FIXED_MTIME = 315532800  # 1980-01-01: any fixed time makes the archive reproducible
 
 
@@ -97,20 +98,21 @@ def find_manifest_files(path: Path, workspace: Path) -> list[Path]:
     return files
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Node count with aliases expanded, computed without expanding them."""
+def _measure(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(node count with aliases expanded, nesting depth), computed without expanding aliases."""
     key = id(node)
     if key in memo:
         return memo[key]
-    memo[key] = 1  # a recursive alias counts once instead of looping
+    memo[key] = (1, 1)  # a recursive alias counts once instead of looping
+    children: list[yaml.Node] = []
     if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+        children = list(node.value)
     elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    else:
-        size = 1
-    memo[key] = size
-    return size
+        children = [part for pair in node.value for part in pair]
+    measured = [_measure(child, memo) for child in children]
+    result = (1 + sum(size for size, _ in measured), 1 + max((depth for _, depth in measured), default=0))
+    memo[key] = result
+    return result
 
 
 def load_documents(text: str, where: str) -> list[Any]:
@@ -119,14 +121,24 @@ def load_documents(text: str, where: str) -> list[Any]:
     try:
         while loader.check_node():
             node = loader.get_node()
-            if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            size, depth = _measure(node, {}) if node is not None else (0, 0)
+            if size > MAX_NODES:
                 raise ManifestError(
                     f"{where}, document {len(documents) + 1}: more than {MAX_NODES} YAML nodes "
                     "once aliases are expanded; refusing it"
                 )
+            if depth > MAX_DEPTH:
+                raise ManifestError(
+                    f"{where}, document {len(documents) + 1}: nested more than {MAX_DEPTH} levels "
+                    "deep; refusing it"
+                )
             documents.append(loader.construct_document(node) if node is not None else None)
     except yaml.YAMLError as exc:
         raise ManifestError(f"{where}: not valid YAML: {exc}") from None
+    except RecursionError:  # the composer recurses per level: stopped before it can be measured
+        raise ManifestError(
+            f"{where}, document {len(documents) + 1}: nested more than {MAX_DEPTH} levels deep; refusing it"
+        ) from None
     finally:
         loader.dispose()
     return documents

@@ -29,7 +29,7 @@ def bucket_name_problem(name: str) -> str | None:
     """Why `name` is not a valid S3 bucket name, or None. moto is laxer than S3."""
     if not 3 <= len(name) <= 63:
         return "3 to 63 characters"
-    if not _BUCKET_CHARS.match(name):
+    if not _BUCKET_CHARS.fullmatch(name):  # not match(): `$` would let a trailing newline through
         return "lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
     if ".." in name:
         return "no '..'"
@@ -38,7 +38,9 @@ def bucket_name_problem(name: str) -> str | None:
         return "not an IP address"
     except ValueError:
         pass
-    if name.startswith(("xn--", "sthree-")) or name.endswith(("-s3alias", "--ol-s3")):
+    if name.startswith(("xn--", "sthree-", "amzn-s3-demo-")) or name.endswith(
+        ("-s3alias", "--ol-s3", "--x-s3", "--table-s3")
+    ):
         return "reserved prefix or suffix"
     return None
 
@@ -72,6 +74,9 @@ def caller_account(sts: Any) -> str:
 
 def create_bucket(s3: Any, region: str, account: str, name: str, deploy_id: str, now: datetime) -> None:
     arn = f"arn:aws:s3:::{name}"
+    # In us-east-1, CreateBucket on a bucket the caller already owns answers 200 OK instead of
+    # BucketAlreadyOwnedByYou, so the error below cannot be relied on there: look first.
+    _refuse_existing(s3, name)
     with aws_call(f"create bucket {name}", "s3:CreateBucket", "arn:aws:s3:::k3s-deploy-*"):
         try:
             if region == "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
@@ -137,6 +142,31 @@ def create_bucket(s3: Any, region: str, account: str, name: str, deploy_id: str,
                 ]
             },
         )
+
+
+def _refuse_existing(s3: Any, name: str) -> None:
+    """StagingError when a bucket of that name exists already, whoever owns it."""
+    from botocore.exceptions import ClientError
+
+    with aws_call(f"check that bucket {name} does not exist yet", "s3:ListBucket", f"arn:aws:s3:::{name}"):
+        try:
+            s3.head_bucket(Bucket=name)
+        except ClientError as exc:
+            code = error_code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return
+            if code in ("403", "AccessDenied", "Forbidden"):
+                raise StagingError(
+                    f"bucket {name} exists in another account, or the deploy role may not "
+                    "s3:ListBucket it; refusing to use a bucket this deploy did not create",
+                    fix="The deploy role needs s3:ListBucket on arn:aws:s3:::k3s-deploy-*; then run "
+                    "the deploy again (a new name is drawn each time).",
+                ) from None
+            raise
+    raise StagingError(
+        f"bucket {name} already exists; refusing to use a bucket this deploy did not create",
+        fix="Run the deploy again (a new name is drawn each time).",
+    )
 
 
 def check_given_bucket(s3: Any, name: str, account: str) -> None:
