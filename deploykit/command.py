@@ -30,6 +30,8 @@ REBOOT_EXIT_CODE = 194
 DELIVERY_TIMEOUT = 120
 # SSM must never kill the script before its own deadline, rollback and cleanup have run.
 EXECUTION_MARGIN = 60
+# After an ambiguous SendCommand failure, how many times ListCommands is asked (2 s apart).
+AMBIGUOUS_LOOKS = 3
 STATE_DIR = '"${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy}"'
 
 
@@ -197,9 +199,13 @@ def send_lines(
         except _Retry:
             pass
         except _Ambiguous:
-            found = find_sent(ssm, instance_id, comment)
-            if found:
-                return SentCommand(found, instance_id, clock(), execution_timeout)
+            # ListCommands can lag behind a send that did go through: look a few times.
+            for look in range(AMBIGUOUS_LOOKS):
+                found = find_sent(ssm, instance_id, comment)
+                if found:
+                    return SentCommand(found, instance_id, clock(), execution_timeout)
+                if look < AMBIGUOUS_LOOKS - 1:
+                    sleep(2)
         sleep(min(2**attempt, 10))
     raise AwsCallFailed(
         f"can't send the deploy command to {instance_id}: SSM kept refusing it (throttled or "

@@ -27,7 +27,9 @@ def escape_property(text: str) -> str:
 
 
 def neutralise(line: str) -> str:
-    """Make one line of untrusted text unable to start a workflow command."""
+    """Make one line of untrusted text unable to issue a workflow command: `::name::` at the
+    start of a line, or the older `##[name]` form, which the runner still honours."""
+    line = line.replace("##[", "#\u200b#[")
     return line.replace("::", ":\u200b:") if line.lstrip().startswith("::") else line
 
 

@@ -434,7 +434,8 @@ def test_a_send_failing_with_500_and_not_listed_is_sent_again():
     sends = count_sends(ssm_send)
     with Stubber(ssm_send) as send_stub, Stubber(ssm) as ssm_stub:
         send_stub.add_client_error("send_command", "InternalServerError", "oops", 500)
-        ssm_stub.add_response("list_commands", {"Commands": []})
+        for _ in range(command.AMBIGUOUS_LOOKS):  # ListCommands may lag: asked several times first
+            ssm_stub.add_response("list_commands", {"Commands": []})
         send_stub.add_response("send_command", {"Command": {"CommandId": CMD_3}})
         sent = send(ssm_send, ssm, clock)
     assert sent.command_id == CMD_3

@@ -212,3 +212,8 @@ def test_a_small_summary_is_written_whole(tmp_path):
     gh.summary("# Deploy\n\n| a | b |\n")
     gh.summary("more\n")
     assert (tmp_path / "summary.md").read_text() == "# Deploy\n\n| a | b |\nmore\n"
+
+
+def test_neutralise_defuses_the_old_hash_bracket_command_form_anywhere_in_a_line():
+    line = "progress ##[set-output name=status;]success"
+    assert "##[" not in neutralise(line)
