@@ -1,0 +1,129 @@
+"""Scenario control for the kubectl test double: set up a cluster, break it, read it back.
+
+`Cluster` edits the same JSON state file the double (`kubectl_double.py`) serves, under the
+same lock, so a test can change the scenario while a deploy is running (heal an image, speed
+up a slow rollout) and read the outcome afterwards.
+"""
+
+from __future__ import annotations
+
+import shlex
+import stat
+import sys
+import time
+from pathlib import Path
+
+from deploykit.simulate import kubectl_double as double
+
+# A seeded cluster looks like a deploy that finished this long ago.
+SEED_AGE_SECONDS = 3600
+
+
+class Cluster:
+    """The simulated K3s cluster kept in one state file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            with double.open_state(self.path, write=True):
+                pass
+
+    def install_kubectl(self, bin_dir: str | Path, name: str = "kubectl") -> Path:
+        """Writes an executable `kubectl` into bin_dir that serves this cluster."""
+        bin_dir = Path(bin_dir)
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        wrapper = bin_dir / name
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f"# kubectl test double serving the cluster in {self.path.name}\n"
+            f'if [ -z "${{{double.STATE_ENV}:-}}" ]; then\n'
+            f"  {double.STATE_ENV}={shlex.quote(str(self.path))}\n"
+            "fi\n"
+            f"export {double.STATE_ENV}\n"
+            f'exec {shlex.quote(sys.executable)} {shlex.quote(double.__file__)} "$@"\n'
+        )
+        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        return wrapper
+
+    # -- scenario controls ---------------------------------------------------------------------
+
+    def break_image(self, image_ref: str, reason: str = "CrashLoopBackOff") -> None:
+        """Pods running image_ref never become ready; their container waits with `reason`."""
+        with double.open_state(self.path, write=True) as state:
+            state["broken_images"][image_ref] = reason
+
+    def fix_image(self, image_ref: str) -> None:
+        with double.open_state(self.path, write=True) as state:
+            state["broken_images"].pop(image_ref, None)
+
+    def slow_rollout(self, kind: str, namespace: str, name: str, seconds: float) -> None:
+        """Every rollout of this workload takes `seconds` to become ready (0: back to normal)."""
+        with double.open_state(self.path, write=True) as state:
+            canonical = double.kind_for_name(state, kind).kind
+            state["slow_rollouts"][f"{canonical}/{namespace}/{name}"] = seconds
+
+    def set_api_healthy(self, healthy: bool) -> None:
+        """An unhealthy API refuses every request, as a K3s server that is down does."""
+        with double.open_state(self.path, write=True) as state:
+            state["api_healthy"] = healthy
+
+    def fail_apply(self, kind: str, name: str) -> None:
+        """Applying this object fails (as if an admission webhook refused it)."""
+        with double.open_state(self.path, write=True) as state:
+            canonical = double.kind_for_name(state, kind).kind
+            state["failing_applies"].append(f"{canonical}/{name}")
+
+    def seed(self, yaml_text: str) -> None:
+        """Applies manifests as a deploy that finished a while ago would have left them."""
+        past = time.time() - SEED_AGE_SECONDS
+        with double.open_state(self.path, write=True) as state:
+            for manifest in double.yaml_documents(yaml_text):
+                if manifest is None:
+                    continue
+                try:
+                    double.apply_one(state, "seed", manifest, dry_run=False, now=past,
+                                     output=None)
+                except double.KubectlError as exc:
+                    raise ValueError(f"seed manifest refused: {exc}") from exc
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        """The object as `kubectl get -o json` would show it now, or None."""
+        with double.open_state(self.path, write=False) as state:
+            resolved = double.kind_for_name(state, kind)
+            record = state["objects"].get(double.object_key(resolved, namespace, name))
+            if record is None:
+                return None
+            return double.served_object(state, record, time.time())
+
+    def objects(self) -> dict[tuple[str, str, str], dict]:
+        """Every stored object by (kind, namespace, name), as applied (no computed status)."""
+        with double.open_state(self.path, write=False) as state:
+            return {tuple(key.split("/", 2)): record["object"]  # type: ignore[misc]
+                    for key, record in state["objects"].items()}
+
+    def revision(self, kind: str, namespace: str, name: str) -> str | None:
+        """What k3s-deploy.sh records: a Deployment's revision annotation, a StatefulSet's
+        .status.updateRevision."""
+        obj = self.get(kind, namespace, name)
+        if obj is None:
+            return None
+        if obj["kind"] == "Deployment":
+            return obj["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+        return obj["status"]["updateRevision"]
+
+    def image_of(self, kind: str, namespace: str, name: str) -> str | None:
+        """The first container image of the workload's current pod template."""
+        obj = self.get(kind, namespace, name)
+        if obj is None:
+            return None
+        return obj["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    def pods(self, namespace: str) -> list[dict]:
+        with double.open_state(self.path, write=False) as state:
+            return double.list_pods(state, namespace, time.time())
+
+    def events(self, namespace: str) -> list[dict]:
+        with double.open_state(self.path, write=False) as state:
+            return double.list_events(state, namespace)

@@ -1,0 +1,1553 @@
+#!/usr/bin/env python3
+"""A kubectl test double for the simulated K3s master.
+
+It answers exactly the kubectl calls `deploykit/scripts/k3s-deploy.sh` makes (get, including
+--raw=/readyz, -o name|wide|json|jsonpath=, --ignore-not-found, --field-selector, --sort-by;
+apply -f, --dry-run=client, --validate; rollout status --timeout; rollout undo; delete pod
+--wait; wait --for=condition=established; global -n and --request-timeout) and refuses the
+rest the way kubectl does (unknown flags, bad flag values, unknown commands: exit 1). The
+cluster lives in one JSON file (env KUBECTL_DOUBLE_STATE), read and written under an fcntl lock
+so that concurrent calls see consistent state; `deploykit.simulate.cluster.Cluster` edits the
+same file to set up scenarios and to read results.
+
+What it enforces, because the real API server does:
+- a namespaced object needs an existing Namespace; apiVersion, kind and metadata.name are
+  required; kinds must be known (built in, or defined by an applied CustomResourceDefinition);
+  a Deployment's selector and a StatefulSet's spec outside template/replicas/updateStrategy
+  are immutable;
+- a Deployment's revision annotation moves only when its pod template changes; `rollout undo`
+  restores the previous template under a new revision number and needs an earlier revision;
+- a StatefulSet's .status.updateRevision / currentRevision name its ControllerRevisions; a pod
+  that never became ready keeps running the failed revision after an undo until it is deleted
+  (the documented StatefulSet "forced rollback" limitation);
+- `rollout status` waits for real (in small sleeps, never past --timeout) and fails at once
+  when a Deployment is past its progressDeadlineSeconds.
+What it does not model: schema validation (--validate is accepted, not acted on), server-side
+apply, field managers, label selectors, controllers other than Deployment and StatefulSet.
+
+Pods are not stored: they are derived from each workload's rollout (when it began, whether an
+image is broken, whether the rollout is slowed down) every time they are read.
+
+Set KUBECTL_DOUBLE_LOG to a file to have every invocation's argv appended as a JSON line (the
+honesty test replays them through the real kubectl).
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATE_ENV = "KUBECTL_DOUBLE_STATE"
+LOG_ENV = "KUBECTL_DOUBLE_LOG"
+
+# What a K3s master's kubeconfig points at; shown when the API is "down".
+SERVER = "127.0.0.1:6443"
+API_DOWN = f"The connection to the server {SERVER} was refused - did you specify the right host or port?"
+DEFAULT_NAMESPACE = "default"
+BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+NODE_NAME = "ip-10-0-1-23"
+# Kubernetes' defaults that shape a rollout.
+DEFAULT_PROGRESS_DEADLINE = 600
+MAX_SURGE_FRACTION = 0.25
+MAX_UNAVAILABLE_FRACTION = 0.25
+# Kubelet's crash-loop back-off: 10 s, doubling, capped at 5 minutes.
+CRASH_BACKOFF_START = 10
+CRASH_BACKOFF_CAP = 300
+# rollout status re-reads the cluster this often while it waits.
+WATCH_STEP_SECONDS = 0.1
+# Characters Kubernetes uses for generated names (no vowels, no look-alike digits).
+SAFE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+
+class KubectlError(Exception):
+    """Ends the command: the message goes to stderr, kubectl exits 1."""
+
+
+class UsageError(KubectlError):
+    """A flag or argument kubectl's command line parser would refuse."""
+
+    def __init__(self, message: str, command: str) -> None:
+        super().__init__(f"error: {message}\nSee 'kubectl {command} --help' for usage.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds
+
+
+@dataclass(frozen=True)
+class Kind:
+    kind: str
+    group: str
+    versions: tuple[str, ...]
+    plural: str
+    namespaced: bool
+    short_names: tuple[str, ...] = ()
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+    @property
+    def qualified(self) -> str:
+        """How kubectl names the kind in `deployment.apps/api created`."""
+        return f"{self.singular}.{self.group}" if self.group else self.singular
+
+    @property
+    def resource(self) -> str:
+        """How the API names the resource in NotFound errors: `deployments.apps`."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    def accepts(self, api_version: str) -> bool:
+        if not self.group:
+            return api_version in self.versions
+        group, _, version = api_version.partition("/")
+        return group == self.group and version in self.versions
+
+    def aliases(self) -> set[str]:
+        names = {self.singular, self.plural, *self.short_names}
+        return names | {f"{n}.{self.group}" for n in names if self.group}
+
+
+BUILTIN_KINDS = (
+    Kind("Namespace", "", ("v1",), "namespaces", False, ("ns",)),
+    Kind("ConfigMap", "", ("v1",), "configmaps", True, ("cm",)),
+    Kind("Secret", "", ("v1",), "secrets", True),
+    Kind("ServiceAccount", "", ("v1",), "serviceaccounts", True, ("sa",)),
+    Kind("Service", "", ("v1",), "services", True, ("svc",)),
+    Kind("PersistentVolumeClaim", "", ("v1",), "persistentvolumeclaims", True, ("pvc",)),
+    Kind("ResourceQuota", "", ("v1",), "resourcequotas", True, ("quota",)),
+    Kind("LimitRange", "", ("v1",), "limitranges", True, ("limits",)),
+    Kind("Pod", "", ("v1",), "pods", True, ("po",)),
+    Kind("Event", "", ("v1",), "events", True, ("ev",)),
+    Kind("Deployment", "apps", ("v1",), "deployments", True, ("deploy",)),
+    Kind("StatefulSet", "apps", ("v1",), "statefulsets", True, ("sts",)),
+    Kind("DaemonSet", "apps", ("v1",), "daemonsets", True, ("ds",)),
+    Kind("ReplicaSet", "apps", ("v1",), "replicasets", True, ("rs",)),
+    Kind("Job", "batch", ("v1",), "jobs", True),
+    Kind("CronJob", "batch", ("v1",), "cronjobs", True, ("cj",)),
+    Kind("Role", "rbac.authorization.k8s.io", ("v1",), "roles", True),
+    Kind("RoleBinding", "rbac.authorization.k8s.io", ("v1",), "rolebindings", True),
+    Kind("ClusterRole", "rbac.authorization.k8s.io", ("v1",), "clusterroles", False),
+    Kind("ClusterRoleBinding", "rbac.authorization.k8s.io", ("v1",), "clusterrolebindings", False),
+    Kind("StorageClass", "storage.k8s.io", ("v1",), "storageclasses", False, ("sc",)),
+    Kind("PriorityClass", "scheduling.k8s.io", ("v1",), "priorityclasses", False, ("pc",)),
+    Kind("Ingress", "networking.k8s.io", ("v1",), "ingresses", True, ("ing",)),
+    Kind("NetworkPolicy", "networking.k8s.io", ("v1",), "networkpolicies", True, ("netpol",)),
+    Kind("HorizontalPodAutoscaler", "autoscaling", ("v1", "v2"), "horizontalpodautoscalers",
+         True, ("hpa",)),
+    Kind("PodDisruptionBudget", "policy", ("v1",), "poddisruptionbudgets", True, ("pdb",)),
+    Kind("CustomResourceDefinition", "apiextensions.k8s.io", ("v1",),
+         "customresourcedefinitions", False, ("crd", "crds")),
+)
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def known_kinds(state: dict) -> list[Kind]:
+    """Built-in kinds plus those defined by the CustomResourceDefinitions in the cluster."""
+    kinds = list(BUILTIN_KINDS)
+    for record in state["objects"].values():
+        crd = record["object"]
+        if crd["kind"] != "CustomResourceDefinition":
+            continue
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        versions = tuple(v.get("name", "") for v in spec.get("versions") or [])
+        kinds.append(Kind(names.get("kind", ""), spec.get("group", ""), versions,
+                          names.get("plural", ""), spec.get("scope") == "Namespaced",
+                          tuple(names.get("shortNames") or ())))
+    return kinds
+
+
+def kind_for_manifest(state: dict, api_version: str, kind: str) -> Kind | None:
+    for candidate in known_kinds(state):
+        if candidate.kind == kind and candidate.accepts(api_version):
+            return candidate
+    return None
+
+
+def kind_for_name(state: dict, name: str) -> Kind:
+    """Resolves what a user types (`deploy`, `deployments.apps`, `Deployment`) to a kind."""
+    wanted = name.lower()
+    for candidate in known_kinds(state):
+        if wanted in candidate.aliases() or wanted == candidate.kind.lower():
+            return candidate
+    raise KubectlError(f'error: the server doesn\'t have a resource type "{name}"')
+
+
+def object_key(kind: Kind, namespace: str, name: str) -> str:
+    return f"{kind.kind}/{namespace if kind.namespaced else ''}/{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# State file
+
+
+def empty_state() -> dict:
+    now = time.time()
+    state: dict[str, Any] = {
+        "version": 1,
+        "api_healthy": True,
+        "broken_images": {},
+        "slow_rollouts": {},
+        "failing_applies": [],
+        "objects": {},
+        "events": [],
+        "next_uid": 1,
+    }
+    for name in BUILTIN_NAMESPACES:
+        # A fresh cluster's own namespaces date from long before any deploy.
+        store_new_object(state, BUILTIN_KINDS[0],
+                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+                         now - 86400)
+    return state
+
+
+@contextlib.contextmanager
+def open_state(path: str | os.PathLike[str], write: bool) -> Iterator[dict]:
+    """Loads the cluster under a lock (shared to read, exclusive to write) and saves it back."""
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        try:
+            state = json.loads(path.read_text()) if path.exists() else empty_state()
+            yield state
+            if write:
+                # Write then rename: a reader without the lock never sees half a file.
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def state_path() -> str:
+    path = os.environ.get(STATE_ENV)
+    if not path:
+        raise KubectlError(f"error: {STATE_ENV} is not set: the kubectl double has no cluster")
+    return path
+
+
+def require_api(state: dict) -> None:
+    if not state["api_healthy"]:
+        raise KubectlError(API_DOWN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def rfc3339(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def parse_rfc3339(text: str) -> float:
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def generated_suffix(seed: str, length: int) -> str:
+    digest = hashlib.sha256(seed.encode()).digest()
+    return "".join(SAFE_ALPHABET[b % len(SAFE_ALPHABET)] for b in digest[:length])
+
+
+def template_hash(template: dict) -> str:
+    """Stands in for pod-template-hash / controller-revision-hash: same template, same hash."""
+    return generated_suffix(json.dumps(template, sort_keys=True), 10)
+
+
+def human_age(seconds: float) -> str:
+    """kubectl's AGE column (duration.HumanDuration), to the same rounding."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    minutes, hours, days = s // 60, s // 3600, s // 86400
+    if minutes < 10:
+        rest = s % 60
+        return f"{minutes}m{rest}s" if rest else f"{minutes}m"
+    if hours < 3:
+        return f"{minutes}m"
+    if hours < 8:
+        rest = minutes % 60
+        return f"{hours}h{rest}m" if rest else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if days < 8:
+        rest = hours % 24
+        return f"{days}d{rest}h" if rest else f"{days}d"
+    return f"{days}d"
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """kubectl's column layout: each column padded to its widest cell plus three spaces."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(widths[i] + 3) for i, cell in enumerate(row[:-1])]
+        lines.append("".join(cells) + row[-1])
+    return "\n".join(lines) + "\n"
+
+
+def parse_duration(text: str) -> float | None:
+    """Go's time.ParseDuration for the units kubectl users write (h, m, s, ms)."""
+    if text == "0":
+        return 0.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def go_duration_error(text: str) -> str:
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return f'time: missing unit in duration "{text}"'
+    return f'time: invalid duration "{text}"'
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects and workload rollouts
+
+
+def store_new_object(state: dict, kind: Kind, manifest: dict, now: float) -> dict:
+    obj = copy.deepcopy(manifest)
+    meta = obj.setdefault("metadata", {})
+    meta["uid"] = f"00000000-0000-4000-8000-{state['next_uid']:012d}"
+    state["next_uid"] += 1
+    meta["creationTimestamp"] = rfc3339(now)
+    meta["generation"] = 1
+    if kind.kind == "Namespace":
+        obj["status"] = {"phase": "Active"}
+    record: dict[str, Any] = {"object": obj, "created": now}
+    state["objects"][object_key(kind, meta.get("namespace", ""), meta["name"])] = record
+    if kind.kind in WORKLOAD_KINDS:
+        record["workload"] = {"history": [], "began": now, "stable": None,
+                              "stable_since": now, "stuck": {}}
+        change_template(state, record, now)
+    return record
+
+
+def pod_template(record: dict) -> dict:
+    return (record["object"].get("spec") or {}).get("template") or {}
+
+
+def template_images(template: dict) -> list[str]:
+    spec = template.get("spec") or {}
+    containers = (spec.get("initContainers") or []) + (spec.get("containers") or [])
+    return [c.get("image", "") for c in containers]
+
+
+def broken_reason(state: dict, template: dict) -> str | None:
+    for image in template_images(template):
+        if image in state["broken_images"]:
+            return state["broken_images"][image]
+    return None
+
+
+def current_revision(record: dict) -> dict:
+    return max(record["workload"]["history"], key=lambda entry: entry["revision"])
+
+
+def template_of(record: dict, hash_: str) -> dict:
+    for entry in record["workload"]["history"]:
+        if entry["hash"] == hash_:
+            return entry["template"]
+    return {}
+
+
+def change_template(state: dict, record: dict, now: float) -> None:
+    """Records a new pod template as the controllers do: a new (or reused) revision."""
+    workload = record["workload"]
+    template = pod_template(record)
+    new_hash = template_hash(template)
+    history = workload["history"]
+    if history:
+        old = current_revision(record)
+        if old["hash"] == new_hash:
+            return
+        view = WorkloadView(state, record, now)
+        if view.complete:
+            workload["stable"] = old["hash"]
+            workload["stable_since"] = workload["began"]
+        # A StatefulSet pod that never became ready is not replaced when the template changes
+        # again (Kubernetes documents this under "forced rollback"): it stays until deleted.
+        if record["object"]["kind"] == "StatefulSet":
+            for pod in view.pods():
+                broken = broken_reason(state, template_of(record, pod.hash)) is not None
+                if broken and not pod.ready and pod.hash != new_hash:
+                    workload["stuck"].setdefault(pod.name, [pod.hash, pod.created])
+    top = max((entry["revision"] for entry in history), default=0)
+    for entry in history:
+        if entry["hash"] == new_hash:
+            # Going back to an old template reuses its ReplicaSet / ControllerRevision, which
+            # gets the next revision number (the old number disappears from the history).
+            entry["revision"] = top + 1
+            break
+    else:
+        history.append({"hash": new_hash, "revision": top + 1, "template": template})
+    workload["began"] = now
+    if record["object"]["kind"] == "Deployment":
+        annotations = record["object"]["metadata"].setdefault("annotations", {})
+        annotations["deployment.kubernetes.io/revision"] = str(top + 1)
+    record_rollout_events(state, record, now)
+
+
+def record_rollout_events(state: dict, record: dict, now: float) -> None:
+    meta = record["object"]["metadata"]
+    namespace, name = meta.get("namespace", ""), meta["name"]
+    view = WorkloadView(state, record, now)
+    if record["object"]["kind"] == "Deployment":
+        add_event(state, now, namespace, "Normal", "ScalingReplicaSet", f"deployment/{name}",
+                  f"Scaled up replica set {view.replica_set(view.current)} to {view.new_count}")
+    reason = broken_reason(state, pod_template(record))
+    if reason is None:
+        return
+    image = next(i for i in template_images(pod_template(record)) if i in state["broken_images"])
+    for pod in view.pods():
+        if pod.ready or pod.hash != view.current:
+            continue
+        if reason in ("ImagePullBackOff", "ErrImagePull"):
+            add_event(state, now, namespace, "Warning", "Failed", f"pod/{pod.name}",
+                      f'Failed to pull image "{image}": rpc error: code = NotFound desc = '
+                      f'failed to pull and unpack image "{image}": not found')
+            add_event(state, now, namespace, "Warning", "BackOff", f"pod/{pod.name}",
+                      f'Back-off pulling image "{image}"')
+        elif reason == "CrashLoopBackOff":
+            add_event(state, now, namespace, "Warning", "BackOff", f"pod/{pod.name}",
+                      f"Back-off restarting failed container {pod.containers[0]} in pod "
+                      f"{pod.name}_{namespace}({meta['uid']})")
+        else:
+            add_event(state, now, namespace, "Warning", "Failed", f"pod/{pod.name}",
+                      f"Error: {reason}")
+
+
+def add_event(state: dict, now: float, namespace: str, type_: str, reason: str, obj: str,
+              message: str) -> None:
+    state["events"].append({"namespace": namespace, "type": type_, "reason": reason,
+                            "object": obj, "message": message, "time": now})
+
+
+@dataclass
+class Pod:
+    name: str
+    owner_kind: str
+    owner_name: str
+    hash: str
+    created: float
+    ready: bool
+    waiting: str | None  # container waiting reason when not ready
+    restarts: int
+    containers: list[str]
+    labels: dict[str, str]
+
+
+class WorkloadView:
+    """A Deployment or StatefulSet as its controller would have it at a moment in time."""
+
+    def __init__(self, state: dict, record: dict, now: float) -> None:
+        self.state, self.record, self.now = state, record, now
+        obj = record["object"]
+        self.kind = obj["kind"]
+        self.name = obj["metadata"]["name"]
+        self.namespace = obj["metadata"].get("namespace", "")
+        spec = obj.get("spec") or {}
+        self.replicas = int(spec.get("replicas", 1))
+        self.progress_deadline = int(spec.get("progressDeadlineSeconds",
+                                              DEFAULT_PROGRESS_DEADLINE))
+        workload = record["workload"]
+        self.current = current_revision(record)["hash"]
+        self.stable = workload["stable"]
+        self.began = workload["began"]
+        self.reason = broken_reason(state, template_of(record, self.current))
+        slow = state["slow_rollouts"].get(f"{self.kind}/{self.namespace}/{self.name}", 0)
+        # Going back to the template that ran before is quick: its pods are still there.
+        self.settled = self.current == self.stable or now >= self.began + slow
+        # Stuck pods: name -> [revision hash, created]; they matter while that image is broken.
+        self.stuck = {pod: stuck for pod, stuck in workload["stuck"].items()
+                      if broken_reason(state, template_of(record, stuck[0])) is not None}
+        self.complete = self.reason is None and self.settled and not self.stuck
+        self.has_old = self.stable is not None and self.stable != self.current
+        if self.complete or not self.has_old:
+            self.old_count, self.new_count = 0, self.replicas
+        else:
+            unavailable = math.floor(self.replicas * MAX_UNAVAILABLE_FRACTION)
+            surge = math.ceil(self.replicas * MAX_SURGE_FRACTION)
+            self.old_count = self.replicas - unavailable
+            self.new_count = min(self.replicas, surge + unavailable)
+
+    def replica_set(self, hash_: str) -> str:
+        return f"{self.name}-{hash_}"
+
+    def revision_name(self, hash_: str) -> str:
+        return f"{self.name}-{hash_}"
+
+    def _pod(self, name: str, hash_: str, created: float, ready: bool) -> Pod:
+        template = template_of(self.record, hash_)
+        containers = [c.get("name", "") for c in (template.get("spec") or {}).get(
+            "containers") or []] or ["main"]
+        reason = broken_reason(self.state, template)
+        waiting = None if ready else (reason or "ContainerCreating")
+        restarts = 0
+        if waiting == "CrashLoopBackOff":
+            restarts, elapsed, backoff = 1, self.now - created - CRASH_BACKOFF_START, \
+                CRASH_BACKOFF_START
+            while elapsed >= backoff:
+                restarts, elapsed = restarts + 1, elapsed - backoff
+                backoff = min(backoff * 2, CRASH_BACKOFF_CAP)
+        labels = dict((template.get("metadata") or {}).get("labels") or {})
+        if self.kind == "Deployment":
+            labels["pod-template-hash"] = hash_
+            owner_kind, owner_name = "ReplicaSet", self.replica_set(hash_)
+        else:
+            labels["controller-revision-hash"] = self.revision_name(hash_)
+            labels["statefulset.kubernetes.io/pod-name"] = name
+            owner_kind, owner_name = "StatefulSet", self.name
+        return Pod(name, owner_kind, owner_name, hash_, created, ready, waiting, restarts,
+                   containers, labels)
+
+    def pods(self) -> list[Pod]:
+        current_ready = self.reason is None and self.settled
+        stable_since = self.record["workload"]["stable_since"]
+        # Pods of the template that ran before are the ones already running.
+        current_since = stable_since if self.current == self.stable else self.began
+        if self.kind == "Deployment":
+            pods = []
+            groups = [(self.current, self.new_count, current_since, current_ready)]
+            if self.old_count:
+                groups.insert(0, (self.stable, self.old_count, stable_since, True))
+            for hash_, count, created, ready in groups:
+                rs = self.replica_set(hash_)
+                for i in range(count):
+                    name = f"{rs}-{generated_suffix(f'{rs}/{i}', 5)}"
+                    pods.append(self._pod(name, hash_, created, ready))
+            return pods
+        pods = []
+        for ordinal in range(self.replicas):
+            name = f"{self.name}-{ordinal}"
+            if name in self.stuck:
+                stuck_hash, created = self.stuck[name]
+                pods.append(self._pod(name, stuck_hash, created, False))
+            elif self.complete or self.current == self.stable:
+                pods.append(self._pod(name, self.current, current_since, current_ready))
+            elif self.has_old and ordinal < self.replicas - 1:
+                pods.append(self._pod(name, self.stable, stable_since, True))
+            elif self.has_old or ordinal == 0:
+                # RollingUpdate replaces the highest ordinal first; a new StatefulSet
+                # (OrderedReady) creates pod 0 and waits for it before the next one.
+                pods.append(self._pod(name, self.current, self.began, current_ready))
+        return pods
+
+    def status(self) -> dict:
+        pods = self.pods()
+        ready = sum(p.ready for p in pods)
+        updated = sum(p.hash == self.current for p in pods)
+        generation = self.record["object"]["metadata"]["generation"]
+        status: dict[str, Any] = {"observedGeneration": generation, "replicas": len(pods)}
+        if self.kind == "Deployment":
+            rs = self.replica_set(self.current)
+            if self.complete:
+                progressing = ("True", "NewReplicaSetAvailable",
+                               f'ReplicaSet "{rs}" has successfully progressed.')
+            elif self.now - self.began >= self.progress_deadline:
+                progressing = ("False", "ProgressDeadlineExceeded",
+                               f'ReplicaSet "{rs}" has timed out progressing.')
+            else:
+                progressing = ("True", "ReplicaSetUpdated", f'ReplicaSet "{rs}" is progressing.')
+            available = ready >= self.replicas - math.floor(
+                self.replicas * MAX_UNAVAILABLE_FRACTION)
+            status["conditions"] = [
+                {"type": "Available", "status": "True" if available else "False",
+                 "reason": "MinimumReplicasAvailable" if available
+                 else "MinimumReplicasUnavailable"},
+                {"type": "Progressing", "status": progressing[0], "reason": progressing[1],
+                 "message": progressing[2]},
+            ]
+            counts = {"updatedReplicas": updated, "readyReplicas": ready,
+                      "availableReplicas": ready}
+        else:
+            current_hash = self.current if (self.complete or not self.has_old) else self.stable
+            status["currentRevision"] = self.revision_name(current_hash)
+            status["updateRevision"] = self.revision_name(self.current)
+            counts = {"readyReplicas": ready, "availableReplicas": ready,
+                      "currentReplicas": sum(p.hash == current_hash for p in pods),
+                      "updatedReplicas": updated}
+        # The API leaves out counters that are zero (omitempty).
+        status.update({k: v for k, v in counts.items() if v})
+        return status
+
+    def rollout_message(self) -> tuple[str, bool]:
+        """kubectl's rollout status text for this moment, and whether the rollout is done."""
+        status = self.status()
+        ready = status.get("readyReplicas", 0)
+        updated = status.get("updatedReplicas", 0)
+        if self.kind == "Deployment":
+            for condition in status["conditions"]:
+                if condition["reason"] == "ProgressDeadlineExceeded":
+                    raise KubectlError(
+                        f'error: deployment "{self.name}" exceeded its progress deadline')
+            prefix = f'Waiting for deployment "{self.name}" rollout to finish: '
+            if updated < self.replicas:
+                return (f"{prefix}{updated} out of {self.replicas} new replicas have been "
+                        "updated..."), False
+            if status["replicas"] > updated:
+                return (f"{prefix}{status['replicas'] - updated} old replicas are pending "
+                        "termination..."), False
+            if ready < updated:
+                return f"{prefix}{ready} of {updated} updated replicas are available...", False
+            return f'deployment "{self.name}" successfully rolled out', True
+        strategy = (self.record["object"].get("spec") or {}).get("updateStrategy") or {}
+        if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+            raise KubectlError("error: rollout status is only available for RollingUpdate "
+                               "strategy type")
+        if ready < self.replicas:
+            return f"Waiting for {self.replicas - ready} pods to be ready...", False
+        partition = int((strategy.get("rollingUpdate") or {}).get("partition", 0))
+        if updated < self.replicas - partition:
+            return (f"Waiting for partitioned roll out to finish: {updated} out of "
+                    f"{self.replicas - partition} new pods have been updated..."), False
+        return f"partitioned roll out complete: {updated} new pods have been updated...", True
+
+
+def served_object(state: dict, record: dict, now: float) -> dict:
+    """The object as `kubectl get` shows it: what was applied plus what the cluster adds."""
+    obj = copy.deepcopy(record["object"])
+    if obj["kind"] in WORKLOAD_KINDS:
+        spec = obj.setdefault("spec", {})
+        spec.setdefault("replicas", 1)
+        if obj["kind"] == "Deployment":
+            spec.setdefault("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE)
+            spec.setdefault("revisionHistoryLimit", 10)
+        else:
+            spec.setdefault("updateStrategy", {"type": "RollingUpdate",
+                                               "rollingUpdate": {"partition": 0}})
+        obj["status"] = WorkloadView(state, record, now).status()
+    return obj
+
+
+def pod_object(view: WorkloadView, pod: Pod, index: int) -> dict:
+    template = template_of(view.record, pod.hash)
+    containers = (template.get("spec") or {}).get("containers") or []
+    statuses = []
+    for container in containers:
+        state: dict[str, Any]
+        if pod.ready:
+            state = {"running": {"startedAt": rfc3339(pod.created)}}
+        else:
+            state = {"waiting": {"reason": pod.waiting}}
+        statuses.append({"name": container.get("name", ""), "image": container.get("image", ""),
+                         "ready": pod.ready, "restartCount": pod.restarts, "state": state,
+                         "started": pod.ready})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod.name,
+            "namespace": view.namespace,
+            "labels": pod.labels,
+            "creationTimestamp": rfc3339(pod.created),
+            "uid": f"{view.record['object']['metadata']['uid'][:-4]}{index:04d}",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": pod.owner_kind,
+                                 "name": pod.owner_name, "controller": True,
+                                 "blockOwnerDeletion": True,
+                                 "uid": view.record["object"]["metadata"]["uid"]}],
+        },
+        "spec": {**(template.get("spec") or {}), "nodeName": NODE_NAME},
+        "status": {
+            "phase": "Running" if pod.ready or pod.waiting == "CrashLoopBackOff" else "Pending",
+            "podIP": f"10.42.0.{10 + index % 240}",
+            "hostIP": "10.0.1.23",
+            "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
+            "containerStatuses": statuses,
+        },
+    }
+
+
+def list_pods(state: dict, namespace: str, now: float) -> list[dict]:
+    pods = []
+    for record in state["objects"].values():
+        obj = record["object"]
+        if obj["kind"] == "Pod" and obj["metadata"].get("namespace") == namespace:
+            # A bare Pod applied from a manifest: the double just runs it.
+            served = copy.deepcopy(obj)
+            served["status"] = {"phase": "Running", "containerStatuses": [
+                {"name": c.get("name", ""), "ready": True, "restartCount": 0,
+                 "state": {"running": {}}} for c in (obj.get("spec") or {}).get("containers")
+                or []]}
+            pods.append(served)
+        elif obj["kind"] in WORKLOAD_KINDS and obj["metadata"].get("namespace") == namespace:
+            view = WorkloadView(state, record, now)
+            pods.extend(pod_object(view, pod, len(pods)) for pod in view.pods())
+    return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+
+def list_events(state: dict, namespace: str) -> list[dict]:
+    events = []
+    for i, event in enumerate(state["events"]):
+        if event["namespace"] != namespace:
+            continue
+        kind, _, name = event["object"].partition("/")
+        kind = {"pod": "Pod", "deployment": "Deployment", "statefulset": "StatefulSet"}[kind]
+        stamp = rfc3339(event["time"])
+        events.append({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{name}.{i:016x}", "namespace": namespace,
+                         "creationTimestamp": stamp},
+            "type": event["type"], "reason": event["reason"], "message": event["message"],
+            "involvedObject": {"kind": kind, "name": name, "namespace": namespace},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        })
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# jsonpath (the subset of kubectl's that k3s-deploy.sh uses, with kubectl's output rules)
+
+
+class JsonPathError(KubectlError):
+    pass
+
+
+@dataclass
+class _Text:
+    text: str
+
+
+@dataclass
+class _Path:
+    steps: list[tuple[str, Any]]
+
+
+@dataclass
+class _Range:
+    path: _Path
+    body: list
+
+
+def _parse_path(expr: str, template: str) -> _Path:
+    text = expr.strip()
+    if text.startswith("$"):
+        text = text[1:]
+    steps: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("..", i):
+            raise JsonPathError(f"error: the kubectl double does not support recursive descent "
+                                f"in jsonpath {template}")
+        if text[i] == ".":
+            i += 1
+            key = []
+            while i < len(text) and text[i] not in ".[":
+                if text[i] == "\\" and i + 1 < len(text):
+                    i += 1
+                key.append(text[i])
+                i += 1
+            name = "".join(key)
+            steps.append(("wildcard", None) if name == "*" else ("field", name))
+        elif text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                raise JsonPathError(f"error: error parsing jsonpath {template}, unterminated "
+                                    "array")
+            inner = text[i + 1:end].strip()
+            if inner == "*":
+                steps.append(("wildcard", None))
+            elif re.fullmatch(r"-?\d+", inner):
+                steps.append(("index", int(inner)))
+            elif re.fullmatch(r"'[^']*'|\"[^\"]*\"", inner):
+                steps.append(("field", inner[1:-1]))
+            else:
+                raise JsonPathError(f"error: the kubectl double does not support [{inner}] in "
+                                    f"jsonpath {template}")
+            i = end + 1
+        else:
+            raise JsonPathError(f"error: error parsing jsonpath {template}, unrecognized "
+                                f"character in action: {text[i]!r}")
+    return _Path(steps)
+
+
+def _unquote(literal: str, template: str) -> str:
+    body = literal[1:-1]
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
+    out, i = [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if nxt == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", body[i + 2:i + 4]):
+                out.append(chr(int(body[i + 2:i + 4], 16)))
+                i += 4
+                continue
+            if nxt not in escapes:
+                raise JsonPathError(f"error: error parsing jsonpath {template}, invalid syntax")
+            out.append(escapes[nxt])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_jsonpath(template: str) -> list:
+    nodes: list = []
+    stack: list[list] = [nodes]
+    i = 0
+    while i < len(template):
+        start = template.find("{", i)
+        if start < 0:
+            stack[-1].append(_Text(template[i:]))
+            break
+        if start > i:
+            stack[-1].append(_Text(template[i:start]))
+        # The action ends at the first "}" outside quotes, as in kubectl's lexer.
+        j, quote = start + 1, None
+        while j < len(template):
+            ch = template[j]
+            if quote:
+                if ch == "\\":
+                    j += 1
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "}":
+                break
+            j += 1
+        if j >= len(template):
+            if quote:
+                raise JsonPathError(f"error: error parsing jsonpath {template}, unterminated "
+                                    "quoted string")
+            raise JsonPathError(f"error: error parsing jsonpath {template}, unclosed action")
+        action = template[start + 1:j].strip()
+        if action.startswith(("\"", "'")):
+            stack[-1].append(_Text(_unquote(action, template)))
+        elif action.startswith("range "):
+            node = _Range(_parse_path(action[len("range "):], template), [])
+            stack[-1].append(node)
+            stack.append(node.body)
+        elif action == "end":
+            if len(stack) == 1:
+                raise JsonPathError(f'error: error executing jsonpath "{template}": Error '
+                                    "executing template: not in range, nothing to end.")
+            stack.pop()
+        else:
+            stack[-1].append(_parse_path(action, template))
+        i = j + 1
+    return nodes
+
+
+def _walk(path: _Path, root: Any, template: str) -> list:
+    values = [root]
+    for kind, arg in path.steps:
+        found = []
+        for value in values:
+            if kind == "field":
+                if isinstance(value, dict) and arg in value:
+                    found.append(value[arg])
+            elif kind == "wildcard":
+                if isinstance(value, list):
+                    found.extend(value)
+                elif isinstance(value, dict):
+                    found.extend(value[k] for k in sorted(value))
+            elif isinstance(value, list):
+                index = arg + len(value) if arg < 0 else arg
+                if not 0 <= index < len(value):
+                    raise JsonPathError(
+                        f'error: error executing jsonpath "{template}": Error executing '
+                        f"template: array index out of bounds: index {arg}, length "
+                        f"{len(value)}.")
+                found.append(value[index])
+        values = found
+    return values
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return str(value)
+
+
+def _render(nodes: list, root: Any, template: str) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, _Text):
+            out.append(node.text)
+        elif isinstance(node, _Range):
+            for item in _walk(node.path, root, template):
+                out.append(_render(node.body, item, template))
+        else:
+            out.append(" ".join(_format(v) for v in _walk(node, root, template)))
+    return "".join(out)
+
+
+def render_jsonpath(template: str, obj: Any) -> str:
+    """Evaluates a kubectl -o jsonpath template; missing keys print nothing, as in kubectl."""
+    return _render(parse_jsonpath(template), obj, template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    short: str | None = None
+    boolean: bool = False
+    repeatable: bool = False
+
+
+GLOBAL_FLAGS = (Flag("namespace", "n"), Flag("request-timeout"))
+COMMAND_FLAGS = {
+    "get": (Flag("output", "o"), Flag("ignore-not-found", boolean=True), Flag("raw"),
+            Flag("field-selector"), Flag("sort-by")),
+    "apply": (Flag("filename", "f", repeatable=True), Flag("dry-run"), Flag("validate"),
+              Flag("output", "o")),
+    "rollout status": (Flag("timeout"),),
+    "rollout undo": (),
+    "delete": (Flag("wait", boolean=True), Flag("ignore-not-found", boolean=True)),
+    "wait": (Flag("for"), Flag("timeout")),
+}
+
+
+def command_words(argv: list[str]) -> list[str]:
+    """The words before the first flag that is not a global one (`kubectl -n x get pods`)."""
+    words, i = [], 0
+    global_flags = {f"--{f.name}" for f in GLOBAL_FLAGS} | {f"-{f.short}" for f in GLOBAL_FLAGS
+                                                            if f.short}
+    while i < len(argv) and len(words) < 2:
+        arg = argv[i]
+        if arg in global_flags:
+            i += 2
+            continue
+        if not arg.startswith("-"):
+            words.append(arg)
+        i += 1
+    return words
+
+
+def parse_command_line(argv: list[str]) -> tuple[str, list[str], dict[str, Any]]:
+    words = command_words(argv)
+    if not words:
+        raise KubectlError("error: the kubectl double needs a command (get, apply, rollout, "
+                           "delete, wait)")
+    command = words[0]
+    if command == "rollout":
+        if len(words) < 2 or words[1] not in ("status", "undo"):
+            wanted = " ".join(a for a in argv[argv.index("rollout") + 1:] if not a.startswith("-"))
+            raise KubectlError(f'error: unknown command "{wanted}"\nSee \'kubectl rollout -h\' '
+                               "for help and examples")
+        command = f"rollout {words[1]}"
+    elif command not in COMMAND_FLAGS:
+        raise KubectlError(f'error: unknown command "{command}" for "kubectl"')
+    flags_spec = {f.name: f for f in GLOBAL_FLAGS + COMMAND_FLAGS[command]}
+    shorts = {f.short: f for f in flags_spec.values() if f.short}
+    positional: list[str] = []
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag: Flag | None
+        if arg.startswith("--") and len(arg) > 2:
+            name, has_value, value = arg[2:].partition("=")
+            flag = flags_spec.get(name)
+            if flag is None:
+                raise UsageError(f"unknown flag: --{name}", command)
+            shown = f"--{name}"
+        elif arg.startswith("-") and len(arg) > 1:
+            flag = shorts.get(arg[1])
+            if flag is None:
+                raise UsageError(f"unknown shorthand flag: '{arg[1]}' in {arg}", command)
+            has_value, value = ("=", arg[2:].removeprefix("=")) if len(arg) > 2 else ("", "")
+            shown = f"'{arg[1]}' in {arg}"
+        else:
+            positional.append(arg)
+            i += 1
+            continue
+        if flag.boolean:
+            if has_value:
+                if value.lower() not in ("true", "false", "1", "0", "t", "f"):
+                    raise UsageError(f'invalid argument "{value}" for "--{flag.name}" flag: '
+                                     f'strconv.ParseBool: parsing "{value}": invalid syntax',
+                                     command)
+                flags[flag.name] = value.lower() in ("true", "1", "t")
+            else:
+                flags[flag.name] = True
+        else:
+            if not has_value:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: {shown}", command)
+                value = argv[i]
+            if flag.repeatable:
+                flags.setdefault(flag.name, []).append(value)
+            else:
+                flags[flag.name] = value
+        i += 1
+    skip = 2 if command.startswith("rollout") else 1
+    return command, positional[skip:], flags
+
+
+def check_request_timeout(flags: dict) -> None:
+    value = flags.get("request-timeout")
+    if value is not None and not re.fullmatch(r"\d+[smh]?", value):
+        raise KubectlError("error: Invalid timeout value. Timeout must be a single integer in "
+                           "seconds, or an integer followed by a corresponding time unit "
+                           "(e.g. 1s | 2m | 3h)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def yaml_documents(text: str) -> Iterator[Any]:
+    """YAML documents as Kubernetes reads them: timestamps stay strings."""
+    import yaml  # only apply needs YAML; keeping it out of the other calls keeps them fast
+
+    class KubernetesLoader(yaml.SafeLoader):
+        pass
+
+    KubernetesLoader.yaml_implicit_resolvers = {
+        first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return yaml.load_all(text, Loader=KubernetesLoader)
+
+
+def load_manifests(path: str, validate: bool) -> tuple[list[dict], list[str]]:
+    """Documents of one -f file, and the decode errors kubectl reports for it."""
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise KubectlError(f'error: the path "{path}" does not exist')
+    docs, errors = [], []
+    try:
+        for doc in yaml_documents(file.read_text()):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                errors.append(f'error: unable to decode "{path}": json: cannot unmarshal '
+                              f"{type(doc).__name__} into Go value of type map[string]interface {{}}")
+                continue
+            missing = [f for f in ("apiVersion", "kind") if not doc.get(f)]
+            if missing:
+                if validate:
+                    errors.append(f'error: error validating "{path}": error validating data: '
+                                  f"[{', '.join(f'{m} not set' for m in missing)}]; if you "
+                                  "choose to ignore these errors, turn validation off with "
+                                  "--validate=false")
+                else:
+                    field = "Kind" if "kind" in missing else "apiVersion"
+                    errors.append(f'error: unable to decode "{path}": Object \'{field}\' is '
+                                  f"missing in '{json.dumps(doc, separators=(',', ':'))}'")
+                continue
+            docs.append(doc)
+    except yaml.YAMLError as exc:
+        errors.append(f"error: error parsing {path}: error converting YAML to JSON: yaml: "
+                      f"{str(exc).splitlines()[0]}")
+    return docs, errors
+
+
+def check_update_allowed(kind: Kind, old: dict, new: dict) -> None:
+    name = new["metadata"]["name"]
+    old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
+    if kind.kind == "Deployment" and old_spec.get("selector") != new_spec.get("selector"):
+        raise KubectlError(f'The Deployment "{name}" is invalid: spec.selector: Invalid value: '
+                           f"{json.dumps(new_spec.get('selector'))}: field is immutable")
+    if kind.kind == "StatefulSet":
+        mutable = ("replicas", "ordinals", "template", "updateStrategy",
+                   "persistentVolumeClaimRetentionPolicy", "minReadySeconds")
+        if {k: v for k, v in old_spec.items() if k not in mutable} != {
+                k: v for k, v in new_spec.items() if k not in mutable}:
+            raise KubectlError(
+                f'The StatefulSet "{name}" is invalid: spec: Forbidden: updates to statefulset '
+                "spec for fields other than 'replicas', 'ordinals', 'template', "
+                "'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and "
+                "'minReadySeconds' are forbidden")
+
+
+def check_workload_spec(kind: Kind, manifest: dict) -> None:
+    if kind.kind not in WORKLOAD_KINDS:
+        return
+    name = manifest["metadata"]["name"]
+    spec = manifest.get("spec") or {}
+    selector = (spec.get("selector") or {}).get("matchLabels")
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    if not selector:
+        raise KubectlError(f'The {kind.kind} "{name}" is invalid: spec.selector: Required value')
+    if any(labels.get(k) != v for k, v in selector.items()):
+        raise KubectlError(f'The {kind.kind} "{name}" is invalid: spec.template.metadata.labels: '
+                           "Invalid value: `selector` does not match template `labels`")
+    if not ((spec.get("template") or {}).get("spec") or {}).get("containers"):
+        raise KubectlError(f'The {kind.kind} "{name}" is invalid: spec.template.spec.containers: '
+                           "Required value")
+
+
+def apply_one(state: dict, path: str, manifest: dict, dry_run: bool, now: float,
+              output: str | None) -> str:
+    kind = kind_for_manifest(state, manifest["apiVersion"], manifest["kind"])
+    meta = manifest.get("metadata") or {}
+    name = meta.get("name") or ""
+    namespace = meta.get("namespace") or ""
+    if kind is None:
+        raise KubectlError(f'error: resource mapping not found for name: "{name}" namespace: '
+                           f'"{namespace}" from "{path}": no matches for kind '
+                           f'"{manifest["kind"]}" in version "{manifest["apiVersion"]}"\n'
+                           "ensure CRDs are installed first")
+    if kind.namespaced:
+        namespace = namespace or DEFAULT_NAMESPACE
+    if not name:
+        group_version = manifest["apiVersion"] if "/" in manifest["apiVersion"] else (
+            f"/{manifest['apiVersion']}")
+        raise KubectlError(f'error: error when retrieving current configuration of:\nResource: '
+                           f'"{group_version}, Resource={kind.plural}", GroupVersionKind: '
+                           f'"{group_version}, Kind={kind.kind}"\nName: "", Namespace: '
+                           f'"{namespace}"\nfrom server for: "{path}": resource name may not be '
+                           "empty")
+    manifest = copy.deepcopy(manifest)
+    manifest.setdefault("metadata", {})
+    if kind.namespaced:
+        manifest["metadata"]["namespace"] = namespace
+    else:
+        manifest["metadata"].pop("namespace", None)
+    key = object_key(kind, namespace, name)
+    existing = state["objects"].get(key)
+    verb = "created" if existing is None else "configured"
+    if dry_run:
+        if output:
+            return render_output(output, manifest, kind)
+        return f"{kind.qualified}/{name} {verb} (dry run)\n"
+    if kind.namespaced and object_key(BUILTIN_KINDS[0], "", namespace) not in state["objects"]:
+        raise KubectlError(f'Error from server (NotFound): error when creating "{path}": '
+                           f'namespaces "{namespace}" not found')
+    if f"{kind.kind}/{name}" in state["failing_applies"]:
+        action = "creating" if existing is None else "patching"
+        raise KubectlError(f'Error from server (Forbidden): error when {action} "{path}": '
+                           f'admission webhook "deny.k3s-deploy.test" denied the request: '
+                           f"{kind.kind} {name} is refused by the test scenario")
+    check_workload_spec(kind, manifest)
+    if existing is None:
+        store_new_object(state, kind, manifest, now)
+    else:
+        old = existing["object"]
+        check_update_allowed(kind, old, manifest)
+        applied = {k: v for k, v in manifest.items() if k not in ("metadata", "status")}
+        before = {k: v for k, v in old.items() if k not in ("metadata", "status")}
+        old_meta = {k: old["metadata"].get(k) for k in ("labels",)}
+        new_meta = {k: manifest["metadata"].get(k) for k in ("labels",)}
+        user_annotations = {k: v for k, v in (old["metadata"].get("annotations") or {}).items()
+                            if k != "deployment.kubernetes.io/revision"}
+        if applied == before and old_meta == new_meta and user_annotations == (
+                manifest["metadata"].get("annotations") or {}):
+            verb = "unchanged"
+        else:
+            server_meta = {k: old["metadata"][k] for k in ("uid", "creationTimestamp",
+                                                           "generation") if k in old["metadata"]}
+            if applied.get("spec") != before.get("spec"):
+                server_meta["generation"] = old["metadata"].get("generation", 1) + 1
+            revision = (old["metadata"].get("annotations") or {}).get(
+                "deployment.kubernetes.io/revision")
+            manifest["metadata"].update(server_meta)
+            if revision:
+                manifest["metadata"].setdefault("annotations", {})[
+                    "deployment.kubernetes.io/revision"] = revision
+            existing["object"] = manifest
+            if kind.kind in WORKLOAD_KINDS:
+                change_template(state, existing, now)
+    if output:
+        return render_output(output, state["objects"][key]["object"], kind)
+    return f"{kind.qualified}/{name} {verb}\n"
+
+
+def render_output(output: str, obj: dict, kind: Kind) -> str:
+    if output == "name":
+        return f"{kind.qualified}/{obj['metadata']['name']}\n"
+    if output == "json":
+        return json.dumps(obj, indent=4) + "\n"
+    if output.startswith("jsonpath="):
+        return render_jsonpath(output[len("jsonpath="):], obj)
+    raise KubectlError(f"error: unable to match a printer suitable for the output format "
+                       f'"{output}", allowed formats are: json,jsonpath,name,wide')
+
+
+def command_apply(positional: list[str], flags: dict) -> int:
+    if positional:
+        raise KubectlError("error: Unexpected args: " + str(positional) +
+                           "\nSee 'kubectl apply -h' for help and examples")
+    files = flags.get("filename") or []
+    if not files:
+        raise KubectlError("error: must specify one of -f and -k")
+    dry_run = flags.get("dry-run", "none")
+    if dry_run not in ("none", "client", "server"):
+        raise KubectlError(f'error: Invalid dry-run value ({dry_run}). Must be "none", '
+                           '"server", or "client".')
+    if dry_run == "server":
+        raise KubectlError("error: the kubectl double does not model --dry-run=server")
+    validate = flags.get("validate", "strict")
+    if validate.lower() not in ("true", "false", "strict", "warn", "ignore"):
+        raise KubectlError(f'error: invalid - validate option "{validate}"; must be one of: '
+                           "strict (or true), warn, ignore (or false)")
+    output = flags.get("output")
+    if output is not None and output not in ("name", "json") and not output.startswith(
+            "jsonpath="):
+        raise KubectlError(f'error: unable to match a printer suitable for the output format '
+                           f'"{output}", allowed formats are: json,jsonpath,name')
+    errors: list[str] = []
+    with open_state(state_path(), write=dry_run == "none") as state:
+        require_api(state)
+        now = time.time()
+        applied = 0
+        for path in files:
+            docs, decode_errors = load_manifests(path, validate.lower() in ("true", "strict"))
+            errors.extend(decode_errors)
+            for manifest in docs:
+                applied += 1
+                try:
+                    sys.stdout.write(apply_one(state, path, manifest, dry_run == "client", now,
+                                               output))
+                except KubectlError as exc:
+                    errors.append(str(exc))
+        if not applied and not errors:
+            raise KubectlError("error: no objects passed to apply")
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def command_get(positional: list[str], flags: dict) -> int:
+    raw = flags.get("raw")
+    if raw is not None:
+        if flags.get("output") is not None:
+            raise KubectlError("error: --raw and --output are mutually exclusive")
+        with open_state(state_path(), write=False) as state:
+            require_api(state)
+        if raw in ("/readyz", "/livez", "/healthz"):
+            print("ok", end="")
+            return 0
+        raise KubectlError("Error from server (NotFound): the server could not find the "
+                           "requested resource")
+    if not positional:
+        raise KubectlError('You must specify the type of resource to get. Use "kubectl '
+                           'api-resources" for a complete list of supported resources.\n\n'
+                           "error: Required resource not specified.")
+    type_name, _, name = positional[0].partition("/")
+    names = [name] if name else positional[1:]
+    output = flags.get("output", "")
+    if output and output not in ("wide", "name", "json") and not output.startswith("jsonpath="):
+        raise KubectlError(f'error: unable to match a printer suitable for the output format '
+                           f'"{output}", allowed formats are: json,jsonpath,name,wide')
+    with open_state(state_path(), write=False) as state:
+        require_api(state)
+        kind = kind_for_name(state, type_name)
+        namespace = flags.get("namespace") or DEFAULT_NAMESPACE
+        now = time.time()
+        items = list_objects(state, kind, namespace, now)
+    selector = flags.get("field-selector")
+    if selector:
+        items = filter_by_fields(items, selector, kind)
+    if flags.get("sort-by"):
+        field = flags["sort-by"]
+        template = field if field.startswith("{") else "{" + field + "}"
+        items.sort(key=lambda obj: render_jsonpath(template, obj))
+    if names:
+        found = {obj["metadata"]["name"]: obj for obj in items}
+        missing = [n for n in names if n not in found]
+        for n in missing:
+            if not flags.get("ignore-not-found"):
+                print(f'Error from server (NotFound): {kind.resource} "{n}" not found',
+                      file=sys.stderr)
+        items = [found[n] for n in names if n in found]
+        if not items:
+            return 0 if flags.get("ignore-not-found") else 1
+        single = len(names) == 1
+    else:
+        single = False
+    if output.startswith("jsonpath="):
+        target = items[0] if single else {"apiVersion": "v1", "kind": "List", "items": items,
+                                          "metadata": {"resourceVersion": ""}}
+        sys.stdout.write(render_jsonpath(output[len("jsonpath="):], target))
+        return 0
+    if output == "json":
+        target = items[0] if single else {"apiVersion": "v1", "kind": "List", "items": items}
+        print(json.dumps(target, indent=4))
+        return 0
+    if output == "name":
+        for obj in items:
+            print(f"{kind.qualified}/{obj['metadata']['name']}")
+        return 0
+    if not items:
+        where = f" in {namespace} namespace" if kind.namespaced else ""
+        print(f"No resources found{where}.", file=sys.stderr)
+        return 0
+    sys.stdout.write(format_table(table_rows(kind, items, output == "wide", now)))
+    return 0
+
+
+def list_objects(state: dict, kind: Kind, namespace: str, now: float) -> list[dict]:
+    if kind.kind == "Pod":
+        return list_pods(state, namespace, now)
+    if kind.kind == "Event":
+        return list_events(state, namespace)
+    items = []
+    for record in state["objects"].values():
+        obj = record["object"]
+        if obj["kind"] != kind.kind:
+            continue
+        if kind.namespaced and obj["metadata"].get("namespace") != namespace:
+            continue
+        items.append(served_object(state, record, now))
+    return sorted(items, key=lambda o: o["metadata"]["name"])
+
+
+def filter_by_fields(items: list[dict], selector: str, kind: Kind) -> list[dict]:
+    """--field-selector with the fields the API supports for these kinds (=, ==, !=)."""
+    terms = []
+    for term in selector.split(","):
+        match = re.fullmatch(r"([A-Za-z.]+)(==|!=|=)(.*)", term)
+        if not match:
+            raise KubectlError(f"Error from server (BadRequest): invalid selector: '{selector}'; "
+                               f"can't understand '{term}'")
+        field, op, value = match.groups()
+        supported = {"metadata.name", "metadata.namespace"}
+        if kind.kind == "Event":
+            supported |= {"type", "reason"}
+        if field not in supported:
+            raise KubectlError(f'Error from server (BadRequest): Unable to find "/v1, '
+                               f'Resource={kind.plural}" that match label selector "", field '
+                               f'selector "{selector}": field label not supported: {field}')
+        terms.append((field, op == "!=", value))
+    return [obj for obj in items
+            if all((render_jsonpath("{." + f + "}", obj) == v) != negate
+                   for f, negate, v in terms)]
+
+
+def table_rows(kind: Kind, items: list[dict], wide: bool, now: float) -> list[list[str]]:
+    def age(obj: dict) -> str:
+        return human_age(now - parse_rfc3339(obj["metadata"]["creationTimestamp"]))
+
+    if kind.kind == "Pod":
+        header = ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+        if wide:
+            header += ["IP", "NODE", "NOMINATED NODE", "READINESS GATES"]
+        rows = [header]
+        for pod in items:
+            statuses = pod["status"].get("containerStatuses") or []
+            ready = sum(1 for s in statuses if s.get("ready"))
+            waiting = [s["state"]["waiting"]["reason"] for s in statuses
+                       if "waiting" in s.get("state", {})]
+            row = [pod["metadata"]["name"], f"{ready}/{len(statuses)}",
+                   waiting[0] if waiting else pod["status"]["phase"],
+                   str(sum(s.get("restartCount", 0) for s in statuses)), age(pod)]
+            if wide:
+                row += [pod["status"].get("podIP", "<none>"), NODE_NAME, "<none>", "<none>"]
+            rows.append(row)
+        return rows
+    if kind.kind == "Event":
+        rows = [["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]]
+        for event in items:
+            involved = event["involvedObject"]
+            rows.append([human_age(now - parse_rfc3339(event["lastTimestamp"])), event["type"],
+                         event["reason"], f"{involved['kind'].lower()}/{involved['name']}",
+                         event["message"]])
+        return rows
+    if kind.kind == "Deployment":
+        rows = [["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]]
+        for obj in items:
+            status = obj["status"]
+            rows.append([obj["metadata"]["name"],
+                         f"{status.get('readyReplicas', 0)}/{obj['spec']['replicas']}",
+                         str(status.get("updatedReplicas", 0)),
+                         str(status.get("availableReplicas", 0)), age(obj)])
+        return rows
+    if kind.kind == "StatefulSet":
+        rows = [["NAME", "READY", "AGE"]]
+        for obj in items:
+            rows.append([obj["metadata"]["name"],
+                         f"{obj['status'].get('readyReplicas', 0)}/{obj['spec']['replicas']}",
+                         age(obj)])
+        return rows
+    if kind.kind == "Namespace":
+        return [["NAME", "STATUS", "AGE"]] + [
+            [obj["metadata"]["name"], "Active", age(obj)] for obj in items]
+    return [["NAME", "AGE"]] + [[obj["metadata"]["name"], age(obj)] for obj in items]
+
+
+def workload_target(state: dict, positional: list[str], flags: dict, command: str) -> tuple[
+        Kind, str, str]:
+    if not positional:
+        raise KubectlError("error: required resource not specified")
+    type_name, _, name = positional[0].partition("/")
+    if not name and len(positional) > 1:
+        name = positional[1]
+    kind = kind_for_name(state, type_name)
+    if kind.kind not in WORKLOAD_KINDS:
+        if command == "rollout status":
+            raise KubectlError(f"error: no status viewer has been implemented for {kind.kind}")
+        raise KubectlError(f'error: no rollbacker has been implemented for "{kind.kind}"')
+    return kind, flags.get("namespace") or DEFAULT_NAMESPACE, name
+
+
+def command_rollout_status(positional: list[str], flags: dict) -> int:
+    timeout_text = flags.get("timeout", "0s")
+    timeout = parse_duration(timeout_text)
+    if timeout is None:
+        raise UsageError(f'invalid argument "{timeout_text}" for "--timeout" flag: '
+                         f"{go_duration_error(timeout_text)}", "rollout status")
+    path = state_path()
+    started = time.monotonic()
+    last = None
+    while True:
+        with open_state(path, write=False) as state:
+            require_api(state)
+            kind, namespace, name = workload_target(state, positional, flags, "rollout status")
+            record = state["objects"].get(object_key(kind, namespace, name))
+            if record is None:
+                raise KubectlError(f'Error from server (NotFound): {kind.resource} "{name}" not '
+                                   "found")
+            message, done = WorkloadView(state, record, time.time()).rollout_message()
+        if message != last:
+            print(message, flush=True)
+            last = message
+        if done:
+            return 0
+        left = timeout - (time.monotonic() - started) if timeout else WATCH_STEP_SECONDS
+        if left <= 0:
+            raise KubectlError("error: timed out waiting for the condition")
+        time.sleep(min(WATCH_STEP_SECONDS, left))
+
+
+def command_rollout_undo(positional: list[str], flags: dict) -> int:
+    with open_state(state_path(), write=True) as state:
+        require_api(state)
+        kind, namespace, name = workload_target(state, positional, flags, "rollout undo")
+        record = state["objects"].get(object_key(kind, namespace, name))
+        if record is None:
+            raise KubectlError(f'Error from server (NotFound): {kind.resource} "{name}" not found')
+        history = sorted(record["workload"]["history"], key=lambda e: e["revision"])
+        current = history[-1]
+        earlier = [e for e in history[:-1] if e["hash"] != current["hash"]]
+        if not earlier:
+            if kind.kind == "Deployment":
+                raise KubectlError(f'error: no rollout history found for deployment "{name}"')
+            raise KubectlError("error: no last revision to roll back to")
+        if kind.kind == "Deployment" and (record["object"].get("spec") or {}).get("paused"):
+            raise KubectlError("error: you cannot rollback a paused deployment; resume it first "
+                               "with 'kubectl rollout resume' and try again")
+        record["object"]["spec"]["template"] = copy.deepcopy(earlier[-1]["template"])
+        record["object"]["metadata"]["generation"] += 1
+        change_template(state, record, time.time())
+    print(f"{kind.qualified}/{name} rolled back")
+    return 0
+
+
+def command_delete(positional: list[str], flags: dict) -> int:
+    if len(positional) < 2 and "/" not in (positional[0] if positional else ""):
+        raise KubectlError("error: resource(s) were provided, but no name was specified")
+    type_name, _, name = positional[0].partition("/")
+    names = [name] if name else positional[1:]
+    with open_state(state_path(), write=True) as state:
+        require_api(state)
+        kind = kind_for_name(state, type_name)
+        if kind.kind != "Pod":
+            raise KubectlError(f"error: the kubectl double deletes only pods, not {kind.plural}")
+        namespace = flags.get("namespace") or DEFAULT_NAMESPACE
+        now = time.time()
+        present = {p["metadata"]["name"] for p in list_pods(state, namespace, now)}
+        failed = False
+        for pod in names:
+            if pod not in present:
+                if not flags.get("ignore-not-found"):
+                    print(f'Error from server (NotFound): pods "{pod}" not found',
+                          file=sys.stderr)
+                    failed = True
+                continue
+            for record in state["objects"].values():
+                if record["object"]["metadata"].get("namespace") != namespace:
+                    continue
+                if record["object"]["kind"] == "Pod" and record["object"]["metadata"][
+                        "name"] == pod:
+                    record["deleted"] = True
+                workload = record.get("workload")
+                if workload and pod in workload["stuck"]:
+                    # The controller recreates the pod from the current template.
+                    del workload["stuck"][pod]
+            print(f'pod "{pod}" deleted')
+        state["objects"] = {k: r for k, r in state["objects"].items() if not r.get("deleted")}
+    return 1 if failed else 0
+
+
+def command_wait(positional: list[str], flags: dict) -> int:
+    """Only what the script waits for: a CustomResourceDefinition to be served. The double's
+    API server serves a new kind at once, so the condition is met when the object exists."""
+    condition = flags.get("for", "")
+    timeout_text = flags.get("timeout", "30s")
+    if parse_duration(timeout_text) is None:
+        raise UsageError(f'invalid argument "{timeout_text}" for "--timeout" flag: '
+                         f"{go_duration_error(timeout_text)}", "wait")
+    if not condition:
+        raise KubectlError("error: --for must be set")
+    if condition.lower() != "condition=established":
+        raise KubectlError(f"error: the kubectl double waits only for condition=established, "
+                           f"not {condition}")
+    if not positional:
+        raise KubectlError("error: resource(s) were provided, but no name was specified")
+    with open_state(state_path(), write=False) as state:
+        require_api(state)
+        for target in positional:
+            type_name, _, name = target.partition("/")
+            kind = kind_for_name(state, type_name)
+            if kind.kind != "CustomResourceDefinition":
+                raise KubectlError(f"error: the kubectl double waits only for "
+                                   f"customresourcedefinitions, not {kind.plural}")
+            if object_key(kind, "", name) not in state["objects"]:
+                raise KubectlError(f'Error from server (NotFound): {kind.resource} "{name}" '
+                                   "not found")
+            print(f"{kind.qualified}/{name} condition met")
+    return 0
+
+
+COMMANDS = {
+    "wait": command_wait,
+    "get": command_get,
+    "apply": command_apply,
+    "rollout status": command_rollout_status,
+    "rollout undo": command_rollout_undo,
+    "delete": command_delete,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    log = os.environ.get(LOG_ENV)
+    if log:
+        with open(log, "a") as handle:
+            handle.write(json.dumps(argv) + "\n")
+    try:
+        command, positional, flags = parse_command_line(argv)
+        check_request_timeout(flags)
+        return COMMANDS[command](positional, flags)
+    except KubectlError as exc:
+        sys.stdout.flush()
+        print(str(exc), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
