@@ -4,10 +4,13 @@ VENV := .venv
 # The simulated master gets its own venv: awscli 1.x pins an exact botocore version.
 MASTER_VENV := .venv-master
 PY := $(VENV)/bin/python
+# checkov (tests/test_infra.py) pins old boto3 and packaging releases: a venv of its own too.
+CHECKOV_VENV := .venv-checkov
 
 .PHONY: setup demo test lint clean
 
 setup: $(VENV)/.installed $(MASTER_VENV)/.installed
+setup: $(CHECKOV_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,11 @@ $(MASTER_VENV)/.installed: tests/requirements-master.txt
 	$(MASTER_VENV)/bin/pip install -q -r tests/requirements-master.txt
 	touch $@
 
+$(CHECKOV_VENV)/.installed: tests/requirements-checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q -r tests/requirements-checkov.txt
+	touch $@
+
 demo: setup
 	$(PY) -m deploykit demo
 
@@ -28,9 +36,22 @@ test: setup
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# Lints the code and every example: shell scripts (the terraform user-data template included:
+# its ${...} are terraform's placeholders, see its shellcheck directive), YAML, workflows
+# (actionlint, zizmor, schema) and the action metadata (schema). The IAM policies, the terraform
+# and the manifests are checked by tests: tests/test_iam.py (parliament), tests/test_infra.py
+# (checkov) and tests/test_examples.py (kubernetes-validate).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck deploykit/scripts/*.sh .ci/run
+	$(VENV)/bin/shellcheck .ci/*.sh
+	$(VENV)/bin/shellcheck --shell=bash examples/infra/terraform/k3s/*.sh.tftpl
+	$(VENV)/bin/yamllint --strict examples $(wildcard .github)
+	$(VENV)/bin/actionlint -shellcheck $(VENV)/bin/shellcheck examples/workflows/*.yaml $(wildcard .github/workflows/*.y*ml)
+	$(VENV)/bin/zizmor --offline --no-progress --min-severity medium examples/workflows/*.yaml $(wildcard .github/workflows/*.y*ml)
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows examples/workflows/*.yaml $(wildcard .github/workflows/*.y*ml)
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-actions action.yml
 
 clean:
 	rm -rf $(VENV) $(MASTER_VENV)
+	rm -rf $(CHECKOV_VENV)
