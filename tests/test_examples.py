@@ -54,7 +54,12 @@ PINNED_REPOSITORIES = {
 
 
 def manifest_files() -> list[Path]:
-    return sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    """Kubernetes manifests: YAML under a `k8s` folder (workflows are linted elsewhere)."""
+    return sorted(
+        p
+        for p in EXAMPLES.rglob("*")
+        if p.suffix in (".yaml", ".yml") and p.is_file() and "k8s" in p.relative_to(EXAMPLES).parts
+    )
 
 
 def load(path: Path) -> list[dict[str, Any]]:
