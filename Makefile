@@ -28,7 +28,8 @@ $(CHECKOV_VENV)/.installed: tests/requirements-checkov.txt
 	$(CHECKOV_VENV)/bin/pip install -q -r tests/requirements-checkov.txt
 	touch $@
 
-demo: setup
+# The demo needs no lint or infra tools: only the action's venv and the simulated master's.
+demo: $(VENV)/.installed $(MASTER_VENV)/.installed
 	$(PY) -m deploykit demo
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
