@@ -71,7 +71,7 @@ def test_rollout_past_the_timeout_is_timed_out_and_rolled_back(world: World) -> 
     # v2's pods never become ready and never fail: only the deploy's own deadline stops it
     world.cluster.break_image(f"{API}:v2", "ContainerCreating")
 
-    run = world.deploy(**{"image-tag": "v2", "timeout": "10"})
+    run = world.deploy(**{"image-tag": "v2", "timeout": "20"})
 
     assert run.returncode == 1
     assert run.outputs["status"] == "timed-out"
