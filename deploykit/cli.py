@@ -7,6 +7,7 @@ exit code. No other function exits the process.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from deploykit.github import Workflow
 from deploykit.inputs import INPUTS, parse_settings, read_action_inputs
 from deploykit.report import Outcome, summary_markdown
 
-OUTPUTS = ("instance-id", "command-id", "status", "rolled-back", "bucket", "duration")
+OUTPUTS = ("instance-id", "command-id", "status", "rolled-back", "bucket", "duration", "images")
 
 
 def install_cancel_handlers() -> None:
@@ -44,6 +45,7 @@ def install_cancel_handlers() -> None:
 def run_deploy(raw: Mapping[str, str], env: Mapping[str, str], out: TextIO | None = None) -> int:
     """Validate, deploy, and write outputs and summary on every path. 0 only for success."""
     gh = Workflow(env, out)
+    gh.mask(raw.get("registry-password", ""))  # before anything is printed, even a bad input
     outcome = Outcome()
     started = time.monotonic()
     region = ""
@@ -84,6 +86,7 @@ def _write_outputs(gh: Workflow, outcome: Outcome) -> None:
         "rolled-back": str(outcome.rolled_back).lower(),
         "bucket": outcome.bucket,
         "duration": str(outcome.duration),
+        "images": json.dumps(outcome.images or []),
     }
     for name in OUTPUTS:
         gh.set_output(name, values[name])

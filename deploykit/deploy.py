@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from deploykit import command, report, stage, target, wait
+from deploykit import build, command, registry, report, stage, target, wait
 from deploykit.awsapi import AwsClients
 from deploykit.errors import (
     FIX_IMAGE_PULL,
@@ -56,6 +56,13 @@ def deploy(
     deploy_id = new_deploy_id(clock.utcnow())
     bundle = build_bundle(settings.manifests, settings.workspace, settings.images)
     _log_bundle(gh, settings, bundle)
+    # Images before any AWS change: a tag that was never pushed stops the deploy here, not as
+    # pods in ImagePullBackOff minutes later.
+    pushed = build.build_images(settings, gh)
+    to_deploy = registry.images_in(bundle.manifests)
+    outcome.images = registry.check_images(
+        to_deploy, settings.registry, gh, verify=settings.verify_images, known=pushed
+    )
 
     master = target.find_master(aws.ec2, aws.ssm, settings, gh.log)
     outcome.instance_id = master.instance_id

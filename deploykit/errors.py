@@ -45,6 +45,26 @@ class RemoteCommandFailed(DeployError):
     title = "Deploy command failed on the master"
 
 
+class BuildFailed(DeployError):
+    title = "Image build failed"
+
+
+class PushFailed(DeployError):
+    title = "Image push failed"
+
+
+class RegistryLoginFailed(DeployError):
+    title = "Registry login failed"
+
+
+class RegistryUnavailable(DeployError):
+    title = "Registry unreachable"
+
+
+class ImageMissing(DeployError):
+    title = "Image not found in its registry"
+
+
 class JobCancelled(BaseException):
     """Raised by the SIGINT/SIGTERM handler. A BaseException so no `except Exception` eats it."""
 

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploykit.build import BuildSpec, parse_build_args, parse_builds
 from deploykit.errors import InputError
 from deploykit.images import TAG_PATTERN, ImageRef, parse_image
+from deploykit.registry import RegistryLogin, parse_login
 from deploykit.stage import bucket_name_problem
 
 # name -> (default, help). The default "" means none. action.yml is checked against this table.
@@ -40,6 +42,20 @@ INPUTS: dict[str, tuple[str, str]] = {
     "kubectl": ("kubectl", "kubectl command on the master (e.g. 'k3s kubectl')"),
     "request-timeout": ("60s", "kubectl --request-timeout on the master"),
     "kubectl-validate": ("false", "kubectl --validate on apply (off: slow on a t3.micro)"),
+    "build": (
+        "",
+        "images to build with the Docker engine and push (tags: image-tag and latest) before "
+        "deploying, one per line: CONTEXT=IMAGE or CONTEXT:DOCKERFILE=IMAGE; pinned like 'images'",
+    ),
+    "build-args": ("", "build arguments for every image of 'build', one NAME=VALUE per line"),
+    "registry": ("", "registry to log in to for pushing and checking images (default: docker.io)"),
+    "registry-username": ("", "user name of the registry login"),
+    "registry-password": ("", "password or token of the registry login (masked in the log)"),
+    "verify-images": (
+        "auto",
+        "check that every image to deploy exists in its registry before any AWS change: "
+        "auto (when this step builds images or has a registry login), true or false",
+    ),
 }
 
 MIN_TIMEOUT, MAX_TIMEOUT = 10, 86400
@@ -72,6 +88,10 @@ class Settings:
     kubectl_validate: bool
     commit: str
     run_url: str
+    builds: tuple[BuildSpec, ...] = ()
+    build_args: tuple[tuple[str, str], ...] = ()
+    registry: RegistryLogin | None = None  # its password never shows in a repr
+    verify_images: bool = False
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -241,6 +261,22 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
             f"input 'request-timeout' must be a duration such as 60s or 2m, got {show(request_timeout)}"
         )
 
+    images = _images(get("images"), image_tag)
+    workspace_builds = parse_builds(get("build"), workspace, image_tag)
+    listed = {ref.canonical_repository for ref in images}
+    for spec in workspace_builds:
+        if spec.image.canonical_repository in listed:
+            raise InputError(
+                f"input 'build' builds {spec.image.canonical_repository}, which 'images' lists too; "
+                "name it in one of them"
+            )
+    login = parse_login(get("registry"), get("registry-username"), get("registry-password"))
+    verify = get("verify-images").strip().lower()
+    if verify not in ("auto", "true", "false"):
+        raise InputError(
+            f"input 'verify-images' must be auto, true or false, got {show(get('verify-images'))}"
+        )
+
     commit = env.get("GITHUB_SHA", "").strip()
     if not re.fullmatch(r"[0-9a-f]{7,64}", commit):
         commit = ""
@@ -253,7 +289,8 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         workspace=workspace,
         manifests=_workspace_path(workspace, get("manifests")),
         namespace=namespace,
-        images=_images(get("images"), image_tag),
+        # built images are pinned like listed ones
+        images=images + tuple(spec.image for spec in workspace_builds),
         timeout=timeout,
         rollback=_bool("rollback", get("rollback")),
         rollback_timeout=rollback_timeout,
@@ -264,4 +301,10 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         kubectl_validate=_bool("kubectl-validate", get("kubectl-validate")),
         commit=commit,
         run_url=_run_url(env),
+        builds=workspace_builds,
+        build_args=parse_build_args(get("build-args")),
+        registry=login,
+        # auto: a private registry cannot be asked without a login, so only then (or when
+        # this step pushed the images itself) is checking them worth the requests
+        verify_images=verify == "true" or (verify == "auto" and bool(workspace_builds or login)),
     )

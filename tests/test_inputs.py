@@ -100,6 +100,7 @@ def test_defaults_table(env, workspace):
         "kubectl": "kubectl",
         "request-timeout": "60s",
         "kubectl-validate": "false",
+        "verify-images": "auto",
     }
 
 
