@@ -23,9 +23,10 @@ MASTER_POLICY = IAM / "k3s-master-role-policy.json"
 TRUST_POLICY = IAM / "github-oidc-trust-policy.json"
 POLICIES = sorted(IAM.glob("*.json"))
 
-# The action's own code: the simulator and the demo drive moto, not the user's account, and
-# sweep.py runs with an operator's credentials (ListAllMyBuckets), never with the deploy role.
-NOT_RUN_BY_THE_DEPLOY_ROLE = ("demo.py", "sweep.py")
+# The action's own code: the simulator, the demo and the benchmark drive moto, not the user's
+# account, and sweep.py runs with an operator's credentials (ListAllMyBuckets), never with the
+# deploy role.
+NOT_RUN_BY_THE_DEPLOY_ROLE = ("demo.py", "bench.py", "sweep.py")
 ACTION_SOURCES = sorted(
     path
     for path in (ROOT / "deploykit").rglob("*.py")

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
-from botocore.stub import Stubber
+from botocore.stub import ANY, Stubber
 
 from deploykit.errors import AwsCallFailed
-from deploykit.wait import DeadlinePassed, wait_for_command
+from deploykit.wait import (
+    DeadlinePassed,
+    FixedPolicy,
+    PollPolicy,
+    expected_from_history,
+    last_deploy_seconds,
+    wait_for_command,
+)
 
 COMMAND = "0c0ffee0-1234-4567-89ab-cdef01234567"
 INSTANCE = "i-0123456789abcdef0"
@@ -213,3 +221,125 @@ def test_no_progress_line_for_a_short_command():
     poller = Poller(ends_at(10.0))
     poller.wait()
     assert poller.logs == []
+
+
+# The adaptive policy: quick at first and near the expected end, slower in the middle
+
+
+def test_without_a_hint_the_middle_polls_every_two_seconds():
+    policy = PollPolicy()
+    assert [policy.interval(t) for t in (0, 10, 29.9)] == [1.0, 1.0, 1.0]
+    assert [policy.interval(t) for t in (30, 100, 1000)] == [2.0, 2.0, 2.0]
+
+
+def test_near_the_expected_end_polls_every_second_and_far_from_it_every_three():
+    policy = PollPolicy(expected=200.0)
+    assert policy.interval(60.0) == 3.0  # 140 s before the expected end
+    assert policy.interval(169.0) == 3.0
+    assert policy.interval(175.0) == 1.0  # within 15 % before it
+    assert policy.interval(240.0) == 1.0  # and a while after it (deploys run over more than under)
+    assert policy.interval(300.0) == 2.0  # far past it: back to the middle
+
+
+def test_near_the_script_deadline_polls_every_second():
+    policy = PollPolicy(deadline=600.0)
+    assert policy.interval(300.0) == 2.0
+    assert policy.interval(590.0) == 1.0
+    assert policy.interval(640.0) == 1.0
+
+
+@pytest.mark.parametrize("expected", [None, 45.0, 200.0, 3000.0])
+def test_never_more_than_one_call_a_second(expected):
+    policy = PollPolicy(expected=expected, deadline=600.0)
+    assert min(policy.interval(t / 2) for t in range(0, 8000)) >= 1.0
+
+
+def test_throttling_doubles_the_interval_from_where_it_was_up_to_ten_seconds():
+    policy = PollPolicy(expected=500.0)
+    assert [policy.interval(5.0, n) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert policy.interval(100.0, 1) == 6.0  # from the slow middle's 3 s
+
+
+def test_a_fixed_policy_is_the_original_pipelines_ten_second_loop():
+    assert {FixedPolicy(10.0).interval(t, n) for t in (0, 50) for n in (0, 3)} == {10.0}
+
+
+def poll_with(policy, end: float) -> Poller:
+    poller = Poller(ends_at(end))
+    wait_for_command(
+        poller.ssm, COMMAND, INSTANCE, START + 3600, poller.log,
+        clock=poller.clock, sleep=poller.sleep, policy=policy,
+    )
+    return poller
+
+
+@pytest.mark.parametrize("end", [12.0, 95.5, 240.3, 481.7])
+def test_with_the_last_deploys_time_the_end_is_noticed_within_a_second(end):
+    poller = poll_with(PollPolicy(expected=end * 1.05), end)
+    assert end <= poller.elapsed <= end + 1.0
+
+
+def test_a_long_deploy_with_a_hint_asks_less_often_than_every_second():
+    poller = poll_with(PollPolicy(expected=480.0), 480.0)
+    assert len(poller.polls) < 480 / 2  # one call a second would be 480
+
+
+def test_the_fixed_ten_second_loop_notices_the_end_up_to_ten_seconds_late():
+    poller = poll_with(FixedPolicy(10.0), 21.0)
+    assert poller.elapsed == 30.0
+
+
+def test_until_stops_the_wait_before_the_end():
+    sequence = ["Pending", "Pending", "InProgress", "InProgress", "Success"]
+    poller = Poller(lambda t: invocation(sequence[min(round(t), len(sequence) - 1)]))
+    found = wait_for_command(
+        poller.ssm, COMMAND, INSTANCE, START + 60, poller.log,
+        clock=poller.clock, sleep=poller.sleep, until=lambda i: i.status != "Pending",
+    )
+    assert found.status == "InProgress"
+
+
+# The hint: the last successful deploy's run time on the master, from ListCommandInvocations
+
+
+def listed(comment: str, status: str, requested: datetime, seconds: float) -> dict:
+    return {
+        "Comment": comment,
+        "Status": status,
+        "RequestedDateTime": requested,
+        "CommandPlugins": [
+            {
+                "ResponseStartDateTime": requested,
+                "ResponseFinishDateTime": requested + timedelta(seconds=seconds),
+            }
+        ],
+    }
+
+
+def test_the_hint_is_the_newest_successful_deploy_not_a_rollback_or_a_failure():
+    t0 = datetime(2024, 5, 1, tzinfo=UTC)
+    entries = [
+        listed("k3s-deploy 20240501-1", "Success", t0, 80.0),
+        listed("k3s-deploy 20240501-2", "Success", t0 + timedelta(hours=2), 95.0),
+        listed("k3s-deploy 20240501-3", "Failed", t0 + timedelta(hours=3), 30.0),
+        listed("k3s-deploy rollback 20240501-3", "Success", t0 + timedelta(hours=3), 12.0),
+        listed("someone's own command", "Success", t0 + timedelta(hours=4), 1.0),
+    ]
+    assert last_deploy_seconds(entries) == 95.0
+    assert last_deploy_seconds(entries[2:]) is None
+
+
+def test_the_hint_comes_from_ssm_and_its_absence_is_no_error():
+    ssm = boto3.client(
+        "ssm", region_name="eu-west-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    t0 = datetime(2024, 5, 1, tzinfo=UTC)
+    with Stubber(ssm) as stub:
+        stub.add_response(
+            "list_command_invocations",
+            {"CommandInvocations": [listed("k3s-deploy 1", "Success", t0, 42.0)]},
+            {"InstanceId": INSTANCE, "MaxResults": 20, "Details": True, "Filters": ANY},
+        )
+        stub.add_client_error("list_command_invocations", "AccessDeniedException")
+        assert expected_from_history(ssm, INSTANCE) == 42.0
+        assert expected_from_history(ssm, INSTANCE) is None
