@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -120,13 +121,30 @@ class _MotoServer(ThreadedMotoServer):
     how long `stop()` waits: every test that opens a simulation pays it.
     """
 
+    on_request: Callable[[dict[str, Any]], None] | None = None
+
     def _server_entry(self) -> None:
         app = DomainDispatcherApplication(create_backend_app)
+        if self.on_request is not None:
+            app = _Watched(app, self.on_request)
         self._server = make_server(
             self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
         )
         self._server_ready_event.set()
         self._server.serve_forever(poll_interval=0.05)
+
+
+class _Watched:
+    """WSGI middleware telling `on_request` about each request before moto serves it (the
+    benchmark times the action's first AWS request this way)."""
+
+    def __init__(self, app: Any, on_request: Callable[[dict[str, Any]], None]) -> None:
+        self._app = app
+        self._on_request = on_request
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        self._on_request(environ)
+        return self._app(environ, start_response)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +163,11 @@ class Master:
     online: bool = True
     last_ping: datetime = field(default_factory=_now)
     registered: datetime = field(default_factory=_now)
+    # False: the agent pings (Online) but never picks a command up, as a wedged agent does.
+    accepts_commands: bool = True
+    # Benchmarks only: run this instead of the commands sent (a known, light remote command,
+    # so that the figures measure the action rather than the simulated master).
+    replace_commands_with: str | None = None
 
     @property
     def bin_dir(self) -> Path:
@@ -236,6 +259,42 @@ class _Invocation:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+@dataclass
+class _Gate:
+    """SendCommand's MaxConcurrency and MaxErrors for one command.
+
+    At most `limit` invocations run at once, started in the order of the command's instances;
+    once more than `max_errors` invocations have failed (Failed, or ExecutionTimedOut: AWS's
+    ErrorCount), the ones not started yet are never sent: Cancelled, details Terminated.
+    """
+
+    limit: int
+    max_errors: int
+    waiting: list[_Invocation] = field(default_factory=list)
+    running: int = 0
+
+    def may_start(self, invocation: _Invocation) -> bool:
+        free = self.limit - self.running
+        ready = [w for w in self.waiting if w.master.online and w.master.accepts_commands]
+        return free > 0 and invocation in ready[:free]
+
+
+def _rate_limit(value: str, targets: int, *, name: str, minimum: int) -> int:
+    """A MaxConcurrency / MaxErrors value as a number of instances. A percentage is of the
+    command's targets: rounded up for the concurrency (never below 1), down for the errors
+    (10% of 50 stops at the sixth error, as AWS documents it)."""
+    text = value.strip() if value else ""
+    try:
+        if text.endswith("%"):
+            share = int(text[:-1]) * targets / 100
+            count = math.ceil(share) if minimum else math.floor(share)
+        else:
+            count = int(text)
+    except ValueError:
+        raise _ssm_error("ValidationException", f"{name} {value!r} is not a number or a percentage") from None
+    return max(count, minimum)
+
+
 def _pending_record(command: Command, instance_id: str) -> dict[str, Any]:
     return {
         "CommandId": command.command_id,
@@ -282,6 +341,7 @@ class SimulatedAWS:
         *,
         invocation_delay: float = 0.0,
         root: Path | str | None = None,
+        on_request: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.region = region
         self.account_id = DEFAULT_ACCOUNT_ID
@@ -300,6 +360,9 @@ class SimulatedAWS:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._invocations: dict[tuple[str, str], _Invocation] = {}
+        self._gates: dict[str, _Gate] = {}
+        # Called with the WSGI environ of every request the server gets (benchmarks).
+        self._on_request = on_request
         self._sent: list[dict[str, Any]] = []
         self._patch: _ResponsePatch | None = None
         self._werkzeug_level: int | None = None
@@ -334,6 +397,7 @@ class SimulatedAWS:
         werkzeug.setLevel(logging.WARNING)
         # Port 0: the system picks a free port, read back below (no race with other runs).
         self._server = _MotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.on_request = self._on_request
         self._server.start()
         host, port = self._server.get_host_and_port()
         self._endpoint_url = f"http://{host}:{port}"
@@ -373,6 +437,7 @@ class SimulatedAWS:
             shutil.rmtree(self._root, ignore_errors=True)
         self._root = None
         self._invocations.clear()
+        self._gates.clear()
         self.masters.clear()
         with SimulatedAWS._open_lock:
             if SimulatedAWS._open is self:
@@ -508,10 +573,15 @@ class SimulatedAWS:
             targets=[],
         )
         sent = time.monotonic()
+        gate = _Gate(
+            limit=_rate_limit(command.max_concurrency, len(instance_ids), name="MaxConcurrency", minimum=1),
+            max_errors=_rate_limit(command.max_errors, len(instance_ids), name="MaxErrors", minimum=0),
+        )
         with self._lock:
             command.targets = targets
             command.instance_ids = list(instance_ids)
             command.invocations = []
+            self._gates[command.command_id] = gate
             for instance_id in instance_ids:
                 record = _pending_record(command, instance_id)
                 command.invocations.append(record)
@@ -525,6 +595,7 @@ class SimulatedAWS:
                     visible_at=sent + self.invocation_delay,
                 )
                 self._invocations[(command.command_id, instance_id)] = invocation
+                gate.waiting.append(invocation)
             self._sent.append(
                 {
                     "command_id": command.command_id,
@@ -534,6 +605,8 @@ class SimulatedAWS:
                     "parameters": parameters,
                     "comment": command.comment,
                     "timeout_seconds": command.timeout_seconds,
+                    "max_concurrency": command.max_concurrency,
+                    "max_errors": command.max_errors,
                 }
             )
             self._refresh_command(command)
@@ -627,6 +700,13 @@ class SimulatedAWS:
         """Deliver the command when the master is online, run it, report how it ended."""
         if not self._wait_for_delivery(invocation):
             return
+        try:
+            self._run_delivered(invocation)
+        finally:
+            with self._lock:
+                self._gates[invocation.command.command_id].running -= 1
+
+    def _run_delivered(self, invocation: _Invocation) -> None:
         process = invocation.process
         assert process is not None
         deadline = time.monotonic() + invocation.execution_timeout
@@ -667,15 +747,26 @@ class SimulatedAWS:
                 self._finish(invocation, "Failed", "Failed", exit_code)
 
     def _wait_for_delivery(self, invocation: _Invocation) -> bool:
-        """Start the process once the master is online; False if it never starts."""
+        """Start the process once the master takes it and the command's MaxConcurrency has a
+        slot for it; False if it never starts."""
+        gate = self._gates[invocation.command.command_id]
         while True:
             with self._lock:
-                if invocation.cancel_requested.is_set() or self._stopping.is_set():
-                    return False  # CancelCommand already reported it
-                if invocation.master.online:
+                if (
+                    invocation.cancel_requested.is_set()
+                    or self._stopping.is_set()
+                    or invocation.status in TERMINAL  # MaxErrors reached: never sent
+                ):
+                    with contextlib.suppress(ValueError):
+                        gate.waiting.remove(invocation)
+                    return False  # CancelCommand (or _finish) already reported it
+                if gate.may_start(invocation):
+                    gate.waiting.remove(invocation)
+                    gate.running += 1
                     self._start_process(invocation)
                     return True
                 if time.monotonic() >= invocation.delivery_deadline:
+                    gate.waiting.remove(invocation)
                     self._finish(invocation, "TimedOut", "DeliveryTimedOut", NEVER_STARTED)
                     return False
             time.sleep(POLL_SECONDS)
@@ -685,7 +776,7 @@ class SimulatedAWS:
         folder = master.path / "agent" / invocation.command.command_id
         folder.mkdir(parents=True, exist_ok=True)
         script_path = folder / "_script.sh"
-        script_path.write_text(invocation.script)
+        script_path.write_text(master.replace_commands_with or invocation.script)
         invocation.output_dir = folder
         with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
             # Its own process group (new session), so a timeout or a cancel can kill
@@ -711,6 +802,8 @@ class SimulatedAWS:
             "script": invocation.script,
             "exit_code": None,
             "status": "InProgress",
+            "started": time.monotonic(),
+            "ended": None,
         }
         self.commands_run.append(invocation.run_entry)
         self._refresh_command(invocation.command)
@@ -731,8 +824,15 @@ class SimulatedAWS:
             update["ExecutionElapsedTime"] = f"PT{elapsed:.3f}S"
         invocation.record.update(update)
         if invocation.run_entry is not None:
-            invocation.run_entry.update(exit_code=code, status=status)
+            invocation.run_entry.update(exit_code=code, status=status, ended=time.monotonic())
         self._refresh_command(invocation.command)
+        gate = self._gates.get(invocation.command.command_id)
+        if gate is not None and gate.waiting and invocation.command.error_count > gate.max_errors:
+            # MaxErrors: the instances not sent to yet never get it.
+            doomed = list(gate.waiting)
+            gate.waiting.clear()
+            for waiting in doomed:
+                self._finish(waiting, "Cancelled", "Terminated", NEVER_STARTED)
 
     def _refresh_command(self, command: Command) -> None:
         """The command's own Status, from its invocations (one master: the same)."""
@@ -750,6 +850,8 @@ class SimulatedAWS:
             command.status = "Pending"
         elif any(s not in TERMINAL for s in statuses):
             command.status = "Cancelling" if "Cancelling" in statuses else "InProgress"
+        elif any(r["StatusDetails"] == "Terminated" for r in records):
+            command.status = "Failed"  # stopped by MaxErrors
         else:
             command.status = next(
                 (s for s in ("Cancelled", "Failed", "TimedOut") if s in statuses), "Success"
