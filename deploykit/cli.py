@@ -22,7 +22,7 @@ from deploykit.github import Workflow
 from deploykit.inputs import INPUTS, parse_settings, read_action_inputs
 from deploykit.report import Outcome, summary_markdown
 
-OUTPUTS = ("instance-id", "command-id", "status", "rolled-back", "bucket", "duration", "images")
+OUTPUTS = ("instance-id", "command-id", "status", "rolled-back", "bucket", "duration", "images", "results")
 
 
 def install_cancel_handlers() -> None:
@@ -87,10 +87,46 @@ def _write_outputs(gh: Workflow, outcome: Outcome) -> None:
         "bucket": outcome.bucket,
         "duration": str(outcome.duration),
         "images": json.dumps(outcome.images or []),
+        "results": json.dumps(_results(outcome)),
     }
     for name in OUTPUTS:
         gh.set_output(name, values[name])
     gh.log("Result: " + " ".join(f"{k}={v}" for k, v in values.items() if v))
+
+
+def _results(outcome: Outcome) -> list[dict[str, object]]:
+    """One entry per instance: fleet mode fills them; a single deploy is a fleet of one."""
+    if outcome.results is not None:
+        return outcome.results
+    if not outcome.instance_id:
+        return []
+    return [
+        {
+            "instance-id": outcome.instance_id,
+            "command-id": outcome.command_id,
+            "status": outcome.status,
+            "rolled-back": outcome.rolled_back,
+        }
+    ]
+
+
+def run_sweep(older_than: str, delete: bool, region: str, env: Mapping[str, str]) -> int:
+    """`sweep`: the buckets left behind, listed or deleted. 0 when nothing is left undeleted."""
+    gh = Workflow(env)
+    try:
+        from deploykit import sweep
+        from deploykit.awsapi import AwsClients
+
+        seconds = sweep.parse_age(older_than)
+        region = region.strip() or env.get("AWS_REGION", "") or env.get("AWS_DEFAULT_REGION", "")
+        if not region:
+            raise DeployError("--aws-region is required (or AWS_REGION)")
+        aws = AwsClients(region)
+        leftovers = sweep.sweep(aws.s3, aws.sts, older_than=seconds, delete=delete, log=gh.log)
+    except DeployError as exc:
+        gh.error(exc.title, exc.message + (f"\nHow to fix: {exc.fix}" if exc.fix else ""))
+        return 1
+    return 1 if any(leftover.error for leftover in leftovers if leftover.ours) else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, (default, help_text) in INPUTS.items():
         deploy.add_argument(f"--{name}", dest=name, help=f"{help_text} (default: {default or 'none'})")
     commands.add_parser("demo", help="deploy the example platform to a simulated AWS and K3s master")
+    bench = commands.add_parser(
+        "bench", help="measure the action on a simulated AWS account (docs/PERFORMANCE.md)"
+    )
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks the bench runs")
     return parser
 
 
@@ -113,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         install_cancel_handlers()
         raw = {name: value for name, value in vars(args).items() if name in INPUTS and value is not None}
         return run_deploy(raw, os.environ)
+    if args.command == "bench":
+        from deploykit.bench import run_bench
+
+        return run_bench(quick=args.quick)
     from deploykit.demo import run_demo
 
     return run_demo()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -162,30 +162,59 @@ def send_lines(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    tries: int = 5,
 ) -> SentCommand:
-    """SendCommand, never blindly re-sent.
+    """SendCommand to one instance, never blindly re-sent (see send_request)."""
+    command_id = send_request(
+        ssm_send,
+        ssm,
+        {"InstanceIds": [instance_id], "TimeoutSeconds": DELIVERY_TIMEOUT},
+        lines,
+        comment,
+        execution_timeout,
+        what=instance_id,
+        lookup_instance=instance_id,
+        sleep=sleep,
+        tries=tries,
+    )
+    return SentCommand(command_id, instance_id, clock(), execution_timeout)
+
+
+def send_request(
+    ssm_send: Any,
+    ssm: Any,
+    targets: Mapping[str, Any],
+    lines: list[str],
+    comment: str,
+    execution_timeout: int,
+    *,
+    what: str,
+    lookup_instance: str,
+    sleep: Callable[[float], None] = time.sleep,
+    tries: int = 5,
+) -> str:
+    """SendCommand (to `targets`: InstanceIds or Targets, TimeoutSeconds, and for a fleet
+    MaxConcurrency / MaxErrors), never blindly re-sent (`tries` sends at most; 1 after a
+    cancel). Returns the command id.
 
     `ssm_send` does not retry. Throttling means the request was refused, so it is safe to send
     again after a pause. A 5xx or a lost connection may or may not have started the command:
-    look for our comment (it carries the deploy id) before sending again.
+    look for our comment (it carries the deploy id) on `lookup_instance` before sending again.
     """
-    from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
     parameters = {"commands": lines, "executionTimeout": [str(execution_timeout)]}
-    for attempt in range(1, 6):
+    for attempt in range(1, tries + 1):
         try:
-            with aws_call(f"send the deploy command to {instance_id}", "ssm:SendCommand"):
+            with aws_call(f"send the deploy command to {what}", "ssm:SendCommand"):
                 try:
                     response = ssm_send.send_command(
-                        InstanceIds=[instance_id],
                         DocumentName="AWS-RunShellScript",
                         Comment=comment,
-                        TimeoutSeconds=DELIVERY_TIMEOUT,
                         Parameters=parameters,
+                        **targets,
                     )
-                    return SentCommand(
-                        response["Command"]["CommandId"], instance_id, clock(), execution_timeout
-                    )
+                    return str(response["Command"]["CommandId"])
                 except ClientError as exc:
                     code = error_code(exc)
                     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -194,22 +223,25 @@ def send_lines(
                     if status >= 500:
                         raise _Ambiguous() from None
                     raise
-                except (ConnectionError, ReadTimeoutError):
+                except (ConnectionError, HTTPClientError):
+                    # HTTPClientError: the connection closed or timed out after the request
+                    # went out (ConnectionClosedError, ReadTimeoutError): it may have started.
                     raise _Ambiguous() from None
         except _Retry:
             pass
         except _Ambiguous:
             # ListCommands can lag behind a send that did go through: look a few times.
             for look in range(AMBIGUOUS_LOOKS):
-                found = find_sent(ssm, instance_id, comment)
+                found = find_sent(ssm, lookup_instance, comment)
                 if found:
-                    return SentCommand(found, instance_id, clock(), execution_timeout)
+                    return found
                 if look < AMBIGUOUS_LOOKS - 1:
                     sleep(2)
-        sleep(min(2**attempt, 10))
+        if attempt < tries:
+            sleep(min(2**attempt, 10))
     raise AwsCallFailed(
-        f"can't send the deploy command to {instance_id}: SSM kept refusing it (throttled or "
-        "unavailable) after 5 tries",
+        f"can't send the deploy command to {what}: SSM kept refusing it (throttled or "
+        f"unavailable) after {tries} tries",
         fix="Run the deploy again in a few minutes.",
     )
 

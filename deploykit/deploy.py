@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from deploykit import build, command, registry, report, stage, target, wait
+from deploykit import build, command, ha, registry, report, stage, target, wait
 from deploykit.awsapi import AwsClients
 from deploykit.errors import (
     FIX_IMAGE_PULL,
@@ -64,6 +64,11 @@ def deploy(
         to_deploy, settings.registry, gh, verify=settings.verify_images, known=pushed
     )
 
+    if settings.fleet:
+        from deploykit.fleet import deploy_fleet
+
+        deploy_fleet(settings, aws, gh, outcome, clock, deploy_id, bundle)
+        return
     master = target.find_master(aws.ec2, aws.ssm, settings, gh.log)
     outcome.instance_id = master.instance_id
 
@@ -78,19 +83,22 @@ def deploy(
         stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
 
         lines = command.deploy_lines(settings, staging, deploy_id, _sha256(script), bundle.sha256)
-        sent = command.send_lines(
+        # Through the master, or the next server of its HA cluster if it does not take it.
+        sent = ha.send_with_failover(
             aws.ssm_send,
             aws.ssm,
-            master.instance_id,
+            master,
             lines,
             f"k3s-deploy {deploy_id}",
             command.execution_timeout(settings),
+            gh.log,
             clock=clock.monotonic,
             sleep=clock.sleep,
         )
+        outcome.instance_id = sent.instance_id
         outcome.command_id = sent.command_id
         gh.log(
-            f"Sent command {sent.command_id} to {master.instance_id}; watch it at "
+            f"Sent command {sent.command_id} to {sent.instance_id}; watch it at "
             f"{report.console_url(settings.aws_region, sent.command_id)}"
         )
         _finish(settings, aws, gh, outcome, deploy_id, sent, clock)
@@ -164,6 +172,10 @@ def _finish(
             gh.log,
             clock=clock.monotonic,
             sleep=clock.sleep,
+            # quick near the end the last deploy on this master suggests, and near the timeout
+            policy=wait.PollPolicy(
+                wait.expected_from_history(aws.ssm, sent.instance_id), float(settings.timeout)
+            ),
         )
     except wait.DeadlinePassed:
         outcome.status = "timed-out"

@@ -24,7 +24,10 @@ INPUTS: dict[str, tuple[str, str]] = {
         "",
         "AWS region of the instance and the bucket (default: AWS_REGION, then AWS_DEFAULT_REGION)",
     ),
-    "instance-id": ("", "deploy to this instance; skips discovery"),
+    "instance-id": (
+        "",
+        "deploy to this instance; skips discovery (with 'fleet': several, one per line or comma-separated)",
+    ),
     "instance-tag": ("*k3s-master*", "pattern for the value of tag instance-tag-key; running instances only"),
     "instance-tag-key": ("Name", "tag key used for discovery"),
     "manifests": (
@@ -56,6 +59,23 @@ INPUTS: dict[str, tuple[str, str]] = {
         "check that every image to deploy exists in its registry before any AWS change: "
         "auto (when this step builds images or has a registry login), true or false",
     ),
+    "fleet": (
+        "false",
+        "deploy to every running, SSM-online match of 'instance-tag' (or every id in 'instance-id'), "
+        "one server per cluster",
+    ),
+    "max-concurrency": (
+        "50",
+        "fleet: instances deploying at once, a number or a percentage (SSM MaxConcurrency)",
+    ),
+    "max-errors": (
+        "0",
+        "fleet: failed instances before SSM stops sending, a number or a percentage (SSM MaxErrors)",
+    ),
+    "cluster-tag-key": (
+        "k3s-cluster",
+        "tag key whose value names a server's K3s cluster: one server per cluster is deployed to",
+    ),
 }
 
 MIN_TIMEOUT, MAX_TIMEOUT = 10, 86400
@@ -66,6 +86,10 @@ _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _KUBECTL_WORD = re.compile(r"^[A-Za-z0-9_./:=-]+$")
 _DURATION = re.compile(r"^[1-9][0-9]{0,3}[sm]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# SSM's own patterns for SendCommand's MaxConcurrency and MaxErrors.
+_MAX_CONCURRENCY = re.compile(r"^(?:[1-9][0-9]{0,6}|[1-9][0-9]?%|100%)$")
+_MAX_ERRORS = re.compile(r"^(?:[0]|[1-9][0-9]{0,6}|[0-9]%|[1-9][0-9]%|100%)$")
+
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,11 @@ class Settings:
     build_args: tuple[tuple[str, str], ...] = ()
     registry: RegistryLogin | None = None  # its password never shows in a repr
     verify_images: bool = False
+    fleet: bool = False
+    instance_ids: tuple[str, ...] = ()  # every id given in 'instance-id'
+    max_concurrency: str = "50"
+    max_errors: str = "0"
+    cluster_tag_key: str = "k3s-cluster"
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -196,6 +225,23 @@ def _run_url(env: Mapping[str, str]) -> str:
     return f"{server}/{repo}/actions/runs/{run}" if valid else ""
 
 
+def _instance_ids(value: str, fleet: bool) -> tuple[str, ...]:
+    """One id, or with 'fleet' several (one per line or comma-separated), each checked."""
+    ids = [part.strip() for part in re.split(r"[,\n]", value) if part.strip()]
+    for instance_id in ids:
+        if not _INSTANCE_ID.match(instance_id):
+            raise InputError(
+                f"input 'instance-id' must be an EC2 instance id such as i-0123456789abcdef0, "
+                f"got {show(instance_id)}"
+            )
+    if len(ids) > 1 and not fleet:
+        raise InputError(
+            f"input 'instance-id' takes one instance id unless 'fleet' is true, got {len(ids)}: "
+            f"{show(value)}"
+        )
+    return tuple(dict.fromkeys(ids))
+
+
 def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None) -> Settings:
     """Validate the inputs (names as in action.yml; missing or empty means the default)."""
     env = os.environ if env is None else env
@@ -215,12 +261,22 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
     if not _REGION.fullmatch(region):  # the environment's value is not stripped
         raise InputError(f"input 'aws-region' must be a region name such as eu-west-1, got {show(region)}")
 
-    instance_id = get("instance-id").strip() or None
-    if instance_id is not None and not _INSTANCE_ID.match(instance_id):
+    fleet = _bool("fleet", get("fleet"))
+    instance_ids = _instance_ids(get("instance-id"), fleet)
+    instance_id = instance_ids[0] if len(instance_ids) == 1 else None
+    max_concurrency = get("max-concurrency").strip()
+    if not _MAX_CONCURRENCY.match(max_concurrency):
         raise InputError(
-            f"input 'instance-id' must be an EC2 instance id such as i-0123456789abcdef0, "
-            f"got {show(instance_id)}"
+            "input 'max-concurrency' must be a number of instances (1 or more) or a percentage "
+            f"(1% to 100%), got {show(get('max-concurrency'))}"
         )
+    max_errors = get("max-errors").strip()
+    if not _MAX_ERRORS.match(max_errors):
+        raise InputError(
+            "input 'max-errors' must be a number of instances (0 or more) or a percentage "
+            f"(0% to 100%), got {show(get('max-errors'))}"
+        )
+
 
     workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
     namespace = get("namespace").strip()
@@ -307,4 +363,9 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         # auto: a private registry cannot be asked without a login, so only then (or when
         # this step pushed the images itself) is checking them worth the requests
         verify_images=verify == "true" or (verify == "auto" and bool(workspace_builds or login)),
+        fleet=fleet,
+        instance_ids=instance_ids,
+        max_concurrency=max_concurrency,
+        max_errors=max_errors,
+        cluster_tag_key=_plain("cluster-tag-key", get("cluster-tag-key"), 128),
     )

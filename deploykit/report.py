@@ -42,6 +42,7 @@ class Outcome:
     fix: str = ""
     report: dict[str, Any] | None = None  # the master's report, when it wrote one
     images: list[str] | None = None  # the deployed references with their digests
+    results: list[dict[str, Any]] | None = None  # fleet mode: one entry per instance (fleet.py)
 
 
 def parse_report(stderr: str) -> dict[str, Any] | None:
@@ -95,6 +96,32 @@ STATUS_HEADLINES = {
 }
 
 
+RESULT_ICONS = {"success": "✅", "rolled-back": "↩️", "failed": "❌", "timed-out": "⏱️", "cancelled": "🛑"}
+
+
+def results_table(results: list[dict[str, Any]], region: str) -> list[str]:
+    """Fleet mode: what happened on each instance."""
+    lines = [
+        "### Instances",
+        "",
+        "| Instance | Name | Cluster | Result | Rolled back | Exit | Seconds | Command | Message |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        command_id = r.get("command-id") or ""
+        link = f"[`{command_id[:8]}`]({console_url(region, command_id)})" if command_id else "-"
+        seconds = r.get("seconds")
+        lines.append(
+            f"| `{_cell(r.get('instance-id', ''))}` | {_cell(r.get('name') or '-')} "
+            f"| {_cell(r.get('cluster') or '-')} "
+            f"| {RESULT_ICONS.get(r.get('status', ''), '')} {_cell(r.get('status', ''))} "
+            f"| {str(bool(r.get('rolled-back'))).lower()} "
+            f"| {_cell('-' if r.get('exit-code') is None else r['exit-code'])} "
+            f"| {'-' if seconds is None else _cell(seconds)} | {link} | {_cell(r.get('message', ''))} |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(outcome: Outcome, region: str) -> str:
     report = outcome.report
     lines = [f"## {STATUS_HEADLINES.get(outcome.status, outcome.status)}", ""]
@@ -103,15 +130,24 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
     if outcome.fix:
         lines += [f"**How to fix:** {_cell(outcome.fix)}", ""]
     lines += ["| | |", "|---|---|"]
-    if outcome.instance_id:
-        lines.append(f"| Instance | `{outcome.instance_id}` |")
-    if outcome.command_id:
-        lines.append(f"| Command | [`{outcome.command_id}`]({console_url(region, outcome.command_id)}) |")
+    if outcome.results is not None:  # fleet mode: the instances have their own table below
+        lines.append(f"| Instances | {len(outcome.results)} |")
+        commands = [c for c in outcome.command_id.split(",") if c]
+        if commands:
+            links = ", ".join(f"[`{c}`]({console_url(region, c)})" for c in commands)
+            lines.append(f"| Commands | {links} |")
+    else:
+        if outcome.instance_id:
+            lines.append(f"| Instance | `{outcome.instance_id}` |")
+        if outcome.command_id:
+            lines.append(f"| Command | [`{outcome.command_id}`]({console_url(region, outcome.command_id)}) |")
     lines.append(f"| Status | `{outcome.status}` (rolled back: {str(outcome.rolled_back).lower()}) |")
     lines.append(f"| Duration | {outcome.duration} s |")
     if outcome.images:
         lines.append("| Images | " + "<br>".join(f"`{_cell(image)}`" for image in outcome.images) + " |")
     lines.append("")
+    if outcome.results is not None:
+        lines += results_table(outcome.results, region)
     if report and report.get("workloads"):
         lines += [
             "### Workloads",

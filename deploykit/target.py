@@ -1,14 +1,19 @@
-"""Find the K3s master: by instance id, or by tag among running instances, and check SSM sees it."""
+"""Find the K3s master: by instance id, or by tag among running instances, and check SSM sees it.
+
+Servers of one HA cluster (same value of tag `cluster-tag-key`) are one target: the chosen
+server's Online peers stand by in `Master.standby` (see ha.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from deploykit.awsapi import aws_call
 from deploykit.errors import FIX_SSM_AGENT, TargetNotFound, TargetNotReady
+from deploykit.ha import group_by_cluster, tag_value
 from deploykit.inputs import Settings
 
 ONLINE = "Online"
@@ -20,6 +25,8 @@ class Master:
     name: str
     launch_time: datetime | None
     ping_status: str
+    cluster: str = ""  # value of tag cluster-tag-key; "" for a server of its own
+    standby: tuple[Master, ...] = ()  # Online servers of the same cluster, in failover order
 
 
 def ssm_ping_status(ssm: Any, instance_ids: list[str]) -> dict[str, str]:
@@ -33,10 +40,6 @@ def ssm_ping_status(ssm: Any, instance_ids: list[str]) -> dict[str, str]:
                 for info in page.get("InstanceInformationList", []):
                     statuses[info["InstanceId"]] = info.get("PingStatus", "")
     return statuses
-
-
-def _tag(instance: dict[str, Any], key: str) -> str:
-    return next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == key), "")
 
 
 def find_master(ec2: Any, ssm: Any, settings: Settings, log: Callable[[str], None]) -> Master:
@@ -71,20 +74,22 @@ def _discover(ec2: Any, ssm: Any, settings: Settings, log: Callable[[str], None]
             fix="Check the 'instance-tag' / 'instance-tag-key' inputs and the region, or give 'instance-id'.",
         )
     statuses = ssm_ping_status(ssm, [i["InstanceId"] for i in instances])
-
-    def rank(instance: dict[str, Any]) -> tuple[bool, datetime, str]:
-        online = statuses.get(instance["InstanceId"]) == ONLINE
-        launched = instance.get("LaunchTime") or datetime.max.replace(tzinfo=UTC)
-        return (not online, launched, instance["InstanceId"])
-
-    instances.sort(key=rank)
-    chosen = instances[0]
+    clusters = group_by_cluster(instances, statuses, settings.cluster_tag_key)
+    servers = clusters[0]
+    chosen = servers[0]
     master = Master(
         chosen["InstanceId"],
-        _tag(chosen, "Name"),
+        tag_value(chosen, "Name"),
         chosen.get("LaunchTime"),
         statuses.get(chosen["InstanceId"], ""),
+        cluster=tag_value(chosen, settings.cluster_tag_key),
+        standby=tuple(
+            server_of(s, statuses, settings.cluster_tag_key)
+            for s in servers[1:]
+            if statuses.get(s["InstanceId"]) == ONLINE
+        ),
     )
+    instances = [server for cluster in clusters for server in cluster]
     if len(instances) == 1:
         log(f"Target: {master.instance_id} ({master.name or 'no Name tag'}), tag {key}={pattern}")
     else:
@@ -95,4 +100,19 @@ def _discover(ec2: Any, ssm: Any, settings: Settings, log: Callable[[str], None]
             f"{'SSM Online' if master.ping_status == ONLINE else 'first'} and launched earliest "
             f"(others: {others}). Give 'instance-id' to choose another."
         )
+    if master.standby:
+        log(
+            f"Servers of cluster {master.cluster} ({settings.cluster_tag_key} tag) standing by, in "
+            f"failover order: {', '.join(s.instance_id for s in master.standby)}"
+        )
     return master
+
+
+def server_of(instance: dict[str, Any], statuses: dict[str, str], cluster_tag_key: str) -> Master:
+    return Master(
+        instance["InstanceId"],
+        tag_value(instance, "Name"),
+        instance.get("LaunchTime"),
+        statuses.get(instance["InstanceId"], ""),
+        cluster=tag_value(instance, cluster_tag_key),
+    )

@@ -101,6 +101,10 @@ def test_defaults_table(env, workspace):
         "request-timeout": "60s",
         "kubectl-validate": "false",
         "verify-images": "auto",
+        "fleet": "false",
+        "max-concurrency": "50",
+        "max-errors": "0",
+        "cluster-tag-key": "k3s-cluster",
     }
 
 
