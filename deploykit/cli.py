@@ -110,25 +110,6 @@ def _results(outcome: Outcome) -> list[dict[str, object]]:
     ]
 
 
-def run_sweep(older_than: str, delete: bool, region: str, env: Mapping[str, str]) -> int:
-    """`sweep`: the buckets left behind, listed or deleted. 0 when nothing is left undeleted."""
-    gh = Workflow(env)
-    try:
-        from deploykit import sweep
-        from deploykit.awsapi import AwsClients
-
-        seconds = sweep.parse_age(older_than)
-        region = region.strip() or env.get("AWS_REGION", "") or env.get("AWS_DEFAULT_REGION", "")
-        if not region:
-            raise DeployError("--aws-region is required (or AWS_REGION)")
-        aws = AwsClients(region)
-        leftovers = sweep.sweep(aws.s3, aws.sts, older_than=seconds, delete=delete, log=gh.log)
-    except DeployError as exc:
-        gh.error(exc.title, exc.message + (f"\nHow to fix: {exc.fix}" if exc.fix else ""))
-        return 1
-    return 1 if any(leftover.error for leftover in leftovers if leftover.ours) else 0
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploykit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
