@@ -116,8 +116,12 @@ def _measure(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, in
 
 
 def load_documents(text: str, where: str) -> list[Any]:
-    loader = yaml.SafeLoader(text)
-    documents = []
+    documents: list[Any] = []
+    try:
+        # Inside the try: the reader refuses control characters as soon as it is made.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{where}: not valid YAML: {exc}") from None
     try:
         while loader.check_node():
             node = loader.get_node()

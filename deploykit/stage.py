@@ -76,7 +76,7 @@ def create_bucket(s3: Any, region: str, account: str, name: str, deploy_id: str,
     arn = f"arn:aws:s3:::{name}"
     # In us-east-1, CreateBucket on a bucket the caller already owns answers 200 OK instead of
     # BucketAlreadyOwnedByYou, so the error below cannot be relied on there: look first.
-    _refuse_existing(s3, name)
+    _refuse_existing(s3, name, account)
     with aws_call(f"create bucket {name}", "s3:CreateBucket", "arn:aws:s3:::k3s-deploy-*"):
         try:
             if region == "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
@@ -84,14 +84,20 @@ def create_bucket(s3: Any, region: str, account: str, name: str, deploy_id: str,
             else:
                 s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
         except Exception as exc:
-            if error_code(exc) in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+            if error_code(exc) == "BucketAlreadyOwnedByYou":
+                # Our own first try made it: botocore retried a CreateBucket whose answer was
+                # lost, and _refuse_existing saw no such bucket a moment ago (the name is
+                # random). HeadBucket with ExpectedBucketOwner below confirms the account.
+                pass
+            elif error_code(exc) == "BucketAlreadyExists":
                 # Never stage in a bucket we did not just create: someone else may own it.
                 raise StagingError(
                     f"bucket {name} already exists ({error_code(exc)}); refusing to use a bucket "
                     "this deploy did not create",
                     fix="Run the deploy again (a new name is drawn each time).",
                 ) from None
-            raise
+            else:
+                raise
     with aws_call(f"confirm ownership of bucket {name}", "s3:ListBucket", arn):
         s3.head_bucket(Bucket=name, ExpectedBucketOwner=account)
     with aws_call(f"tag bucket {name}", "s3:PutBucketTagging", arn):
@@ -144,13 +150,15 @@ def create_bucket(s3: Any, region: str, account: str, name: str, deploy_id: str,
         )
 
 
-def _refuse_existing(s3: Any, name: str) -> None:
+def _refuse_existing(s3: Any, name: str, account: str) -> None:
     """StagingError when a bucket of that name exists already, whoever owns it."""
     from botocore.exceptions import ClientError
 
     with aws_call(f"check that bucket {name} does not exist yet", "s3:ListBucket", f"arn:aws:s3:::{name}"):
         try:
-            s3.head_bucket(Bucket=name)
+            # With ExpectedBucketOwner a bucket of another account answers 403, as it would
+            # without: the answer is the same, and no S3 call goes out without the owner.
+            s3.head_bucket(Bucket=name, ExpectedBucketOwner=account)
         except ClientError as exc:
             code = error_code(exc)
             if code in ("404", "NoSuchBucket", "NotFound"):
@@ -193,26 +201,36 @@ def delete_staged(s3: Any, staging: Staging) -> None:
     """
     arn = f"arn:aws:s3:::{staging.bucket}"
     try:
-        with aws_call(f"delete the staged files in {staging.where()}", "s3:DeleteObject", f"{arn}/*"):
+        # Listing and deleting are separate permissions: each error names its own.
+        with aws_call(f"list the staged files in {staging.where()}", "s3:ListBucketVersions", arn):
             paginator = s3.get_paginator("list_object_versions")
-            for page in paginator.paginate(
-                Bucket=staging.bucket, Prefix=staging.prefix, ExpectedBucketOwner=staging.account
+            pages = list(
+                paginator.paginate(
+                    Bucket=staging.bucket, Prefix=staging.prefix, ExpectedBucketOwner=staging.account
+                )
+            )
+        for page in pages:
+            doomed = [
+                {"Key": item["Key"], "VersionId": item["VersionId"]}
+                for item in page.get("Versions", []) + page.get("DeleteMarkers", [])
+            ]
+            if not doomed:
+                continue
+            with aws_call(
+                f"delete the staged files in {staging.where()}",
+                "s3:DeleteObject and s3:DeleteObjectVersion",
+                f"{arn}/*",
             ):
-                doomed = [
-                    {"Key": item["Key"], "VersionId": item["VersionId"]}
-                    for item in page.get("Versions", []) + page.get("DeleteMarkers", [])
-                ]
-                if doomed:
-                    result = s3.delete_objects(
-                        Bucket=staging.bucket,
-                        Delete={"Objects": doomed, "Quiet": True},
-                        ExpectedBucketOwner=staging.account,
-                    )
-                    if result.get("Errors"):
-                        first = result["Errors"][0]
-                        raise StagingError(
-                            f"can't delete {first.get('Key')} in {staging.where()}: {first.get('Code')}"
-                        )
+                result = s3.delete_objects(
+                    Bucket=staging.bucket,
+                    Delete={"Objects": doomed, "Quiet": True},
+                    ExpectedBucketOwner=staging.account,
+                )
+            if result.get("Errors"):
+                first = result["Errors"][0]
+                raise StagingError(
+                    f"can't delete {first.get('Key')} in {staging.where()}: {first.get('Code')}"
+                )
         if staging.created_bucket:
             with aws_call(f"delete bucket {staging.bucket}", "s3:DeleteBucket", arn):
                 s3.delete_bucket(Bucket=staging.bucket, ExpectedBucketOwner=staging.account)
