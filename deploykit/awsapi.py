@@ -21,12 +21,16 @@ MAX_ATTEMPTS = 6
 _CREDENTIAL_ERRORS = {
     "ExpiredToken",
     "ExpiredTokenException",
+    "RequestExpired",  # what EC2 answers a request signed with expired temporary credentials
     "InvalidClientTokenId",
     "UnrecognizedClientException",
     "SignatureDoesNotMatch",
     "AuthFailure",
     "InvalidAccessKeyId",
 }
+# S3 answers a HEAD request (HeadBucket) that it cannot authenticate, e.g. signed with an expired
+# session token, with a bare 400 and no body: botocore can only report the status code.
+_CREDENTIAL_ERRORS_ON_HEAD = {"400"}
 _DENIED_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "Forbidden", "403"}
 
 
@@ -76,6 +80,15 @@ class AwsClients:
         )
 
     @cached_property
+    def s3_presign(self) -> Any:
+        """Signs presigned URLs only (no call): SigV4 and virtual-hosted addressing in the
+        bucket's region, which S3 accepts for a new bucket at once (SigV2 URLs on the global
+        host answer 307 until the name has spread)."""
+        return self._session.client(
+            "s3", config=self._config(s3={"addressing_style": "virtual"}, signature_version="s3v4")
+        )
+
+    @cached_property
     def sts(self) -> Any:
         return self._session.client("sts", config=self._config())
 
@@ -100,7 +113,7 @@ def aws_call(what: str, permission: str, resource: str = "*") -> Iterator[None]:
     except ClientError as exc:
         code = error_code(exc)
         message = exc.response.get("Error", {}).get("Message", "") or str(exc)
-        if code in _CREDENTIAL_ERRORS:
+        if code in _CREDENTIAL_ERRORS or code in _CREDENTIAL_ERRORS_ON_HEAD:
             raise AwsCallFailed(f"can't {what}: {code}: {message}", fix=FIX_CREDENTIALS) from None
         if code in _DENIED_ERRORS:
             raise AwsCallFailed(

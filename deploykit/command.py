@@ -30,8 +30,13 @@ REBOOT_EXIT_CODE = 194
 DELIVERY_TIMEOUT = 120
 # SSM must never kill the script before its own deadline, rollback and cleanup have run.
 EXECUTION_MARGIN = 60
+# Lifetime of a presigned URL: the command starts within DELIVERY_TIMEOUT or never, and the
+# downloads are its first lines.
+PRESIGNED_URL_SECONDS = DELIVERY_TIMEOUT + 60
 # After an ambiguous SendCommand failure, how many times ListCommands is asked (2 s apart).
 AMBIGUOUS_LOOKS = 3
+# The deploy id as it appears in the name of the download folder: file-name characters only.
+WORK_TAG = "tag=$(printf '%s' \"$id\" | tr -c 'A-Za-z0-9._-' _)"
 STATE_DIR = '"${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy}"'
 
 
@@ -60,16 +65,56 @@ def _common_flags(settings: Settings) -> list[str]:
     ]
 
 
+def presigned_urls(
+    s3_presign: Any, staging: Staging, expires_in: int = PRESIGNED_URL_SECONDS
+) -> dict[str, str]:
+    """Short-lived SigV4 GET URLs of the staged files (input `delivery: presigned`): the master
+    downloads them with curl and needs no S3 permission of its own. Signing is local (no call);
+    the client must sign s3v4, virtual-hosted, in the bucket's region (awsapi.s3_presign)."""
+    return {
+        name: s3_presign.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": staging.bucket,
+                "Key": staging.key(name),
+                "ExpectedBucketOwner": staging.account,
+            },
+            ExpiresIn=expires_in,
+        )
+        for name in (SCRIPT_NAME, BUNDLE_NAME)
+    }
+
+
 def deploy_lines(
-    settings: Settings, staging: Staging, deploy_id: str, script_sha256: str, bundle_sha256: str
+    settings: Settings,
+    staging: Staging,
+    deploy_id: str,
+    script_sha256: str,
+    bundle_sha256: str,
+    urls: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Download, verify, run, clean up, and exit with the script's code."""
-    fetch = (
-        'fetch() { aws s3api get-object --region "$region" --bucket "$bucket" --key "$1"'
-        ' --expected-bucket-owner "$owner" "$2" >/dev/null'
-        ' || { echo "k3s-deploy: could not download s3://$bucket/$1; the instance role needs'
-        f' s3:GetObject on it" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
-    )
+    """Download, verify, run, clean up, and exit with the script's code.
+
+    With `urls` (presigned GET URLs by file name) the master fetches with curl instead of the
+    AWS CLI. The URLs are secrets for their few minutes: never echoed (curl's errors name the
+    host, not the URL), and the caller masks them in the log.
+    """
+    if urls is None:
+        fetch = (
+            'fetch() { aws s3api get-object --region "$region" --bucket "$bucket" --key "$1"'
+            ' --expected-bucket-owner "$owner" "$2" >/dev/null'
+            ' || { echo "k3s-deploy: could not download s3://$bucket/$1; the instance role needs'
+            f' s3:GetObject on it" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
+        )
+        sources = {name: staging.key(name) for name in (SCRIPT_NAME, BUNDLE_NAME)}
+    else:
+        fetch = (
+            "fetch() { curl --fail --silent --show-error --retry 3 --max-time 120"
+            ' -H "x-amz-expected-bucket-owner: $owner" -o "$2" --url "$1"'
+            ' || { echo "k3s-deploy: could not download $2 from its presigned URL (expired, or S3'
+            f' not reachable from the master)" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
+        )
+        sources = {name: urls[name] for name in (SCRIPT_NAME, BUNDLE_NAME)}
     run = [
         "bash",
         f"./{SCRIPT_NAME}",
@@ -95,13 +140,20 @@ def deploy_lines(
     return [
         "set -eu",
         "umask 077",
-        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.XXXXXXXX")',
+        # Named after the deploy so that its rollback can delete it when a SIGKILL (SSM's
+        # execution timeout, an agent restart) left no time for the EXIT trap.
+        f"id={_q(deploy_id)}",
+        WORK_TAG,
+        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.$tag.XXXXXXXX")',
         "trap 'rm -rf \"$work\"' EXIT",
+        # sh runs an EXIT trap on `exit`, not when a signal kills it: a cancelled command (the
+        # agent signals the process group) would leave the downloaded bundle behind.
+        "trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM",
         'cd "$work"',
         f"region={_q(settings.aws_region)} bucket={_q(staging.bucket)} owner={_q(staging.account)}",
         fetch,
-        f"fetch {_q(staging.key(SCRIPT_NAME))} {SCRIPT_NAME}",
-        f"fetch {_q(staging.key(BUNDLE_NAME))} {BUNDLE_NAME}",
+        f"fetch {_q(sources[SCRIPT_NAME])} {SCRIPT_NAME}",
+        f"fetch {_q(sources[BUNDLE_NAME])} {BUNDLE_NAME}",
         f"printf '%s  %s\\n' {_q(script_sha256)} {SCRIPT_NAME} {_q(bundle_sha256)} {BUNDLE_NAME}"
         " > SHA256SUMS",
         "sha256sum -c --status SHA256SUMS || { echo 'k3s-deploy: sha256 mismatch: the staged "
@@ -134,6 +186,9 @@ def rollback_lines(settings: Settings, deploy_id: str) -> list[str]:
     return [
         "set -eu",
         f"id={_q(deploy_id)}",
+        # The download folder of a deploy killed outright (see deploy_lines).
+        WORK_TAG,
+        'rm -rf -- "${TMPDIR:-/tmp}/k3s-deploy.$tag."*',
         f'dir={STATE_DIR}/"$id"',
         'if [ ! -f "$dir/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for deploy'
         ' $id on this master: nothing to roll back"; exit 0; fi',
