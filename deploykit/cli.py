@@ -110,6 +110,25 @@ def _results(outcome: Outcome) -> list[dict[str, object]]:
     ]
 
 
+def run_sweep(older_than: str, delete: bool, region: str, env: Mapping[str, str]) -> int:
+    """`sweep`: the buckets left behind, listed or deleted. 0 when nothing is left undeleted."""
+    gh = Workflow(env)
+    try:
+        from deploykit import sweep
+        from deploykit.awsapi import AwsClients
+
+        seconds = sweep.parse_age(older_than)
+        region = region.strip() or env.get("AWS_REGION", "") or env.get("AWS_DEFAULT_REGION", "")
+        if not region:
+            raise DeployError("--aws-region is required (or AWS_REGION)")
+        aws = AwsClients(region)
+        leftovers = sweep.sweep(aws.s3, aws.sts, older_than=seconds, delete=delete, log=gh.log)
+    except DeployError as exc:
+        gh.error(exc.title, exc.message + (f"\nHow to fix: {exc.fix}" if exc.fix else ""))
+        return 1
+    return 1 if any(leftover.error for leftover in leftovers if leftover.ours) else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploykit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="measure the action on a simulated AWS account (docs/PERFORMANCE.md)"
     )
     bench.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks the bench runs")
+    sweep = commands.add_parser("sweep", help="list (and with --delete, delete) staging buckets left behind")
+    sweep.add_argument("--older-than", default="6h", help="only buckets older than this: 30m, 6h, 2d, 0s")
+    sweep.add_argument("--delete", action="store_true", help="delete them (default: only list them)")
+    sweep.add_argument(
+        "--aws-region", default="", help="region (default: AWS_REGION, then AWS_DEFAULT_REGION)"
+    )
     return parser
 
 
