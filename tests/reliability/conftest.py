@@ -1,0 +1,289 @@
+"""Fixtures of the reliability suite: a simulated account whose API the action reaches through
+a fault proxy, a small platform already running release v1, and the checks every fault test
+ends with (nothing staged is left; every workload holds one release, old or new).
+
+Each test gets its own account, master, proxy and workspace (ports chosen by the system), so
+the tests are independent of one another and of the order they run in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from deploykit import stage
+from deploykit.simulate.aws import Master, SimulatedAWS
+from deploykit.simulate.cluster import Cluster
+from deploykit.simulate.faults import Call, Fault, FaultProxy
+from deploykit.simulate.runner import ENTRYPOINT, ActionRun, parse_key_values, runner_env
+from tests.reliability import figures
+
+NS = "production-platform"
+API = "docker.io/acme/api"
+WORKER = "docker.io/acme/worker"
+WORKLOADS = (("deployment", NS, "api"), ("deployment", NS, "worker"))
+# Seconds a test waits at most for commands still running on the master after the action ended
+# (a rollback sent while cancelling, a deploy the action lost track of).
+SETTLE_SECONDS = 90
+# botocore's backoff between retries, compressed for the action processes of this suite (see
+# tests/reliability/sitecustomize.py): the retry decisions stay botocore's own.
+BACKOFF_SCALE = "0.05"
+SITE = Path(__file__).resolve().parent / "site"
+
+
+def manifests(tag_note: str = "", progress_deadline: int = 3) -> dict[str, str]:
+    """Small on purpose: a namespace, a config map and two one-replica deployments. A broken
+    image fails the rollout after `progress_deadline` seconds."""
+
+    def deployment(name: str, image: str) -> str:
+        return f"""apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  replicas: 1
+  progressDeadlineSeconds: {progress_deadline}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+        - name: {name}
+          image: {image}:latest
+"""
+
+    return {
+        "namespace.yaml": f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
+        "config.yaml": (
+            f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-config\n  namespace: {NS}\n"
+            f"data:\n  LOG_LEVEL: info{tag_note}\n"
+        ),
+        "api.yaml": deployment("api", API),
+        "worker.yaml": deployment("worker", WORKER),
+    }
+
+
+def release_yaml(tag: str) -> str:
+    """The platform as release `tag` left it (seeded straight into the cluster: no deploy)."""
+    docs = manifests()
+    text = "---\n".join(docs.values())
+    return text.replace(f"{API}:latest", f"{API}:{tag}").replace(f"{WORKER}:latest", f"{WORKER}:{tag}")
+
+
+@dataclass
+class Started:
+    """An action process that is still running (for signals)."""
+
+    process: subprocess.Popen[str]
+    files: Path
+    lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+
+    def wait(self, timeout: float = 180) -> ActionRun:
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            returncode = self.process.wait()
+            self.lines.append(f"\n[test harness: killed after {timeout} s]\n")
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+        return ActionRun(
+            returncode=returncode,
+            log="".join(self.lines),
+            outputs=parse_key_values((self.files / "output").read_text()),
+            summary=(self.files / "summary").read_text(),
+            state=parse_key_values((self.files / "state").read_text()),
+        )
+
+
+@dataclass
+class Rig:
+    """One simulated account and master, reached by the action through `proxy`."""
+
+    sim: SimulatedAWS
+    master: Master
+    proxy: FaultProxy
+    workspace: Path
+    tmp: Path
+    runs: int = 0
+
+    @property
+    def cluster(self) -> Cluster:
+        return Cluster(self.master.cluster_state_path)
+
+    def write_manifests(self, files: dict[str, str], folder: str = "k8s/base") -> Path:
+        target = self.workspace / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (target / name).write_text(text)
+        return target
+
+    def slow_api_rollout(self, seconds: float) -> None:
+        """The new api takes `seconds` to become ready, and that is no failure in itself."""
+        self.write_manifests(manifests(progress_deadline=600))
+        self.cluster.slow_rollout("deployment", NS, "api", seconds)
+
+    def seed_release(self, tag: str = "v1") -> None:
+        self.cluster.seed(release_yaml(tag))
+
+    def fault(self, operation: str, kind: str, **kwargs: object) -> Fault:
+        return self.proxy.add(operation, kind, **kwargs)  # type: ignore[arg-type]
+
+    def on(
+        self, operation: str, hook: Callable[[Call], bytes | None], *, after: int = 0, times: int | None = 1
+    ) -> Fault:
+        """Run `hook` when the action's call to `operation` arrives (before it is forwarded;
+        bytes returned replace the request body)."""
+        return self.proxy.add(operation, "hook", hook=hook, after=after, times=times)
+
+    def install_on_master(self, name: str, script: str) -> Path:
+        """An executable in the master's bin folder (a kubectl wrapper, say)."""
+        path = self.master.bin_dir / name
+        path.write_text(script)
+        path.chmod(0o755)
+        return path
+
+    # -- running the action -------------------------------------------------------------------
+
+    def inputs(self, **inputs: str) -> dict[str, str]:
+        defaults = {
+            "aws-region": self.sim.region,
+            "images": f"{API}\n{WORKER}",
+            "image-tag": "v2",
+            "timeout": "30",
+            "rollback-timeout": "20",
+        }
+        return {**defaults, **inputs}
+
+    def start(self, **inputs: str) -> Started:
+        self.runs += 1
+        files = self.tmp / f"file_commands-{self.runs}"
+        env = runner_env(self.sim, self.inputs(**inputs), self.workspace, files)
+        env["AWS_ENDPOINT_URL"] = self.proxy.url
+        env["PYTHONPATH"] = os.pathsep.join([str(SITE), env["PYTHONPATH"]])
+        env["K3S_TEST_BACKOFF_SCALE"] = BACKOFF_SCALE
+        for name in ("output", "summary", "state"):
+            (files / name).write_text("")
+        process = subprocess.Popen(
+            [sys.executable, str(ENTRYPOINT)],
+            cwd=self.workspace,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started = Started(process, files)
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                started.lines.append(line)
+
+        started.reader = threading.Thread(target=read, daemon=True)
+        started.reader.start()
+        return started
+
+    def deploy(self, **inputs: str) -> ActionRun:
+        return self.start(**inputs).wait()
+
+    # -- what is left -------------------------------------------------------------------------
+
+    def staged_buckets(self) -> list[str]:
+        """Buckets this action made that still exist (looked up without the proxy)."""
+        names = [b["Name"] for b in self.sim.client("s3").list_buckets().get("Buckets", [])]
+        return [n for n in names if n.startswith(stage.BUCKET_PREFIX)]
+
+    def settle(self, seconds: float = SETTLE_SECONDS) -> None:
+        """Wait until every command sent to the master has ended."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pending = [
+                sent
+                for sent in self.sim.sent_commands()
+                for instance in sent["instance_ids"]
+                if self.sim.invocation(sent["command_id"], instance)["Status"]
+                not in ("Success", "Failed", "Cancelled", "TimedOut")
+            ]
+            if not pending:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"commands still running on the master after {seconds} s")
+
+    def deploy_runs(self) -> list[dict[str, object]]:
+        """Deploy commands (not rollbacks) the master really started."""
+        return [run for run in self.sim.commands_run if " deploy --bundle " in str(run["script"])]
+
+    def images(self) -> dict[tuple[str, str, str], str | None]:
+        cluster = self.cluster
+        return {w: cluster.image_of(*w) for w in WORKLOADS}
+
+    # -- the checks every fault test ends with -------------------------------------------------
+
+    def assert_nothing_left(self, run: ActionRun, *, script_killed: bool = False) -> None:
+        """No staged bucket, no deploy state and no download folder on the master. After a
+        SIGKILL of the script (`script_killed`) its own scratch folder (k3s-deploy.XXXXXX, no
+        deploy id in the name, so nothing can tell whose it is) may stay in the master's TMPDIR."""
+        self.settle()
+        left = self.staged_buckets()
+        assert left == [], f"staged buckets left behind: {left}\n{run.log}"
+        assert list(self.master.state_dir.iterdir()) == [], "the master kept a deploy's state"
+        folders = [p.name for p in self.master.tmp_dir.iterdir()]
+        if script_killed:
+            folders = [name for name in folders if name.count(".") > 1]  # k3s-deploy.ID.XXXXXXXX
+        assert folders == [], f"the master kept a download folder: {folders}"
+
+    def assert_one_release(self, run: ActionRun, old: str = "v1", new: str = "v2") -> str:
+        """Every workload that existed before holds the old or the new release, all the same.
+        Returns which."""
+        self.settle()
+        images = self.images()
+        tags = {image.rsplit(":", 1)[1] if image else None for image in images.values()}
+        assert len(tags) == 1 and tags <= {old, new}, f"mixed or unknown releases: {images}\n{run.log}"
+        return next(iter(tags))  # type: ignore[return-value]
+
+
+@pytest.fixture
+def rig_options() -> dict[str, object]:
+    """Keyword arguments of SimulatedAWS (override with @pytest.mark.parametrize indirect, or a
+    fixture of the same name in a test module)."""
+    return {}
+
+
+@pytest.fixture
+def rig(tmp_path: Path, request: pytest.FixtureRequest, rig_options: dict[str, object]) -> Iterator[Rig]:
+    with SimulatedAWS(root=tmp_path / "aws", **rig_options) as sim:  # type: ignore[arg-type]
+        master = sim.add_master("k3s-master")
+        workspace = tmp_path / "workspace"
+        workspace.mkdir()
+        with FaultProxy(sim.endpoint_url) as proxy:
+            r = Rig(sim, master, proxy, workspace, tmp_path)
+            r.write_manifests(manifests())
+            r.seed_release("v1")
+            yield r
+            figures.note_faults(request.node, proxy)
+
+
+# The figures of docs/RELIABILITY.md: collected from every report, written at the end.
+pytest_runtest_logreport = figures.pytest_runtest_logreport
+pytest_deselected = figures.pytest_deselected
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    figures.write(session)
