@@ -34,22 +34,39 @@ _CREDENTIAL_ERRORS_ON_HEAD = {"400"}
 _DENIED_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "Forbidden", "403"}
 
 
+# After a cancel the runner kills the step about 10 s after its first signal: every call made
+# then must give up quickly instead of waiting out the ordinary timeouts and retries.
+HURRIED_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 3}
+HURRIED_MAX_ATTEMPTS = 2
+
+
 class AwsClients:
     """Lazily created clients: a run that never stages does not build an S3 client."""
 
     def __init__(self, region: str) -> None:
         self.region = region
+        self.hurried = False
+
+    def hurry(self) -> None:
+        """From now on, clients with short timeouts and at most two tries (used on cancel)."""
+        if self.hurried:
+            return
+        self.hurried = True
+        for name in ("ec2", "ssm", "ssm_send", "s3", "sts"):
+            self.__dict__.pop(name, None)  # cached_property: rebuilt on next use
 
     def _config(self, max_attempts: int = MAX_ATTEMPTS, **extra: Any) -> Any:
         from botocore.config import Config
 
+        timeouts = HURRIED_TIMEOUTS if self.hurried else {"connect_timeout": 10, "read_timeout": 60}
+        if self.hurried:
+            max_attempts = min(max_attempts, HURRIED_MAX_ATTEMPTS)
         return Config(
             region_name=self.region,
             # total_max_attempts counts the first call; botocore's max_attempts would not.
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             user_agent_extra=f"k3s-deploy-action/{__version__}",
-            connect_timeout=10,
-            read_timeout=60,
+            **timeouts,
             **extra,
         )
 

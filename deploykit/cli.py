@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TextIO
 
@@ -25,30 +25,81 @@ from deploykit.report import Outcome, summary_markdown
 OUTPUTS = ("instance-id", "command-id", "status", "rolled-back", "bucket", "duration", "images", "results")
 
 
-def install_cancel_handlers() -> None:
+# Seconds from the first cancel signal to the end of the step, whatever is still running. The
+# runner sends SIGINT, SIGTERM 7.5 s later, and kills at about 10 s; the container's own
+# teardown comes on top.
+CANCEL_DEADLINE = 6.0
+
+
+class CancelHandlers:
     """The runner cancels a job with SIGINT, then SIGTERM, then SIGKILL (about 10 s in all).
     As PID 1 in the container we get neither signal unless we handle it. The first one raises
-    JobCancelled where the program stands; later ones are ignored so cleanup can finish."""
-    cancelled = False
+    JobCancelled where the program stands; later ones are ignored so cleanup can finish. The
+    first one also arms a deadline: if the cleanup is still running CANCEL_DEADLINE seconds
+    later, `last_words` writes the outputs and the process exits at once (the post-entrypoint
+    deletes what is left)."""
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal cancelled
-        if cancelled:
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.last_words: Callable[[], None] | None = None
+
+    def install(self) -> CancelHandlers:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def disarm(self) -> None:
+        """No more deadline (the outputs are being written)."""
+        self.last_words = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.cancelled:
             return
-        cancelled = True
+        self.cancelled = True
+        signal.signal(signal.SIGALRM, self._on_deadline)
+        signal.setitimer(signal.ITIMER_REAL, CANCEL_DEADLINE)
         raise JobCancelled(signal.Signals(signum).name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
+    def _on_deadline(self, signum: int, frame: FrameType | None) -> None:
+        try:
+            if self.last_words is not None:
+                self.last_words()
+            sys.stdout.flush()
+        except BaseException:  # noqa: S110 - exiting now matters more than any message
+            pass
+        finally:
+            os._exit(1)
 
 
-def run_deploy(raw: Mapping[str, str], env: Mapping[str, str], out: TextIO | None = None) -> int:
+def install_cancel_handlers() -> CancelHandlers:
+    return CancelHandlers().install()
+
+
+def run_deploy(
+    raw: Mapping[str, str],
+    env: Mapping[str, str],
+    out: TextIO | None = None,
+    cancel: CancelHandlers | None = None,
+) -> int:
     """Validate, deploy, and write outputs and summary on every path. 0 only for success."""
     gh = Workflow(env, out)
     gh.mask(raw.get("registry-password", ""))  # before anything is printed, even a bad input
     outcome = Outcome()
     started = time.monotonic()
     region = ""
+
+    def out_of_time() -> None:
+        outcome.status = "cancelled"
+        outcome.message = (
+            f"The job was cancelled and its clean-up was still running after {CANCEL_DEADLINE:.0f} s; "
+            "the action's post step deletes what is left."
+        )
+        gh.error("Deploy cancelled", outcome.message)
+        _finish_run(gh, outcome, started, region)
+
+    if cancel is not None:
+        cancel.last_words = out_of_time
     try:
         settings = parse_settings(raw, env)
         region = settings.aws_region
@@ -63,8 +114,10 @@ def run_deploy(raw: Mapping[str, str], env: Mapping[str, str], out: TextIO | Non
         outcome.fix = exc.fix or ""
         gh.error(exc.title, exc.message + (f"\nHow to fix: {exc.fix}" if exc.fix else ""))
     except JobCancelled:
+        if cancel is not None:
+            cancel.disarm()
         outcome.status = "cancelled"
-        outcome.message = "The job was cancelled; staged files were deleted."
+        outcome.message = "The job was cancelled; the log says what was stopped and deleted."
         gh.error("Deploy cancelled", outcome.message)
     except Exception as exc:  # a bug: still write the outputs, and show where it happened
         outcome.status = "failed"
@@ -72,10 +125,16 @@ def run_deploy(raw: Mapping[str, str], env: Mapping[str, str], out: TextIO | Non
         gh.log(traceback.format_exc())
         gh.error("Unexpected error", outcome.message)
     finally:
-        outcome.duration = round(time.monotonic() - started)
-        _write_outputs(gh, outcome)
-        gh.summary(summary_markdown(outcome, region))
+        if cancel is not None:
+            cancel.disarm()
+        _finish_run(gh, outcome, started, region)
     return 0 if outcome.status == "success" else 1
+
+
+def _finish_run(gh: Workflow, outcome: Outcome, started: float, region: str) -> None:
+    outcome.duration = round(time.monotonic() - started)
+    _write_outputs(gh, outcome)
+    gh.summary(summary_markdown(outcome, region))
 
 
 def _write_outputs(gh: Workflow, outcome: Outcome) -> None:
@@ -152,13 +211,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # run by the GitHub runner as the container's entry point
-        install_cancel_handlers()
-        return run_deploy(read_action_inputs(os.environ), os.environ)
+        cancel = install_cancel_handlers()
+        return run_deploy(read_action_inputs(os.environ), os.environ, cancel=cancel)
     args = _parser().parse_args(argv)
     if args.command == "deploy":
-        install_cancel_handlers()
+        cancel = install_cancel_handlers()
         raw = {name: value for name, value in vars(args).items() if name in INPUTS and value is not None}
-        return run_deploy(raw, os.environ)
+        return run_deploy(raw, os.environ, cancel=cancel)
     if args.command == "bench":
         from deploykit.bench import run_bench
 

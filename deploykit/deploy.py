@@ -22,6 +22,7 @@ from deploykit.errors import (
     DeployError,
     JobCancelled,
     RemoteCommandFailed,
+    StagingError,
 )
 from deploykit.github import Workflow
 from deploykit.inputs import Settings
@@ -74,6 +75,8 @@ def deploy(
 
     staging: stage.Staging | None = None
     sent: command.SentCommand | None = None
+    comment = f"k3s-deploy {deploy_id}"
+    sending = False
     try:
         account = stage.caller_account(aws.sts)
         staging = _stage(settings, aws, gh, deploy_id, account, bundle, clock)
@@ -83,13 +86,14 @@ def deploy(
         stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
 
         lines = command.deploy_lines(settings, staging, deploy_id, _sha256(script), bundle.sha256)
+        sending = True
         # Through the master, or the next server of its HA cluster if it does not take it.
         sent = ha.send_with_failover(
             aws.ssm_send,
             aws.ssm,
             master,
             lines,
-            f"k3s-deploy {deploy_id}",
+            comment,
             command.execution_timeout(settings),
             gh.log,
             clock=clock.monotonic,
@@ -103,10 +107,16 @@ def deploy(
         )
         _finish(settings, aws, gh, outcome, deploy_id, sent, clock)
     except JobCancelled:
+        # The runner kills the step about 10 s after its first signal: short timeouts from here.
+        aws.hurry()
+        timed_out = outcome.status == "timed-out"  # its own cancel and rollback may be under way
         outcome.status = "cancelled"
         outcome.message = "The job was cancelled."
+        if sent is None and sending:
+            sent = _find_in_flight(settings, aws, gh, master.instance_id, comment)
+            outcome.command_id = sent.command_id if sent else ""
         if sent is not None:
-            _abandon(settings, aws, gh, outcome, deploy_id, sent)
+            _abandon_on_cancel(settings, aws, gh, outcome, deploy_id, sent, timed_out=timed_out)
         raise
     finally:
         if staging is not None:
@@ -146,8 +156,17 @@ def _stage(
         name = stage.new_bucket_name(clock.utcnow())
         # Recorded before creating it: the post-entrypoint deletes it if this run cannot.
         gh.save_state("bucket", name)
-        stage.create_bucket(aws.s3, settings.aws_region, account, name, deploy_id, clock.utcnow())
         staging = stage.Staging(name, "", account, True)
+        try:
+            stage.create_bucket(aws.s3, settings.aws_region, account, name, deploy_id, clock.utcnow())
+        except StagingError:
+            raise  # the name was taken already: never touch that bucket
+        except BaseException as exc:
+            # Stopped half-way (a failed call, or a cancel): the bucket may exist, untagged.
+            if isinstance(exc, JobCancelled):
+                aws.hurry()
+            _delete_half_made(aws, gh, staging)
+            raise
     gh.save_state("prefix", staging.prefix)
     gh.log(f"Staging in {staging.where()}")
     return staging
@@ -247,13 +266,14 @@ def _remote_rollback(
     instance_id: str,
     *,
     wait_for_it: bool = True,
+    tries: int = 5,
 ) -> bool:
     """Ask the master to undo what the deploy recorded. True when something was undone."""
     lines = command.rollback_lines(settings, deploy_id)
     timeout = settings.rollback_timeout + command.EXECUTION_MARGIN
     try:
         sent = command.send_lines(
-            aws.ssm_send, aws.ssm, instance_id, lines, f"k3s-deploy rollback {deploy_id}", timeout
+            aws.ssm_send, aws.ssm, instance_id, lines, _rollback_comment(deploy_id), timeout, tries=tries
         )
     except DeployError as exc:
         gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
@@ -276,6 +296,70 @@ def _remote_rollback(
         gh.echo_untrusted(invocation.stdout)
     found = report.parse_report(invocation.stderr)
     return bool(found and found.get("rollback") == "done")
+
+
+def _rollback_comment(deploy_id: str) -> str:
+    return f"k3s-deploy rollback {deploy_id}"
+
+
+def _find_in_flight(
+    settings: Settings, aws: AwsClients, gh: Workflow, instance_id: str, comment: str
+) -> command.SentCommand | None:
+    """Cancelled while SendCommand was on its way: did it go out? (Its comment says.)"""
+    try:
+        found = command.find_sent(aws.ssm, instance_id, comment)
+    except DeployError as exc:
+        gh.warning(
+            f"Cancelled while sending the deploy command; could not check whether it went out "
+            f"({exc.message}). Look for command '{comment}' on {instance_id} in Run Command.",
+            title="Deploy command may be running",
+        )
+        return None
+    if found is None:
+        return None
+    return command.SentCommand(found, instance_id, time.monotonic(), command.execution_timeout(settings))
+
+
+def _abandon_on_cancel(
+    settings: Settings,
+    aws: AwsClients,
+    gh: Workflow,
+    outcome: Outcome,
+    deploy_id: str,
+    sent: command.SentCommand,
+    *,
+    timed_out: bool,
+) -> None:
+    """The job was cancelled after the deploy command went out: stop it and send the rollback,
+    without waiting for anything (the runner kills the step a few seconds from now)."""
+    try:
+        last: wait.Invocation | None = wait.get_invocation(aws.ssm, sent.command_id, sent.instance_id)
+    except Exception:  # not visible yet, or SSM does not answer: act as if it still runs
+        last = None
+    if last is not None and last.ended and (last.status == "Success" or report.parse_report(last.stderr)):
+        # The script finished on its own (and rolled back itself if it had to): leave it be.
+        gh.log(f"Command {sent.command_id} had already ended ({last.status}): nothing to stop")
+        return
+    if last is None or not last.ended:
+        try:
+            command.cancel(aws.ssm, sent.command_id, sent.instance_id)
+            gh.log(f"Cancelled command {sent.command_id}")
+        except DeployError as exc:
+            gh.warning(f"Could not cancel command {sent.command_id}: {exc.message}")
+    if not settings.rollback:
+        return
+    if timed_out:
+        # The deadline's own clean-up was under way: never send a second rollback (undoing a
+        # rollout twice would bring the failed one back).
+        try:
+            already = command.find_sent(aws.ssm, sent.instance_id, _rollback_comment(deploy_id))
+        except DeployError:
+            already = None
+        if already:
+            gh.log(f"Rollback command {already} was already sent")
+            return
+    _remote_rollback(settings, aws, gh, deploy_id, sent.instance_id, wait_for_it=False, tries=1)
+    gh.log("Not waiting for the rollback: the job is being cancelled")
 
 
 def _abandon(
@@ -331,12 +415,35 @@ def _clean_up(settings: Settings, aws: AwsClients, gh: Workflow, staging: stage.
     if not settings.cleanup:
         gh.log(f"Leaving {staging.where()} in place (input 'cleanup' is false)")
         return
+    cancelled: JobCancelled | None = None
     try:
-        stage.delete_staged(aws.s3, staging)
+        try:
+            stage.delete_staged(aws.s3, staging)
+        except JobCancelled as exc:
+            # Cancelled while deleting: finish it (later signals are ignored), then stop.
+            cancelled = exc
+            aws.hurry()
+            stage.delete_staged(aws.s3, staging)
         gh.log(f"Deleted {staging.where()}")
+        # Nothing left for the post-entrypoint to delete.
         gh.save_state("bucket", "")
+        gh.save_state("prefix", "")
     except DeployError as exc:
         gh.warning(
             f"{exc.message}. Left behind: {staging.where()}; delete it by hand.",
+            title="Cleanup incomplete",
+        )
+    if cancelled is not None:
+        raise cancelled
+
+
+def _delete_half_made(aws: AwsClients, gh: Workflow, staging: stage.Staging) -> None:
+    """Delete a bucket whose creation did not finish (ExpectedBucketOwner: only ours)."""
+    try:
+        stage.delete_staged(aws.s3, staging)
+    except DeployError as exc:
+        gh.warning(
+            f"Creating bucket {staging.bucket} did not finish and it could not be deleted "
+            f"({exc.message}); if it exists, delete it by hand.",
             title="Cleanup incomplete",
         )
