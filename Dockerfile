@@ -27,6 +27,8 @@ ENV VIRTUAL_ENV=/opt/venv \
 
 COPY deploykit /app/deploykit
 COPY entrypoint.py /app/
+# The post-entrypoint (action.yml runs.post-entrypoint): executable, its shebang names the venv's python.
+COPY post.py /app/
 
 # Exec form: the action's Python is PID 1 and receives the runner's SIGINT/SIGTERM itself.
 # No USER: GitHub runs container actions as the image's default user (root), which owns the
