@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,30 +181,88 @@ def input_variable(name: str) -> str:
 RunAction = Callable[..., ActionRun]
 
 
-@pytest.fixture
-def run_action(action_image: str, tmp_path: Path) -> RunAction:
-    """Run the action's image with the runner's `docker run` arguments.
+@dataclass
+class Launched:
+    """A `docker run` of the action that is still going (see `start_action`)."""
 
-    `inputs` uses the names of action.yml (`{"aws-region": "eu-west-1"}`); `env` adds job
-    environment (e.g. AWS credentials). Values travel as `-e NAME` with the value in the docker
-    CLI's environment, as the runner passes them.
-    """
+    name: str
+    process: subprocess.Popen[str]
+    file_commands: Path
+    logs: Path
+    command: list[str] = field(repr=False)
+
+    def wait(self, timeout: float = 120) -> ActionRun:
+        """Wait for the container to end; a container still running after `timeout` is removed."""
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            docker("rm", "--force", self.name)
+            self.process.kill()
+            self.process.wait()
+            raise
+        return ActionRun(
+            returncode=returncode,
+            stdout=(self.logs / "stdout").read_text(errors="replace"),
+            stderr=(self.logs / "stderr").read_text(errors="replace"),
+            outputs=parse_file_command((self.file_commands / "output").read_text()),
+            state=parse_file_command((self.file_commands / "state").read_text()),
+            env_file=parse_file_command((self.file_commands / "env").read_text()),
+            summary=(self.file_commands / "summary").read_text(),
+            command=self.command,
+        )
+
+    def state(self) -> dict[str, str]:
+        """What the step has saved in GITHUB_STATE so far."""
+        return parse_file_command((self.file_commands / "state").read_text())
+
+    def signal(self, sig: str) -> subprocess.CompletedProcess[str]:
+        """`docker kill -s SIG`: the signal goes to the container's PID 1, the action."""
+        return docker("kill", "--signal", sig, self.name)
+
+    def died_at(self, since: float) -> float:
+        """When the container stopped (the engine's `die` event; epoch seconds). The `docker run`
+        client returns later, once `--rm` has removed the container: with the vfs storage
+        driver of CI machines that takes seconds, on a GitHub runner it does not."""
+        proc = docker(
+            "events",
+            "--since",
+            f"{since - 1:.3f}",
+            "--until",
+            f"{time.time() + 1:.3f}",
+            "--filter",
+            f"container={self.name}",
+            "--filter",
+            "event=die",
+            "--format",
+            "{{.TimeNano}}",
+        )
+        stamps = [int(line) for line in proc.stdout.split()]
+        assert proc.returncode == 0 and stamps, f"no die event for {self.name}: {proc.stderr}"
+        return stamps[0] / 1e9
+
+
+StartAction = Callable[..., Launched]
+
+
+def _launcher(action_image: str, tmp_path: Path) -> StartAction:
     counter = iter(range(1_000_000))
 
-    def run(
+    def start(
         inputs: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         *,
         workspace: Path | None = None,
         network: str = "host",
         args: Sequence[str] = (),
-        timeout: float = 120,
-    ) -> ActionRun:
+        entrypoint: str | None = None,
+        file_commands: Path | None = None,
+    ) -> Launched:
         n = next(counter)
         host = tmp_path / f"runner-{n}"
         workspace = workspace or host / "workspace"
-        file_commands, home, workflow = host / "file_commands", host / "home", host / "workflow"
-        for folder in (workspace, file_commands, home, workflow):
+        file_commands = file_commands or host / "file_commands"
+        home, workflow, logs = host / "home", host / "workflow", host / "logs"
+        for folder in (workspace, file_commands, home, workflow, logs):
             folder.mkdir(parents=True, exist_ok=True)
         (workflow / "event.json").write_text("{}\n")
         files = {
@@ -262,27 +321,49 @@ def run_action(action_image: str, tmp_path: Path) -> RunAction:
         ]
         if Path(DOCKER_SOCK).is_socket():
             command += ["-v", f"{DOCKER_SOCK}:{DOCKER_SOCK}"]
+        if entrypoint is not None:  # as the runner runs pre- and post-entrypoints
+            command += ["--entrypoint", entrypoint]
         for variable in container_env:
             command += ["-e", variable]
         command += [action_image, *args]
 
+        exe = shutil.which("docker")
+        if exe is None:
+            pytest.fail(f"no docker client on PATH: {ENGINE_HINT}", pytrace=False)
         cli_env = {k: v for k, v in os.environ.items() if k in ("PATH", "DOCKER_HOST", "DOCKER_CONFIG")}
         cli_env.update(container_env)
-        try:
-            proc = docker(*command, timeout=timeout, env=cli_env)
-        except subprocess.TimeoutExpired:
-            docker("rm", "--force", name)
-            raise
-        return ActionRun(
-            returncode=proc.returncode,
-            stdout=proc.stdout,
-            stderr=proc.stderr,
-            outputs=parse_file_command((file_commands / "output").read_text()),
-            state=parse_file_command((file_commands / "state").read_text()),
-            env_file=parse_file_command((file_commands / "env").read_text()),
-            summary=(file_commands / "summary").read_text(),
-            command=["docker", *command],
-        )
+        with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+            process = subprocess.Popen(
+                [exe, *command], stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, env=cli_env
+            )
+        return Launched(name, process, file_commands, logs, ["docker", *command])
+
+    return start
+
+
+@pytest.fixture
+def start_action(action_image: str, tmp_path: Path) -> StartAction:
+    """Start the action's image as the runner does and return at once (to signal it, say).
+
+    Same arguments as `run_action`, plus `entrypoint` (the runner's `--entrypoint` for a
+    post-entrypoint) and `file_commands` (reuse a step's folder, as the runner does for the
+    post step).
+    """
+    return _launcher(action_image, tmp_path)
+
+
+@pytest.fixture
+def run_action(action_image: str, tmp_path: Path) -> RunAction:
+    """Run the action's image with the runner's `docker run` arguments.
+
+    `inputs` uses the names of action.yml (`{"aws-region": "eu-west-1"}`); `env` adds job
+    environment (e.g. AWS credentials). Values travel as `-e NAME` with the value in the docker
+    CLI's environment, as the runner passes them.
+    """
+    start = _launcher(action_image, tmp_path / "run")
+
+    def run(*args: object, timeout: float = 120, **kwargs: object) -> ActionRun:
+        return start(*args, **kwargs).wait(timeout)  # type: ignore[arg-type]
 
     return run
 
