@@ -70,7 +70,8 @@ def deploy(
 
         deploy_fleet(settings, aws, gh, outcome, clock, deploy_id, bundle)
         return
-    master = target.find_master(aws.ec2, aws.ssm, settings, gh.log)
+    # No EC2 client (its service model is the largest to load) when no discovery is needed.
+    master = target.find_master(None if settings.instance_id else aws.ec2, aws.ssm, settings, gh.log)
     outcome.instance_id = master.instance_id
 
     staging: stage.Staging | None = None
