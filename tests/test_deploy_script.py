@@ -26,6 +26,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "deploykit" / "scripts" / "k3s-de
 NS = "production-platform"
 REPORT_BEGIN = "===K3S-DEPLOY-REPORT-BEGIN==="
 REPORT_END = "===K3S-DEPLOY-REPORT-END==="
+DIFF_BEGIN = "===K3S-DEPLOY-DIFF-BEGIN==="
+DIFF_END = "===K3S-DEPLOY-DIFF-END==="
+LOCK = ("lease", "kube-system", "k3s-deploy-lock")
+TRACE = "k3s-deploy-action/"
 PHASE_OF_KIND = {
     "Namespace": "1-namespaces.yaml",
     "CustomResourceDefinition": "1-namespaces.yaml",
@@ -150,6 +154,12 @@ class Run:
     def workload(self, name: str) -> dict:
         return next(w for w in self.report["workloads"] if w["name"] == name)
 
+    @property
+    def diff(self) -> str:
+        """What the dry run printed between its diff markers."""
+        lines = self.stdout.splitlines()
+        return "\n".join(lines[lines.index(DIFF_BEGIN) + 1:lines.index(DIFF_END)])
+
 
 class Master:
     """A K3s master in a temp dir: the kubectl double on PATH, a state dir, a cluster."""
@@ -198,6 +208,47 @@ class Master:
         options.setdefault("rollback_timeout", 15)
         return self.run(self.command("rollback", deploy_id, **options))
 
+    def dry_run(self, docs: list[dict], deploy_id: str = "dry-1", **options: object) -> Run:
+        options.setdefault("timeout", 30)
+        return self.run(self.command("dry-run", deploy_id, "--bundle", str(self.bundle(docs)),
+                                     **options))
+
+    def start(self, docs: list[dict], deploy_id: str, **options: object) -> subprocess.Popen:
+        """A deploy in the background (its own process group, as under SSM)."""
+        options.setdefault("timeout", 30)
+        options.setdefault("rollback_timeout", 15)
+        argv = self.command("deploy", deploy_id, "--bundle", str(self.bundle(docs)), **options)
+        return subprocess.Popen(argv, env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    @staticmethod
+    def finished(process: subprocess.Popen) -> Run:
+        stdout, stderr = process.communicate(timeout=90)
+        return Run(process.returncode, stdout, stderr, 0.0)
+
+    def lock(self) -> dict | None:
+        return self.cluster.get(*LOCK)
+
+    def lock_holder(self) -> str | None:
+        lease = self.lock()
+        return None if lease is None else lease["spec"].get("holderIdentity")
+
+    def wait_for_holder(self, holder: str, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while self.lock_holder() != holder:
+            assert time.monotonic() < deadline, f"{holder} never took the lock"
+            time.sleep(0.05)
+
+    def objects(self) -> dict:
+        """The cluster's objects, the deploy lock left out (a deploy leaves it released)."""
+        return {key: obj for key, obj in self.cluster.objects().items()
+                if key != ("Lease", *LOCK[1:])}
+
+    def trace(self, kind: str, name: str) -> dict[str, str]:
+        """The workload's traceability annotations."""
+        annotations = self.cluster.get(kind, NS, name)["metadata"].get("annotations") or {}
+        return {k[len(TRACE):]: v for k, v in annotations.items() if k.startswith(TRACE)}
+
 
 @pytest.fixture
 def master(tmp_path: Path) -> Master:
@@ -238,6 +289,13 @@ def test_clean_deploy_applies_everything_and_reports_every_workload_ready(master
     assert "abc123" in run.stdout
     # The deploy is over: nothing is left for a rollback, and the lock is free.
     assert sorted(p.name for p in master.state_root.iterdir()) == []
+    assert master.lock_holder() == ""
+    # Every workload says which commit and run put it there.
+    for kind, name in [("statefulset", "redis"), ("deployment", "api"), ("deployment", "worker")]:
+        trace = master.trace(kind, name)
+        assert trace.pop("deployed-at").endswith("Z")
+        assert trace == {"commit-sha": "abc123", "run-url": "https://github.com/o/r/runs/1",
+                         "deploy-id": "deploy-1"}
 
 
 def test_redeploying_the_same_manifests_leaves_every_workload_unchanged(master: Master) -> None:
@@ -299,7 +357,7 @@ def path_without(tmp: Path, missing: str, extra_bin: Path) -> str:
     pytest.param("", "/opt/k3s/bin/kubectl", id="kubectl"),
 ])
 def test_missing_tool_is_named_and_exits_3(master: Master, missing: str, kubectl: str) -> None:
-    before = master.cluster.objects()
+    before = master.objects()
     bundle = master.bundle(platform())
     env = master.env(path=path_without(master.root, missing, master.bin))
 
@@ -310,41 +368,41 @@ def test_missing_tool_is_named_and_exits_3(master: Master, missing: str, kubectl
     assert run.code == 3, run.stdout
     assert run.report["step"] == "tools"
     assert (missing or kubectl) in run.report["message"]
-    assert master.cluster.objects() == before
+    assert master.objects() == before
 
 
 def test_unhealthy_api_exits_4_without_applying(master: Master) -> None:
     master.cluster.set_api_healthy(False)
-    before = master.cluster.objects()
+    before = master.objects()
 
     run = master.deploy(platform())
 
     assert run.code == 4, run.stdout
     assert (run.report["result"], run.report["step"]) == ("failed", "api")
     assert "not healthy" in run.report["message"]
-    assert master.cluster.objects() == before
+    assert master.objects() == before
     assert not (master.state_root / "deploy-1").exists()
 
 
 def test_namespaced_object_without_its_namespace_is_rejected_before_anything_changes(
         master: Master) -> None:
-    before = master.cluster.objects()
+    before = master.objects()
     # The bundle creates one namespace but not the one its config and workload live in.
     docs = [namespace("monitoring"), configmap(), deployment("api", "api:v1")]
 
     run = master.deploy(docs)
 
     assert run.code == 5, run.stdout
-    assert (run.report["step"], run.report["rollback"]) == ("apply", "not-needed")
+    assert (run.report["step"], run.report["rollback"]) == ("check", "not-needed")
     assert 'namespaces "production-platform" not found' in run.report["message"]
     assert "configmap/app-config" in run.report["message"]
-    assert master.cluster.objects() == before
+    assert master.objects() == before
     assert master.cluster.get("namespace", "", "monitoring") is None
 
 
 def test_malformed_manifest_is_rejected_before_anything_changes(master: Master) -> None:
     master.cluster.seed(as_yaml([namespace()]))
-    before = master.cluster.objects()
+    before = master.objects()
     nameless = configmap()
     del nameless["metadata"]["name"]
 
@@ -352,36 +410,7 @@ def test_malformed_manifest_is_rejected_before_anything_changes(master: Master) 
 
     assert run.code == 5, run.stdout
     assert "resource name may not be empty" in run.stdout
-    assert master.cluster.objects() == before
-
-
-def test_another_deploy_holding_the_lock_exits_6(master: Master) -> None:
-    master.state_root.mkdir()
-    # A running deploy (by its command line) holds the lock.
-    holder = subprocess.Popen(["bash", "-c", "sleep 30; true", "k3s-deploy.sh"])
-    try:
-        (master.state_root / ".lock").symlink_to(str(holder.pid))
-
-        run = master.deploy(platform())
-    finally:
-        holder.kill()
-        holder.wait()
-
-    assert run.code == 6, run.stdout
-    assert str(holder.pid) in run.report["message"]
-    assert master.cluster.get("namespace", "", NS) is None
-
-
-def test_lock_naming_an_unrelated_process_is_taken_over(master: Master) -> None:
-    # After a reboot the PID in a stale lock may belong to anything, here this test.
-    master.state_root.mkdir()
-    (master.state_root / ".lock").symlink_to(str(os.getpid()))
-
-    run = master.deploy([namespace()])
-
-    assert run.code == 0, run.stdout
-    assert "taking over the lock" in run.stdout
-    assert not (master.state_root / ".lock").exists()
+    assert master.objects() == before
 
 
 @pytest.mark.parametrize("args", [
@@ -472,7 +501,8 @@ def test_rollback_off_leaves_the_failed_rollout_in_place(master: Master) -> None
 def test_configmap_only_deploy_that_fails_rolls_nothing_back(master: Master) -> None:
     master.cluster.seed(as_yaml([namespace(), deployment("api", "api:v1"),
                                  deployment("api", "api:v2")]))
-    master.cluster.fail_apply("configmap", "app-config")
+    # Refused at apply time only: the server-side dry run passed.
+    master.cluster.fail_apply("configmap", "app-config", on_dry_run=False)
 
     run = master.deploy([configmap()], namespace=NS)
 
@@ -536,7 +566,7 @@ def test_statefulset_with_a_bad_image_fails_fast_and_is_rolled_back(master: Mast
     assert all(p["status"]["containerStatuses"][0]["ready"] for p in master.cluster.pods(NS))
 
 
-def test_terminated_deploy_keeps_its_state_for_the_rollback_and_frees_the_lock(
+def test_terminated_deploy_keeps_its_state_and_the_lock_for_the_rollback(
         master: Master) -> None:
     master.cluster.seed(as_yaml(platform()))
     master.cluster.slow_rollout("deployment", NS, "api", 120)
@@ -558,7 +588,13 @@ def test_terminated_deploy_keeps_its_state_for_the_rollback_and_frees_the_lock(
     assert stderr == ""
     assert "rollback --deploy-id deploy-8" in stdout
     assert (master.state_root / "deploy-8" / "revisions.tsv").exists()
-    assert not (master.state_root / ".lock").exists()
+    # The lock stays with the deploy until its rollback (no other deploy may change the
+    # workloads in between); that rollback takes it over.
+    assert master.lock_holder() == "deploy-8"
+    rollback = master.rollback("deploy-8")
+    assert rollback.code == 10, rollback.stdout
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+    assert master.lock_holder() == ""
 
 
 def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Master) -> None:
@@ -589,7 +625,9 @@ def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Mast
         "redis": "unchanged", "api": "rolled-back", "worker": "rolled-back"}
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
     assert master.cluster.image_of("deployment", NS, "worker") == "worker:v1"
-    assert "taking over the lock" in run.stdout
+    # The killed deploy still held the cluster's lock: its own rollback takes it over.
+    assert "lock taken over (it was left by this deploy's own process" in run.stdout
+    assert master.lock_holder() == ""
     assert not (master.state_root / "deploy-7").exists()
 
     again = master.rollback("deploy-7")
@@ -597,3 +635,479 @@ def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Mast
     assert again.code == 12, again.stdout
     assert again.report["rollback"] == "nothing-changed"
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+
+
+# -- fail fast: every back-off reason, with what a user needs to fix it ---------------------------
+
+BACKOFF_REASONS = ["CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+                   "ErrImageNeverPull", "CreateContainerConfigError", "CreateContainerError",
+                   "RunContainerError"]
+PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
+
+
+@pytest.mark.parametrize("reason", BACKOFF_REASONS)
+def test_each_back_off_reason_fails_fast_naming_pod_container_reason_message_and_log(
+        master: Master, reason: str) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("api:v2", reason, log="connecting to redis:6379\npanic: boom")
+
+    # No progress deadline to help (600 s): only the pod checks can stop this early.
+    run = master.deploy(platform(api_image="api:v2"), timeout=120)
+
+    assert run.code == 7, run.stdout
+    report = run.report
+    assert (report["step"], report["rollback"]) == ("rollout", "done")
+    failure = report["failure"]
+    assert failure["workload"] == "deployment/api"
+    assert failure["namespace"] == NS
+    assert failure["pod"].startswith("api-")
+    assert (failure["container"], failure["reason"]) == ("api", reason)
+    assert failure["message"]
+    for part in (failure["pod"], "container api", reason):
+        assert part in report["message"]
+    if reason == "CrashLoopBackOff":
+        # The crashed container's own last words (kubectl logs --previous).
+        assert failure["log"] == ["connecting to redis:6379", "panic: boom"]
+        assert "log ends: panic: boom" in report["message"]
+        assert "back-off" in failure["message"]
+    elif reason in PULL_REASONS:
+        assert failure["log"] == []  # no image, no log
+    else:
+        assert failure["log"] and failure["log"][0].startswith("(no log:")
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+
+
+def test_crash_loop_with_a_600_s_timeout_fails_after_a_few_pod_checks(master: Master) -> None:
+    """The issue's "done when": a 600 s budget, no progress deadline, a crash-looping rollout.
+    The outcome is asserted (failed by the pod checks after a few of them, not timed out); the
+    seconds are printed for the record, never asserted."""
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("api:v2", "CrashLoopBackOff", log="panic: boom")
+    calls = master.root / "calls.jsonl"
+    bundle = master.bundle(platform(api_image="api:v2"))
+
+    run = master.run(master.command("deploy", "deploy-1", "--bundle", str(bundle), timeout=600,
+                                    rollback_timeout=60),
+                     env=master.env(KUBECTL_DOUBLE_LOG=str(calls)))
+
+    assert run.code == 7, run.stdout
+    assert (run.report["result"], run.report["step"]) == ("failed", "rollout")
+    assert run.report["failure"]["reason"] == "CrashLoopBackOff"
+    assert "which does not clear by itself" in run.report["message"]
+    assert "was not ready in time" not in run.stdout
+    # A few 3 s slices of `rollout status` for the api before it gave up (the undo's own wait
+    # comes after): the kubelet needs two restarts (about 10 s) to call it a crash loop.
+    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
+    first_undo = next(i for i, a in enumerate(argvs) if a[:2] == ["rollout", "undo"])
+    checks = [a for a in argvs[:first_undo] if a[:3] == ["rollout", "status", "deployment/api"]]
+    assert 2 <= len(checks) <= 10, len(checks)
+    print(f"crash loop with timeout 600 s: failed after {len(checks)} pod checks, "
+          f"{run.seconds:.1f} s")
+
+
+def test_progress_deadline_stops_at_once_and_names_the_stuck_pod(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform(progress_deadline=2)))
+    # Never a back-off: only the Deployment's own deadline says it is stuck.
+    master.cluster.break_image("api:v2", "ContainerCreating")
+
+    run = master.deploy(platform(api_image="api:v2", progress_deadline=2), timeout=120)
+
+    assert run.code == 7, run.stdout
+    assert "ProgressDeadlineExceeded" in run.report["message"]
+    assert run.report["failure"]["reason"] == "ContainerCreating"
+    assert run.report["failure"]["pod"].startswith("api-")
+
+
+def test_an_unchanged_workload_that_crash_loops_fails_fast_too(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    # redis is not part of the change, but its running pod crash-loops: the deploy cannot be
+    # called healthy, and there is no new pod to wait for.
+    master.cluster.break_image("redis:7.2", "CrashLoopBackOff")
+
+    run = master.deploy(platform(api_image="api:v2"), timeout=120)
+
+    assert run.code == 7, run.stdout
+    assert run.report["failure"]["workload"] == "statefulset/redis"
+    assert run.workload("redis")["result"] == "failed"
+    # api changed (it was applied with the rest) and is undone; redis had nothing to undo.
+    assert run.workload("api")["result"] == "rolled-back"
+
+
+# -- proving health ---------------------------------------------------------------------------
+
+
+def test_a_workload_that_breaks_after_its_rollout_fails_the_health_check(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 5)
+    process = master.start(platform(api_image="api:v2"), "deploy-h", timeout=60)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(f"statefulset/redis in {NS}: rolled out"):
+            break
+    # redis has rolled out (unchanged); it breaks while the api is still rolling out.
+    master.cluster.break_image("redis:7.2", "CrashLoopBackOff")
+
+    run = master.finished(process)
+    run.stdout = "".join(seen) + run.stdout
+
+    assert run.code == 7, run.stdout
+    assert run.report["step"] == "verify"
+    assert "health check failed: statefulset/redis" in run.report["message"]
+    assert run.report["failure"]["reason"] == "CrashLoopBackOff"
+    assert run.workload("api")["result"] == "rolled-back"
+
+
+def test_the_report_lists_desired_ready_updated_and_revisions_per_workload(
+        master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+
+    run = master.deploy(platform(worker_image="worker:v2"))
+
+    assert run.code == 0, run.stdout
+    assert "verifying health" in run.stdout
+    workloads = {w["name"]: w for w in run.report["workloads"]}
+    assert {n: (w["desired"], w["ready"], w["updated"]) for n, w in workloads.items()} == {
+        "redis": (1, 1, 1), "api": (2, 2, 2), "worker": (1, 1, 1)}
+    assert (workloads["worker"]["revision_before"], workloads["worker"]["revision_after"],
+            workloads["worker"]["result"]) == ("1", "2", "ready")
+    assert (workloads["api"]["revision_before"], workloads["api"]["revision_after"],
+            workloads["api"]["result"]) == ("1", "1", "unchanged")
+
+
+# -- the server-side dry run: a bad document fails with nothing applied ---------------------------
+
+
+def test_server_dry_run_rejects_an_immutable_change_before_anything_is_applied(
+        master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    before = master.objects()
+    docs = platform(api_image="api:v2")
+    docs[1] = configmap(LOG_LEVEL="debug")
+    moved = docs[4]
+    moved["spec"]["selector"]["matchLabels"]["tier"] = "web"  # immutable in a Deployment
+    moved["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+
+    run = master.deploy(docs)
+
+    assert run.code == 5, run.stdout
+    assert (run.report["step"], run.report["rollback"]) == ("check", "not-needed")
+    assert "server-side dry run rejected bundle/5-workloads.yaml" in run.report["message"]
+    assert "field is immutable" in run.report["message"]
+    # Not even the ConfigMap of the earlier phase changed.
+    assert master.objects() == before
+    assert master.lock_holder() == ""
+
+
+def test_without_the_server_dry_run_the_same_bundle_is_half_applied(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    docs = platform()
+    docs[1] = configmap(LOG_LEVEL="debug")
+    docs[4]["spec"]["selector"]["matchLabels"]["tier"] = "web"
+    docs[4]["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+
+    run = master.deploy(docs, server_dry_run=False)
+
+    assert run.code == 9, run.stdout
+    assert "server-side dry run skipped" in run.stdout
+    assert master.cluster.get("configmap", NS, "app-config")["data"] == {"LOG_LEVEL": "debug"}
+
+
+def test_server_dry_run_rejects_what_an_admission_webhook_refuses(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    before = master.objects()
+    master.cluster.fail_apply("deployment", "worker")
+
+    run = master.deploy(platform(api_image="api:v2", worker_image="worker:v2"))
+
+    assert run.code == 5, run.stdout
+    assert "denied the request" in run.report["message"]
+    assert master.objects() == before
+
+
+def test_first_deploy_into_a_new_namespace_checks_its_objects_client_side_and_says_so(
+        master: Master) -> None:
+    run = master.deploy(platform())
+
+    assert run.code == 0, run.stdout
+    assert "namespace/production-platform created (server dry run)" in run.stdout
+    assert ("namespace production-platform is new: its objects (configmap/app-config, "
+            "service/api, statefulset/redis, deployment/api, deployment/worker) had the "
+            "client-side check only") in run.stdout
+
+
+def test_a_configmap_only_deploy_refused_by_the_server_changes_nothing(master: Master) -> None:
+    master.cluster.seed(as_yaml([namespace(), deployment("api", "api:v1")]))
+    before = master.objects()
+    master.cluster.fail_apply("configmap", "app-config")
+
+    run = master.deploy([configmap()], namespace=NS)
+
+    assert run.code == 5, run.stdout
+    assert run.report["rollback"] == "not-needed"
+    assert master.objects() == before
+
+
+# -- failing after changes: each step in turn ----------------------------------------------------
+
+
+def test_apply_failure_rolls_back_the_workload_applied_before_it(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.fail_apply("deployment", "worker", on_dry_run=False)
+
+    run = master.deploy(platform(api_image="api:v2", worker_image="worker:v2"))
+
+    assert run.code == 7, run.stdout
+    assert (run.report["step"], run.report["rollback"]) == ("apply", "done")
+    assert "kubectl apply -f bundle/5-workloads.yaml failed" in run.report["message"]
+    assert run.workload("api")["result"] == "rolled-back"
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+    assert master.cluster.revision("deployment", NS, "worker") == "1"
+
+
+def test_a_failing_undo_is_reported_as_a_failed_rollback(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("api:v2", "ImagePullBackOff")
+    master.cluster.fail_undo("deployment", "api")
+
+    run = master.deploy(platform(api_image="api:v2"))
+
+    assert run.code == 8, run.stdout
+    assert (run.report["result"], run.report["rollback"]) == ("failed", "failed")
+    assert "rollback failed: deployment/api" in run.report["message"]
+    assert master.lock_holder() == ""
+
+
+# -- traceability ---------------------------------------------------------------------------------
+
+
+def test_annotations_name_the_deploy_and_never_change_a_revision(master: Master) -> None:
+    first = master.deploy(platform(), "deploy-1", commit="c0ffee1", run_url="https://x/runs/1")
+    assert first.code == 0, first.stdout
+    revisions = {name: master.cluster.revision(kind, NS, name)
+                 for kind, name in [("statefulset", "redis"), ("deployment", "api")]}
+
+    again = master.deploy(platform(), "deploy-2", commit="c0ffee2", run_url="https://x/runs/2")
+
+    assert again.code == 0, again.stdout
+    for kind, name in [("statefulset", "redis"), ("deployment", "api")]:
+        assert master.cluster.revision(kind, NS, name) == revisions[name]
+        assert again.workload(name)["result"] == "unchanged"
+        trace = master.trace(kind, name)
+        assert (trace["commit-sha"], trace["run-url"], trace["deploy-id"]) == (
+            "c0ffee2", "https://x/runs/2", "deploy-2")
+        # Only the workload's own metadata: the pod template (and so the pods) is untouched.
+        template = master.cluster.get(kind, NS, name)["spec"]["template"]
+        assert "annotations" not in template["metadata"]
+
+
+def test_a_rolled_back_workload_gets_its_previous_annotations_back(master: Master) -> None:
+    assert master.deploy(platform(), "deploy-1", commit="c0ffee1").code == 0
+    master.cluster.break_image("api:v2", "ErrImagePull")
+
+    run = master.deploy(platform(api_image="api:v2"), "deploy-2", commit="c0ffee2")
+
+    assert run.code == 7, run.stdout
+    # api runs deploy-1's template again, and says so; worker was applied by deploy-2.
+    assert master.trace("deployment", "api")["deploy-id"] == "deploy-1"
+    assert master.trace("deployment", "api")["commit-sha"] == "c0ffee1"
+    assert master.trace("deployment", "worker")["deploy-id"] == "deploy-2"
+
+
+# -- one deploy at a time -------------------------------------------------------------------------
+
+
+def test_a_second_deploy_waits_for_the_lock_then_fails_naming_the_holder(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 6)
+    first = master.start(platform(api_image="api:v2"), "deploy-a",
+                         run_url="https://github.com/o/r/actions/runs/1")
+    master.wait_for_holder("deploy-a")
+
+    second = master.deploy(platform(worker_image="worker:v2"), "deploy-b", lock_timeout=2)
+
+    assert second.code == 6, second.stdout
+    assert (second.report["step"], second.report["rollback"]) == ("lock", "not-needed")
+    message = second.report["message"]
+    assert "another deploy holds the cluster's deploy lock" in message
+    assert "deploy deploy-a of https://github.com/o/r/actions/runs/1 since 20" in message
+    assert "waited 2s" in message
+    assert master.cluster.image_of("deployment", NS, "worker") == "worker:v1"
+    done = master.finished(first)
+    assert done.code == 0, done.stdout
+    assert master.lock_holder() == ""
+
+
+def test_a_second_deploy_that_may_wait_long_enough_runs_after_the_first(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 4)
+    first = master.start(platform(api_image="api:v2"), "deploy-a")
+    master.wait_for_holder("deploy-a")
+
+    second = master.deploy(platform(api_image="api:v2", worker_image="worker:v2"), "deploy-b",
+                           lock_timeout=60)
+
+    assert second.code == 0, second.stdout
+    assert "waiting up to 60s for the deploy lock: held by deploy deploy-a" in second.stdout
+    assert "lock taken over (it was released)" in second.stdout
+    assert master.finished(first).code == 0
+    assert master.cluster.image_of("deployment", NS, "worker") == "worker:v2"
+
+
+def test_two_deploys_started_at_once_never_both_take_the_lock(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 3)
+    runs = [master.start(platform(api_image=f"api:v{n}"), f"deploy-{n}", lock_timeout=0)
+            for n in (2, 3)]
+
+    results = [master.finished(process) for process in runs]
+
+    assert sorted(run.code for run in results) == [0, 6], [run.stdout for run in results]
+    winner = next(run for run in results if run.code == 0)
+    loser = next(run for run in results if run.code == 6)
+    assert f": deploy {winner.report['deploy_id']} since " in loser.report["message"]
+    version = winner.report["deploy_id"].removeprefix("deploy-")
+    assert master.cluster.image_of("deployment", NS, "api") == f"api:v{version}"
+    assert master.lock_holder() == ""
+
+
+def test_an_expired_lock_of_a_dead_deploy_is_taken_over(master: Master) -> None:
+    master.cluster.seed(as_yaml([namespace(), {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "k3s-deploy-lock", "namespace": "kube-system"},
+        "spec": {"holderIdentity": "crashed-deploy", "leaseDurationSeconds": 60,
+                 "acquireTime": "2020-01-01T00:00:00.000000Z",
+                 "renewTime": "2020-01-01T00:00:00.000000Z"}}]))
+
+    run = master.deploy([configmap()], lock_timeout=0)
+
+    assert run.code == 0, run.stdout
+    assert "lock taken over (it was held by deploy crashed-deploy since 2020-01-01" in run.stdout
+    assert master.lock_holder() == ""
+
+
+@pytest.mark.parametrize("code", [4, 5, 7, 9])
+def test_the_lock_is_released_on_every_exit_path(master: Master, code: int) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    options: dict[str, object] = {}
+    if code == 4:
+        # The API goes away right after the lock was taken.
+        master.cluster.set_api_healthy(True)
+        docs = platform()
+        options["kubectl"] = str(master.bin / "flaky-kubectl")
+        (master.bin / "flaky-kubectl").write_text(
+            f'#!/bin/sh\nif [ "$1" = get ] && [ "$2" = namespace ]; then exit 1; fi\n'
+            f'exec "{master.bin}/kubectl" "$@"\n')
+        (master.bin / "flaky-kubectl").chmod(0o755)
+    elif code == 5:
+        docs = [configmap(), {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}]
+    elif code == 7:
+        master.cluster.break_image("api:v2", "ImagePullBackOff")
+        docs = platform(api_image="api:v2")
+    else:
+        master.cluster.break_image("api:v2", "ImagePullBackOff")
+        docs = platform(api_image="api:v2")
+        options["rollback"] = False
+
+    run = master.deploy(docs, **options)
+
+    assert run.code == code, run.stdout
+    assert master.lock_holder() == ""
+    assert "deploy lock released" in run.stdout
+
+
+# -- dry run ----------------------------------------------------------------------------------------
+
+
+def test_dry_run_shows_the_diff_and_changes_nothing(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    before = master.cluster.objects()
+    docs = platform(api_image="api:v2")
+    docs[1] = configmap(LOG_LEVEL="debug")
+
+    run = master.dry_run(docs)
+
+    assert run.code == 0, run.stdout
+    report = run.report
+    assert (report["mode"], report["result"], report["step"]) == ("dry-run", "success", "done")
+    assert sorted(report["changes"]) == ["apps.v1.Deployment.production-platform.api",
+                                         "v1.ConfigMap.production-platform.app-config"]
+    assert "2 object(s) would change" in report["message"]
+    assert "-      - image: api:v1\n+      - image: api:v2" in run.diff
+    assert "-  LOG_LEVEL: info\n+  LOG_LEVEL: debug" in run.diff
+    assert "server-side dry run ok" in run.stdout
+    # Nothing changed, and no lock was taken.
+    assert master.cluster.objects() == before
+    assert master.lock() is None
+
+
+def test_dry_run_needs_no_lock_and_ignores_one_that_is_held(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 5)
+    deploy = master.start(platform(api_image="api:v2"), "deploy-a")
+    master.wait_for_holder("deploy-a")
+
+    run = master.dry_run(platform(api_image="api:v3"))
+
+    assert run.code == 0, run.stdout
+    assert master.lock_holder() == "deploy-a"
+    assert master.finished(deploy).code == 0
+
+
+def test_dry_run_of_a_first_deploy_lists_what_a_new_namespace_would_get(master: Master) -> None:
+    run = master.dry_run(platform())
+
+    assert run.code == 0, run.stdout
+    changes = run.report["changes"]
+    assert "v1.Namespace..production-platform" in changes
+    assert "deployment/api in production-platform (new namespace: would be created)" in changes
+    assert master.cluster.get("namespace", "", NS) is None
+
+
+def test_dry_run_with_no_differences_says_so(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+
+    run = master.dry_run(platform())
+
+    assert run.code == 0, run.stdout
+    assert run.report["changes"] == []
+    assert "already matches" in run.report["message"]
+    assert run.diff == ""
+
+
+def test_dry_run_of_a_bad_document_fails_and_changes_nothing(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    before = master.cluster.objects()
+    docs = platform()
+    docs[4]["spec"]["selector"]["matchLabels"]["tier"] = "web"
+    docs[4]["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+
+    run = master.dry_run(docs)
+
+    assert run.code == 5, run.stdout
+    assert "field is immutable" in run.report["message"]
+    assert master.cluster.objects() == before
+
+
+def test_a_long_diff_is_cut_to_fit(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    docs = platform()
+    docs[1] = configmap(**{f"KEY_{i}": "x" * 80 for i in range(100)})
+
+    run = master.dry_run(docs, max_diff_bytes=2000)
+
+    assert run.code == 0, run.stdout
+    assert len(run.diff) < 2200
+    assert "diff cut at" in run.diff
+
+
+def test_dry_run_without_diff_on_the_master_names_it(master: Master) -> None:
+    env = master.env(path=path_without(master.root, "diff", master.bin))
+    bundle = master.bundle(platform())
+
+    run = master.run(["/usr/bin/bash", str(SCRIPT), "dry-run", "--deploy-id", "d1", "--bundle",
+                      str(bundle), "--state-dir", str(master.state_root)], env=env)
+
+    assert run.code == 3, run.stdout
+    assert "missing: diff" in run.report["message"]

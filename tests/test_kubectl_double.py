@@ -76,9 +76,9 @@ def real_kubectl(tmp_path_factory: pytest.TempPathFactory):
     kubeconfig.write_text(UNREACHABLE_KUBECONFIG)
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
 
-    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    def run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([str(REAL_KUBECTL), *argv], env=env, capture_output=True,
-                              text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+                              text=True, timeout=60, check=False, input=stdin or "")
         # Drop client-go's discovery retries (klog lines), keep what kubectl itself says.
         done.stderr = "\n".join(line for line in done.stderr.splitlines()
                                 if "memcache.go" not in line)
@@ -116,30 +116,57 @@ def double(tmp_path: Path) -> Double:
 
 @pytest.fixture(scope="module")
 def script_calls(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
-    """Every kubectl argv the deploy script makes in a deploy, a failure and its rollback."""
+    """Every kubectl argv the deploy script makes: a deploy (lock, client and server dry runs,
+    apply, annotations, health check), failures of each kind with their logs and rollbacks
+    (the lock taken over each time), and a dry run with its diff."""
     master = Master(tmp_path_factory.mktemp("master"))
     calls = master.root / "calls.jsonl"
     env = master.env(KUBECTL_DOUBLE_LOG=str(calls))
-    first = master.run(master.command("deploy", "first", "--bundle", str(master.bundle(
-        [*platform(), widget_crd(), widget()])), timeout=30), env=env)
-    assert first.code == 0, first.stdout
-    # A StatefulSet that times out: its undo must also release the pod stuck on the bad image.
+
+    def deploy(deploy_id: str, docs: list[dict], code: int, command: str = "deploy") -> None:
+        run = master.run(master.command(command, deploy_id, "--bundle", str(master.bundle(docs)),
+                                        timeout=60, rollback_timeout=30), env=env)
+        assert run.code == code, run.stdout
+
+    deploy("first", [*platform(), widget_crd(), widget()], 0)
+    # A StatefulSet on a bad image: its undo must also release the pod stuck on it.
     master.cluster.break_image("redis:bad", reason="ImagePullBackOff")
-    second = master.run(master.command(
-        "deploy", "second", "--bundle", str(master.bundle(platform(
-            api_image="api:v2", redis_image="redis:bad"))), timeout=2, rollback_timeout=15),
-        env=env)
-    assert second.code == 10, second.stdout
+    deploy("second", platform(api_image="api:v2", redis_image="redis:bad"), 7)
+    # A crash loop (the previous container's log) and a config error (no log to show).
+    master.cluster.break_image("api:v3", log="panic: boom")
+    deploy("third", platform(api_image="api:v3"), 7)
+    master.cluster.break_image("worker:v3", reason="CreateContainerConfigError")
+    deploy("fourth", platform(worker_image="worker:v3"), 7)
+    deploy("dry", platform(api_image="api:v4"), 0, command="dry-run")
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
 
+# What the script creates and replaces on stdin (`-f -`): its lock.
+LEASE_ON_STDIN = """\
+apiVersion: coordination.k8s.io/v1
+kind: Lease
+metadata:
+  name: k3s-deploy-lock
+  namespace: kube-system
+  resourceVersion: "7"
+  annotations:
+    k3s-deploy-action/holder-process: "master/42"
+spec:
+  holderIdentity: "first"
+  acquireTime: "2025-01-01T00:00:00.000000Z"
+  renewTime: "2025-01-01T00:00:00.000000Z"
+  leaseDurationSeconds: 1020
+"""
+
+
 def with_real_files(argv: list[str], root: Path) -> list[str]:
-    """The argv with each -f pointing at a copy of the bundle file it named."""
+    """The argv with each -f pointing at a copy of the bundle file it named (`-f -` stays:
+    the lease goes to stdin)."""
     # Real kubectl checks its flags before it reads the files; any bundle file will do.
     files = phase_files([*platform(), widget_crd(), widget()])
     out = list(argv)
     for i, arg in enumerate(argv[:-1]):
-        if arg == "-f":
+        if arg == "-f" and argv[i + 1] != "-":
             copy = root / Path(argv[i + 1]).name
             copy.write_text(files[copy.name])
             out[i + 1] = str(copy)
@@ -151,10 +178,14 @@ def test_every_kubectl_call_of_the_script_is_accepted_by_real_kubectl(
     shapes = {tuple(with_real_files(argv, tmp_path)) for argv in script_calls}
     # The scenario must have exercised every kind of call the script makes.
     used = {" ".join(a for a in argv[:2] if not a.startswith("-")) for argv in shapes}
-    assert {"get", "apply", "wait", "rollout status", "rollout undo", "delete pod"} <= {
-        u if not u.startswith("get") else "get" for u in used}
+    assert {"get", "apply", "wait", "rollout status", "rollout undo", "delete pod", "create",
+            "replace", "annotate", "logs", "diff"} <= {
+        u if not u.startswith(("get", "annotate", "logs", "create", "replace", "diff")) else
+        u.split()[0] for u in used}
+    assert any("--dry-run=server" in argv for argv in shapes)
+    assert any("--previous" in argv for argv in shapes)
     for argv in sorted(shapes):
-        done = real_kubectl(list(argv))
+        done = real_kubectl(list(argv), LEASE_ON_STDIN if "-" in argv else None)
         said = done.stdout + done.stderr
         assert not any(marker in said for marker in USAGE_ERROR_MARKERS), (argv, said)
         # It got as far as talking to the (absent) API server.
@@ -162,13 +193,22 @@ def test_every_kubectl_call_of_the_script_is_accepted_by_real_kubectl(
 
 
 def jsonpath_templates(script_calls: list[list[str]]) -> dict[str, str]:
-    """template -> what the script reads with it: object, pod list, or bundle listing."""
+    """template -> what the script reads with it: a workload, the pod list, one pod, the lock,
+    or the bundle listing."""
     templates = {}
     for argv in script_calls:
         for arg in argv:
             if arg.startswith("jsonpath="):
-                kind = ("bundle" if argv[0] == "apply" else "pods" if argv[1] == "pods"
-                        else "object")
+                if argv[0] == "apply":
+                    kind = "bundle"
+                elif argv[0] in ("create", "replace") or argv[1] == "lease":
+                    kind = "lease"
+                elif argv[1] == "pods":
+                    kind = "pods"
+                elif argv[1] == "pod":
+                    kind = "pod"
+                else:
+                    kind = "object"
                 templates[arg[len("jsonpath="):]] = kind
     return templates
 
@@ -222,6 +262,37 @@ def test_script_jsonpath_on_pods_prints_what_real_kubectl_prints(
         expected = "".join(real_jsonpath(real_kubectl, inner, pod, tmp_path) for pod in pods)
         ours = rolling_cluster("get", "pods", "-n", NS, "-o", f"jsonpath={template}")
         assert ours.stdout == expected, template
+
+
+def test_script_jsonpath_on_one_pod_prints_what_real_kubectl_prints(
+        script_calls, real_kubectl, rolling_cluster: Double, tmp_path: Path) -> None:
+    templates = [t for t, kind in jsonpath_templates(script_calls).items() if kind == "pod"]
+    assert templates
+    pods = json.loads(rolling_cluster("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
+    waiting = [p for p in pods if p["status"]["containerStatuses"][0]["state"].get("waiting")]
+    assert waiting
+    for pod in pods:
+        for template in templates:
+            ours = rolling_cluster("get", "pod", pod["metadata"]["name"], "-n", NS, "-o",
+                                   f"jsonpath={template}")
+            assert ours.returncode == 0, ours.stderr
+            assert ours.stdout == real_jsonpath(real_kubectl, template, pod, tmp_path), template
+
+
+def test_script_jsonpath_on_the_lock_prints_what_real_kubectl_prints(
+        script_calls, real_kubectl, double: Double, tmp_path: Path) -> None:
+    templates = [t for t, kind in jsonpath_templates(script_calls).items() if kind == "lease"]
+    assert len(templates) >= 2  # the lock's fields, and the resourceVersion a write returns
+    path = tmp_path / "lease.yaml"
+    path.write_text(LEASE_ON_STDIN.replace('  resourceVersion: "7"\n', ""))
+    assert double("create", "-f", str(path)).returncode == 0
+    served = json.loads(double("get", "lease", "k3s-deploy-lock", "-n", "kube-system", "-o",
+                               "json").stdout)
+    for template in templates:
+        ours = double("get", "lease", "k3s-deploy-lock", "-n", "kube-system", "-o",
+                      f"jsonpath={template}")
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == real_jsonpath(real_kubectl, template, served, tmp_path), template
 
 
 def test_script_jsonpath_on_the_bundle_prints_what_real_kubectl_prints(
@@ -301,6 +372,13 @@ def test_jsonpath_evaluator_matches_real_kubectl(template: str, real_kubectl,
     ["rollout", "restart-typo", "deployment/api"],
     ["delete", "pod", "x", "--force-typo"],
     ["deploy-typo"],
+    ["create"],
+    ["create", "-f", "-", "--dry-run-typo"],
+    ["annotate", "deployment/api"],
+    ["annotate", "--overwrite", "deployment/api", "k=v", "--bogus"],
+    ["logs"],
+    ["logs", "api-1", "--tail=x"],
+    ["logs", "api-1", "-x"],
 ])
 def test_bad_calls_are_refused_like_real_kubectl(argv: list[str], double: Double, real_kubectl,
                                                  tmp_path: Path) -> None:
@@ -311,6 +389,14 @@ def test_bad_calls_are_refused_like_real_kubectl(argv: list[str], double: Double
     ours, real = double(*argv), real_kubectl(argv)
 
     assert ours.returncode == real.returncode == 1
+    assert ours.stderr.splitlines()[0] == real.stderr.splitlines()[0]
+
+
+def test_diff_without_files_fails_with_diff_s_own_exit_code(double: Double, real_kubectl) -> None:
+    ours, real = double("diff"), real_kubectl(["diff"])
+
+    # kubectl diff: 0 no differences, 1 differences, >1 an error.
+    assert ours.returncode == real.returncode == 2
     assert ours.stderr.splitlines()[0] == real.stderr.splitlines()[0]
 
 
@@ -550,3 +636,149 @@ def test_concurrent_calls_do_not_lose_updates(double: Double) -> None:
     assert all(r.returncode == 0 for r in results)
     names = {key[2] for key in double.cluster.objects() if key[0] == "ConfigMap"}
     assert names == {f"cm-{i}" for i in range(8)}
+
+
+# -- what the deploy script's lock, checks, diff and reports rely on ----------------------------
+
+LEASE = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+         "metadata": {"name": "k3s-deploy-lock", "namespace": "kube-system"},
+         "spec": {"holderIdentity": "d1", "leaseDurationSeconds": 60,
+                  "acquireTime": "2025-01-01T00:00:00.000000Z",
+                  "renewTime": "2025-01-01T00:00:00.000000Z"}}
+
+
+def test_create_is_atomic_across_concurrent_processes(double: Double) -> None:
+    path = double.root / "lease.yaml"
+    path.write_text(yaml.safe_dump(LEASE))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: double("create", "-f", str(path)), range(8)))
+
+    assert sorted(r.returncode for r in results) == [0] + [1] * 7
+    refused = [r.stderr.strip() for r in results if r.returncode]
+    assert all(line == f'Error from server (AlreadyExists): error when creating "{path}": '
+               'leases.coordination.k8s.io "k3s-deploy-lock" already exists' for line in refused)
+
+
+def test_replace_with_a_stale_resource_version_is_a_conflict(double: Double) -> None:
+    path = double.root / "lease.yaml"
+    path.write_text(yaml.safe_dump(LEASE))
+    version = double("create", "-f", str(path), "-o", "jsonpath={.metadata.resourceVersion}").stdout
+    taken = {**LEASE, "metadata": {**LEASE["metadata"], "resourceVersion": version},
+             "spec": {**LEASE["spec"], "holderIdentity": "d2"}}
+    path.write_text(yaml.safe_dump(taken))
+
+    first = double("replace", "-f", str(path), "-o", "jsonpath={.metadata.resourceVersion}")
+    second = double("replace", "-f", str(path))  # the same, now stale, version
+
+    assert first.returncode == 0 and int(first.stdout) > int(version)
+    assert second.returncode == 1
+    assert "(Conflict)" in second.stderr and "the object has been modified" in second.stderr
+    assert double.cluster.get("lease", "kube-system", "k3s-deploy-lock")["spec"][
+        "holderIdentity"] == "d2"
+
+
+def test_a_lease_with_a_bad_time_is_refused(double: Double) -> None:
+    bad = {**LEASE, "spec": {**LEASE["spec"], "renewTime": "2025-01-01T00:00:00Z"}}
+
+    done = double.apply([bad])
+
+    assert done.returncode == 1
+    assert "cannot be handled as a Lease" in done.stderr
+
+
+def test_annotate_changes_metadata_only_and_apply_keeps_what_it_added(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), deployment("api", "api:v1")]))
+    before = double.cluster.get("deployment", NS, "api")
+
+    done = double("annotate", "--overwrite", "deployment/api", "-n", NS, "example.com/commit=abc")
+    again = double.apply([deployment("api", "api:v1")])
+
+    after = double.cluster.get("deployment", NS, "api")
+    assert done.stdout == "deployment.apps/api annotated\n"
+    assert after["metadata"]["annotations"]["example.com/commit"] == "abc"
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert double.cluster.revision("deployment", NS, "api") == "1"
+    # Client-side apply's three-way merge keeps what it did not set itself.
+    assert again.stdout == "deployment.apps/api unchanged\n"
+    refused = double("annotate", "deployment/api", "-n", NS, "example.com/commit=def")
+    assert refused.returncode == 1 and "--overwrite is false" in refused.stderr
+    assert double("annotate", "deployment/api", "-n", NS, "example.com/commit-").returncode == 0
+    assert "example.com/commit" not in double.cluster.get("deployment", NS, "api")[
+        "metadata"]["annotations"]
+
+
+def test_server_dry_run_checks_like_apply_and_stores_nothing(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), deployment("api", "api:v1")]))
+    before = double.cluster.objects()
+    moved = deployment("api", "api:v2")
+    moved["spec"]["selector"]["matchLabels"]["tier"] = "web"
+    moved["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+
+    fine = double.apply([configmap(), deployment("api", "api:v2")], "--dry-run=server")
+    immutable = double.apply([moved], "--dry-run=server")
+    # Nothing of a dry run is kept, not even for the next document of the same file.
+    new_namespace = double.apply([namespace("fresh"), configmap(ns="fresh")], "--dry-run=server")
+
+    assert fine.returncode == 0, fine.stderr
+    assert fine.stdout == ("configmap/app-config created (server dry run)\n"
+                           "deployment.apps/api configured (server dry run)\n")
+    assert immutable.returncode == 1 and "field is immutable" in immutable.stderr
+    assert new_namespace.stdout == "namespace/fresh created (server dry run)\n"
+    assert 'namespaces "fresh" not found' in new_namespace.stderr
+    assert double.cluster.objects() == before
+
+
+def test_diff_shows_what_apply_would_change_and_changes_nothing(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), deployment("api", "api:v1")]))
+    before = double.cluster.objects()
+    path = double.root / "d.yaml"
+
+    path.write_text(as_yaml([deployment("api", "api:v1")]))
+    same = double("diff", "-f", str(path))
+    path.write_text(as_yaml([deployment("api", "api:v2"), configmap()]))
+    changed = double("diff", "-f", str(path))
+    path.write_text(as_yaml([configmap(ns="nowhere"), configmap()]))
+    error = double("diff", "-f", str(path))
+
+    assert (same.returncode, same.stdout) == (0, "")
+    assert changed.returncode == 1
+    lines = changed.stdout.splitlines()
+    headers = [line.rsplit("/", 1)[1] for line in lines if line.startswith("diff -u -N ")]
+    assert headers == ["apps.v1.Deployment.production-platform.api",
+                       "v1.ConfigMap.production-platform.app-config"]
+    assert "-      - image: api:v1" in lines and "+      - image: api:v2" in lines
+    assert "-  generation: 1" in lines and "+  generation: 2" in lines
+    # The revision is the controller's, written later: a diff does not show it moving.
+    assert not any("deployment.kubernetes.io/revision" in line for line in lines
+                   if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
+    assert (error.returncode, error.stdout) == (2, "")
+    assert error.stderr.strip() == 'Error from server (NotFound): namespaces "nowhere" not found'
+    assert double.cluster.objects() == before
+
+
+def test_logs_are_those_the_kubelet_keeps(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), deployment("api", "api:v1"),
+                                 deployment("worker", "worker:v1")]))
+    double.cluster.break_image("api:v2", log="one\ntwo\nthree")
+    double.cluster.break_image("worker:v2", "ImagePullBackOff")
+    double.apply([deployment("api", "api:v2"), deployment("worker", "worker:v2")])
+    pods = double.cluster.pods(NS)
+    crashing = next(p for p in pods if p["spec"]["containers"][0]["image"] == "api:v2")
+    pulling = next(p for p in pods if p["spec"]["containers"][0]["image"] == "worker:v2")
+    crash_status = crashing["status"]["containerStatuses"][0]
+    pull_status = pulling["status"]["containerStatuses"][0]
+
+    previous = double("logs", crashing["metadata"]["name"], "-n", NS, "-c", "api", "--previous",
+                      "--tail=2")
+    never = double("logs", pulling["metadata"]["name"], "-n", NS, "-c", "worker")
+    no_previous = double("logs", pulling["metadata"]["name"], "-n", NS, "-c", "worker", "-p")
+
+    assert crash_status["state"]["waiting"]["message"].startswith("back-off 10s restarting")
+    assert crash_status["lastState"]["terminated"]["exitCode"] == 1
+    assert pull_status["state"]["waiting"]["message"] == 'Back-off pulling image "worker:v2"'
+    assert (previous.returncode, previous.stdout) == (0, "two\nthree\n")
+    assert never.returncode == 1 and never.stderr.strip() == (
+        f'Error from server (BadRequest): container "worker" in pod '
+        f'"{pulling["metadata"]["name"]}" is waiting to start: trying and failing to pull image')
+    assert no_previous.returncode == 1 and "previous terminated container" in no_previous.stderr

@@ -1,51 +1,79 @@
 #!/usr/bin/env bash
-# k3s-deploy.sh: applies a manifest bundle on the K3s master, waits for the rollout, undoes
-# what it changed when the deploy fails, and prints a JSON report. It runs under SSM Run
-# Command; the action uploads it next to the bundle. docs/internals.md has the contract.
+# k3s-deploy.sh: applies a manifest bundle to a Kubernetes cluster (the K3s master, reached
+# through SSM Run Command, or the runner's kubeconfig with transport `local`), waits for the
+# rollout, proves the result healthy, undoes what it changed when the deploy fails, and prints
+# a JSON report. docs/internals.md has the contract.
 #
 # Usage:
 #   k3s-deploy.sh deploy   --bundle FILE --deploy-id ID [options]
+#   k3s-deploy.sh dry-run  --bundle FILE --deploy-id ID [options]
 #   k3s-deploy.sh rollback --deploy-id ID [options]
 #
-#   deploy    checks the tools and the API, checks the bundle (every object parses and every
-#             namespace it needs exists or is in the bundle), records each workload's revision
-#             in STATE/ID/revisions.tsv, applies the phase files in order, waits for each
-#             workload, and on failure undoes only the workloads whose revision changed.
+#   deploy    1 tools    checks every command it needs and names a missing one
+#             2 api      kubectl get --raw=/readyz
+#             3 lock     takes the cluster's deploy lock: Lease kube-system/k3s-deploy-lock,
+#                        created atomically; waits up to --lock-timeout while another deploy
+#                        holds it; takes over a lease that expired or was released
+#             4 check    client-side dry run of every phase file, every namespace it needs
+#                        exists or is in the bundle, then a server-side dry run of the whole
+#                        bundle (--server-dry-run): a bad document fails with nothing applied
+#             5 apply    records each workload's revision in STATE/ID/revisions.tsv, applies
+#                        the phase files in order, annotates each workload with the commit,
+#                        the run URL and the time (its own metadata: the revision stays)
+#             6 rollout  waits for each workload; every 3 s checks its new pods and stops at
+#                        once on a container that will not start by itself (back-off, bad
+#                        image, config error) or a Deployment past its progress deadline
+#             7 verify   every workload ready == desired, its pods Running and Ready, no
+#                        container waiting in a back-off
+#             on failure: undoes only the workloads whose revision changed (rollback)
+#   dry-run   steps 1, 2 and 4, then `kubectl diff` of the whole bundle; changes nothing and
+#             takes no lock. The diff goes to stdout between ===K3S-DEPLOY-DIFF-BEGIN=== and
+#             ===K3S-DEPLOY-DIFF-END===.
 #   rollback  for the action, after a deploy it could not wait for (timeout, cancel): undoes
-#             what that deploy changed, using STATE/ID/revisions.tsv.
+#             what that deploy changed, using STATE/ID/revisions.tsv (takes the lock over from
+#             that deploy when its process is gone).
 #
 # Options:
 #   --kubectl CMD           kubectl command, may be several words ("k3s kubectl"); default kubectl
 #   --namespace NS          namespace whose pods and events are reported (default: the
 #                           workloads' namespaces)
-#   --timeout SECONDS       budget for the deploy: API check, apply, rollout waits (default 600)
+#   --timeout SECONDS       budget for the deploy once it holds the lock: API check, checks,
+#                           apply, rollout waits, health check (default 600)
 #   --rollback true|false   undo changed workloads when the deploy fails (default true)
 #   --rollback-timeout S    budget for waiting on undone rollouts (default 120)
+#   --lock-timeout S        how long to wait for the deploy lock held by another deploy
+#                           (default 300; 0: do not wait)
+#   --server-dry-run true|false  server-side dry run of the bundle before applying (default true)
+#   --max-diff-bytes N      dry-run: longest diff printed (default 16000: SSM keeps 24,000
+#                           characters of stdout)
 #   --request-timeout DUR   kubectl --request-timeout (default 60s)
 #   --validate true|false   kubectl --validate (default false: schema download is slow on small
 #                           masters)
 #   --state-dir DIR         where a deploy keeps its revisions until it is over
 #                           (default ${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy})
-#   --commit SHA, --run-url URL   recorded in the log and the state dir (may be empty)
+#   --commit SHA, --run-url URL   written to the workloads and the lock (may be empty)
+#
+# Needs: bash 4.4+, coreutils, tar, gzip, kubectl; `diff` for dry-run. No jq, no python.
 #
 # Output: the log on stdout (kubectl's stderr merged into it); on stderr only the JSON report
 # between ===K3S-DEPLOY-REPORT-BEGIN=== and ===K3S-DEPLOY-REPORT-END=== (SSM returns only
 # 8,000 characters of stderr, so the report stays under 7,500).
 #
 # Exit codes (never 194 or 3010: the SSM agent reads those as reboot requests):
-#   0  success: every workload ready
+#   0  success: every workload ready and healthy (dry-run: the diff ran)
 #   2  usage error (bad arguments; nothing was run)
-#   3  a tool is missing on the master (or the state dir cannot be created)
-#   4  Kubernetes API not healthy
-#   5  bundle rejected before anything changed
-#   6  another deploy holds the lock
+#   3  a tool is missing (or the state dir cannot be created)
+#   4  Kubernetes API not healthy (or the lock could not be read or written)
+#   5  bundle rejected before anything changed (client or server dry run, missing namespace)
+#   6  another deploy holds the cluster's deploy lock (after waiting --lock-timeout)
 #   7  deploy failed, changed workloads rolled back
 #   8  deploy failed, rollback failed
 #   9  deploy failed, nothing rolled back (rollback off, or nothing had changed)
 #   10 timed out, changed workloads rolled back (rollback: changed workloads undone)
 #   11 timed out, rollback failed               (rollback: an undo failed)
 #   12 timed out, nothing rolled back           (rollback: nothing to undo)
-# A run stopped by a signal exits 128+N (143 for SIGTERM) and keeps STATE/ID for `rollback`.
+# A run stopped by a signal exits 128+N (143 for SIGTERM) and keeps STATE/ID (and, when it has
+# something to undo, the lock) for `rollback`.
 set -euo pipefail
 
 # Byte-wise string operations: the report limit is counted in bytes (never fewer than SSM's
@@ -54,6 +82,8 @@ export LC_ALL=C
 
 readonly REPORT_BEGIN='===K3S-DEPLOY-REPORT-BEGIN==='
 readonly REPORT_END='===K3S-DEPLOY-REPORT-END==='
+readonly DIFF_BEGIN='===K3S-DEPLOY-DIFF-BEGIN==='
+readonly DIFF_END='===K3S-DEPLOY-DIFF-END==='
 # SSM keeps 8,000 characters of stderr; leave room for the markers.
 readonly REPORT_MAX_BYTES=7500
 readonly REPORT_LINE_MAX=200
@@ -64,13 +94,30 @@ readonly PHASE_FILES=(1-namespaces.yaml 2-config.yaml 3-services.yaml 4-stateful
 readonly FAIL_FAST_CHECK_SECONDS=3
 readonly FATAL_WAITING_REASONS=" CrashLoopBackOff ImagePullBackOff ErrImagePull InvalidImageName \
 ErrImageNeverPull CreateContainerConfigError CreateContainerError RunContainerError "
+# A container that never got an image has no log to show.
+readonly PULL_REASONS=" ImagePullBackOff ErrImagePull InvalidImageName ErrImageNeverPull "
 # A container may crash once or twice while what it needs comes up; more is a crash loop.
 readonly CRASH_LOOP_MIN_RESTARTS=2
+# Lines of a failed container's log printed, and kept in the report.
+readonly LOG_TAIL_LINES=20
+readonly REPORT_LOG_LINES=10
 # After apply, a controller needs a moment to record the new revision (observedGeneration).
 readonly CONTROLLER_SETTLE_TRIES=10
 readonly API_CHECK_TRIES=3
+# The final health check looks this many times, 2 s apart, before it calls a workload unhealthy
+# (an old pod may still be on its way out).
+readonly HEALTH_CHECK_TRIES=5
 # How long a new CustomResourceDefinition may take to be served before its objects are applied.
 readonly CRD_ESTABLISHED_SECONDS=60
+# The cluster's deploy lock. Its lease outlives the holder's own budget by this margin, so only
+# a holder that died (SIGKILL, lost master) ever lets it expire.
+readonly LOCK_NAMESPACE=kube-system
+readonly LOCK_NAME=k3s-deploy-lock
+readonly LOCK_POLL_SECONDS=2
+readonly LOCK_MARGIN_SECONDS=300
+# Annotations written to each workload (and the lock), under the action's own prefix.
+readonly ANNOTATION_PREFIX=k3s-deploy-action
+readonly TRACE_KEYS=(commit-sha run-url deployed-at deploy-id)
 readonly KUBECTL_WORD_PATTERN='^[A-Za-z0-9_./:=-]+$'
 readonly DNS_LABEL_PATTERN='^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'
 readonly DNS_NAME_PATTERN='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
@@ -80,7 +127,11 @@ readonly NO_HISTORY_MESSAGES=("no rollout history found" "no last revision to ro
 # objects, so an empty namespace means a cluster-scoped object); the last field is the kind a
 # CustomResourceDefinition defines.
 readonly OBJECT_LIST_TEMPLATE='{.kind}|{.metadata.namespace}|{.metadata.name}|{.spec.names.kind}{"\n"}'
-readonly POD_LIST_TEMPLATE='{range .items[*]}{.metadata.name}|{.metadata.ownerReferences[0].kind}|{.metadata.ownerReferences[0].name}|{.metadata.creationTimestamp}|{.metadata.labels.controller-revision-hash}|{.status.containerStatuses[*].ready}|{.status.containerStatuses[*].restartCount}|{.status.initContainerStatuses[*].state.waiting.reason} {.status.containerStatuses[*].state.waiting.reason}{"\n"}{end}'
+readonly POD_LIST_TEMPLATE='{range .items[*]}{.metadata.name}|{.metadata.ownerReferences[0].kind}|{.metadata.ownerReferences[0].name}|{.metadata.creationTimestamp}|{.metadata.labels.controller-revision-hash}|{.metadata.deletionTimestamp}|{.status.phase}|{.status.containerStatuses[*].ready}|{.status.containerStatuses[*].restartCount}|{.status.initContainerStatuses[*].state.waiting.reason} {.status.containerStatuses[*].state.waiting.reason}{"\n"}{end}'
+# One line per container of one pod (init containers first); the message last: it may hold "|".
+readonly CONTAINER_TEMPLATE='{range .status.initContainerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.waiting.message}{"\n"}{end}{range .status.containerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.waiting.message}{"\n"}{end}'
+readonly LOCK_TEMPLATE='{.metadata.resourceVersion}|{.spec.holderIdentity}|{.spec.acquireTime}|{.spec.renewTime}|{.spec.leaseDurationSeconds}|{.metadata.annotations.k3s-deploy-action/holder-process}|{.metadata.annotations.k3s-deploy-action/run-url}'
+readonly TRACE_TEMPLATE='{.metadata.annotations.k3s-deploy-action/commit-sha}{"\t"}{.metadata.annotations.k3s-deploy-action/run-url}{"\t"}{.metadata.annotations.k3s-deploy-action/deployed-at}{"\t"}{.metadata.annotations.k3s-deploy-action/deploy-id}'
 
 # Options.
 command=""
@@ -91,6 +142,9 @@ report_namespace=""
 timeout_seconds=600
 rollback_enabled=true
 rollback_timeout_seconds=120
+lock_timeout_seconds=300
+server_dry_run=true
+max_diff_bytes=16000
 request_timeout=60s
 validate=false
 state_root="${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy}"
@@ -104,15 +158,20 @@ namespaces=()
 bundle_phase_files=()
 bundle_crds=()
 declare -A bundle_crd_kinds=()
+declare -A bundle_namespaces=() # Namespace documents of the bundle
+declare -A new_namespace_objects=() # namespace not in the cluster yet -> "kind/name, ..."
 report_printed=false
 interrupted=false
 state_dir=""
 work_dir=""
-lock_path=""
 lock_held=false
+lock_keep=false
+lock_version=""
+lock_duration=0
 deadline=0
 rollout_started_at=""
 fail_reason=""
+annotate_failures=""
 
 # Report.
 result="failed"
@@ -121,6 +180,7 @@ message=""
 rollback_status="not-needed"
 report_pods=()
 report_events=()
+diff_changes=()
 wl_kind=()
 wl_ns=()
 wl_name=()
@@ -129,8 +189,18 @@ wl_after=()
 wl_desired=()
 wl_ready=()
 wl_updated=()
+wl_since=()   # pods created since then are this deploy's ("" when it did not change the workload)
+wl_trace=()   # the workload's traceability annotations before this deploy, tab-separated
 wl_outcome=() # ready | failed | timed-out | "" (not waited for)
 wl_undo=()    # done | no-history | failed | "" (not undone)
+# The container that made the deploy fail, when one did.
+failure_workload=""
+failure_namespace=""
+failure_pod=""
+failure_container=""
+failure_reason=""
+failure_message=""
+failure_log=()
 
 exec 3>&2 2>&1
 
@@ -141,29 +211,39 @@ log() {
 # shellcheck disable=SC2329 # called by the EXIT trap
 cleanup() {
   local code=$?
+  # Nothing here may fail the script (set -e applies in traps too): every step is guarded.
   # Stopped by an unexpected error before anything changed: still say so in a report. Once
   # the state dir exists (or on a signal) there is deliberately no report: the action then
   # knows the deploy did not finish and runs `rollback --deploy-id`, which uses that dir.
   if [[ "$report_printed" != true && "$interrupted" != true ]] && ((code != 0)) &&
     [[ -z "$state_dir" || ! -d "$state_dir" ]]; then
     message="the deploy script stopped unexpectedly (exit $code) during step $step; see the log"
-    build_report
-    printf '%s\n%s\n%s\n' "$REPORT_BEGIN" "$REPLY" "$REPORT_END" >&3
+    build_report || true
+    printf '%s\n%s\n%s\n' "$REPORT_BEGIN" "$REPLY" "$REPORT_END" >&3 || true
   fi
   if [[ -n "$work_dir" ]]; then
-    rm -rf -- "$work_dir"
+    rm -rf -- "$work_dir" || true
   fi
   if [[ "$lock_held" == true ]]; then
-    rm -f -- "$lock_path"
+    if [[ "$lock_keep" == true ]]; then
+      log "keeping the deploy lock for the rollback of $deploy_id (it takes the lock over); it expires ${lock_duration}s after it was taken otherwise" || true
+    else
+      release_lock || true
+    fi
   fi
 }
 trap cleanup EXIT
 
 # shellcheck disable=SC2329 # called by the signal traps
 on_signal() {
-  # Killed mid-deploy: keep the state dir so `rollback --deploy-id` can undo what changed.
+  # Killed mid-deploy: keep the state dir so `rollback --deploy-id` can undo what changed, and
+  # the lock with it, so that no other deploy changes the workloads before that rollback.
   log "interrupted by SIG$1; the action can undo this deploy with: rollback --deploy-id $deploy_id"
   interrupted=true
+  if [[ "$command" == deploy && "$rollback_enabled" == true && -n "$state_dir" &&
+    -f "$state_dir/revisions.tsv" ]]; then
+    lock_keep=true
+  fi
   exit "$2"
 }
 trap 'on_signal INT 130' INT
@@ -172,9 +252,11 @@ trap 'on_signal HUP 129' HUP
 
 usage() {
   log "usage: k3s-deploy.sh deploy --bundle FILE --deploy-id ID [options]"
+  log "       k3s-deploy.sh dry-run --bundle FILE --deploy-id ID [options]"
   log "       k3s-deploy.sh rollback --deploy-id ID [options]"
   log "options: --kubectl CMD --namespace NS --timeout SECONDS --rollback true|false"
-  log "         --rollback-timeout SECONDS --request-timeout DUR --validate true|false"
+  log "         --rollback-timeout SECONDS --lock-timeout SECONDS --server-dry-run true|false"
+  log "         --max-diff-bytes N --request-timeout DUR --validate true|false"
   log "         --state-dir DIR --commit SHA --run-url URL"
 }
 
@@ -191,7 +273,7 @@ for ((code = 1; code < 32; code++)); do
 done
 unset code hex
 
-# Sets REPLY to the JSON string literal for $1.
+# Sets REPLY to the JSON string literal for $1 (also a valid YAML double-quoted scalar).
 json_string() {
   local s=$1 code backslash=$'\\'
   s=${s//"$backslash"/"$backslash$backslash"}
@@ -288,22 +370,69 @@ workloads_json() {
   REPLY="[$out]"
 }
 
+# Sets REPLY to the "failure" object with at most $1 log lines, or to "" when nothing failed in
+# a container.
+failure_json() {
+  local limit=$1 out line start
+  REPLY=""
+  if [[ -z "$failure_pod" ]]; then
+    return 0
+  fi
+  json_string "$failure_workload"
+  out='{"workload":'"$REPLY"
+  json_string "$failure_namespace"
+  out+=',"namespace":'"$REPLY"
+  json_string "$failure_pod"
+  out+=',"pod":'"$REPLY"
+  json_string "$failure_container"
+  out+=',"container":'"$REPLY"
+  json_string "$failure_reason"
+  out+=',"reason":'"$REPLY"
+  truncate_text 500 "$failure_message"
+  json_string "$REPLY"
+  out+=',"message":'"$REPLY"',"log":['
+  start=$((${#failure_log[@]} - limit))
+  if ((start < 0)); then
+    start=0
+  fi
+  for line in "${failure_log[@]:start}"; do
+    truncate_text "$REPORT_LINE_MAX" "$line"
+    json_string "$REPLY"
+    out+="$REPLY,"
+  done
+  REPLY="${out%,}]}"
+}
+
 # Sets REPLY to the report's fields up to and including the workloads.
 report_head() {
-  local text=$1 workload_count=$2 head
+  local text=$1 workload_count=$2 log_lines=$3 change_count=$4 head item changes=""
   json_string "$deploy_id"
-  head='{"version":1,"deploy_id":'"$REPLY"',"result":"'"$result"'","step":"'"$step"'"'
+  head='{"version":1,"mode":"'"$command"'","deploy_id":'"$REPLY"',"result":"'"$result"'","step":"'"$step"'"'
   json_string "$text"
   head+=',"message":'"$REPLY"',"rollback":"'"$rollback_status"'"'
+  failure_json "$log_lines"
+  if [[ -n "$REPLY" ]]; then
+    head+=',"failure":'"$REPLY"
+  fi
+  if [[ "$command" == dry-run ]]; then
+    for item in "${diff_changes[@]:0:change_count}"; do
+      truncate_text "$REPORT_LINE_MAX" "$item"
+      json_string "$REPLY"
+      changes+="${changes:+,}$REPLY"
+    done
+    head+=',"changes":['"$changes"']'
+  fi
   workloads_json "$workload_count"
   REPLY="$head,\"workloads\":$REPLY"
 }
 
 # Sets REPLY to the report, shortened to fit: oldest events and last pods go first, then the
-# message is cut, then workloads are left out (the message says how many).
+# message is cut, then the failed container's log, the dry run's list of changes, then
+# workloads are left out (the message says how many).
 build_report() {
   local pods=() events=() line i size head text=$message workload_count=${#wl_name[@]}
-  local pod_count event_start=0 pods_part
+  local pod_count event_start=0 pods_part log_lines=$REPORT_LOG_LINES
+  local change_count=${#diff_changes[@]}
   for line in "${report_pods[@]}"; do
     truncate_text "$REPORT_LINE_MAX" "$line"
     json_string "$REPLY"
@@ -323,7 +452,7 @@ build_report() {
     size=$((size + ${#events[i]} + 1))
   done
   while :; do
-    report_head "$text" "$workload_count"
+    report_head "$text" "$workload_count" "$log_lines" "$change_count"
     head=$REPLY
     # What follows the head: ,"pods":[...],"events":[...]}
     while ((${#head} + 22 + size > REPORT_MAX_BYTES)); do
@@ -343,10 +472,16 @@ build_report() {
     if ((${#text} > 1000)); then
       truncate_text 1000 "$text"
       text="$REPLY..."
+    elif ((log_lines > 0)); then
+      log_lines=0
+    elif ((change_count > 10)); then
+      change_count=10
     elif ((workload_count > 0)); then
       workload_count=$((workload_count - 1))
       truncate_text 1000 "$message"
       text="$REPLY (report shortened: $((${#wl_name[@]} - workload_count)) workloads left out)"
+    elif ((change_count > 0)); then
+      change_count=0
     else
       truncate_text 200 "$text"
       text=$REPLY
@@ -367,7 +502,7 @@ finish() {
 }
 
 fail_early() {
-  # Ends the run before anything changed: usage, tools, API, bundle, lock.
+  # Ends the run before anything changed: usage, tools, API, lock, bundle.
   local code=$1
   step=$2
   message=$3
@@ -387,17 +522,21 @@ usage_error() {
 parse_arguments() {
   local option value
   if (($# == 0)); then
-    usage_error "missing command: deploy or rollback"
+    usage_error "missing command: deploy, dry-run or rollback"
   fi
   command=$1
   shift
   case "$command" in
-  deploy | rollback) ;;
+  deploy | dry-run | rollback) ;;
   -h | --help)
     usage
     exit 0
     ;;
-  *) usage_error "unknown command '$command': expected deploy or rollback" ;;
+  *)
+    local wrong=$command
+    command=deploy
+    usage_error "unknown command '$wrong': expected deploy, dry-run or rollback"
+    ;;
   esac
   while (($# > 0)); do
     option=$1
@@ -424,6 +563,9 @@ parse_arguments() {
     --timeout) timeout_seconds=$value ;;
     --rollback) rollback_enabled=$value ;;
     --rollback-timeout) rollback_timeout_seconds=$value ;;
+    --lock-timeout) lock_timeout_seconds=$value ;;
+    --server-dry-run) server_dry_run=$value ;;
+    --max-diff-bytes) max_diff_bytes=$value ;;
     --request-timeout) request_timeout=$value ;;
     --validate) validate=$value ;;
     --state-dir) state_root=$value ;;
@@ -440,8 +582,8 @@ validate_arguments() {
   if [[ ! "$deploy_id" =~ $DEPLOY_ID_PATTERN ]]; then
     usage_error "--deploy-id must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got '$deploy_id'"
   fi
-  if [[ "$command" == deploy && -z "$bundle" ]]; then
-    usage_error "deploy needs --bundle FILE"
+  if [[ "$command" != rollback && -z "$bundle" ]]; then
+    usage_error "$command needs --bundle FILE"
   fi
   # The kubectl command is split into words and run directly, never through a shell: refuse
   # anything that would mean something else to a shell (quotes, ;, $, |, newlines...).
@@ -457,10 +599,15 @@ validate_arguments() {
       usage_error "--kubectl word '$word' has characters other than letters, digits and _ . / : = -"
     fi
   done
-  check_seconds --timeout "$timeout_seconds"
-  check_seconds --rollback-timeout "$rollback_timeout_seconds"
+  check_seconds --timeout "$timeout_seconds" 1
+  check_seconds --rollback-timeout "$rollback_timeout_seconds" 1
+  check_seconds --lock-timeout "$lock_timeout_seconds" 0
+  if [[ ! "$max_diff_bytes" =~ ^[0-9]{1,9}$ ]] || ((max_diff_bytes < 1000)); then
+    usage_error "--max-diff-bytes must be a whole number of at least 1000, got '$max_diff_bytes'"
+  fi
   check_boolean --rollback "$rollback_enabled"
   check_boolean --validate "$validate"
+  check_boolean --server-dry-run "$server_dry_run"
   if [[ ! "$request_timeout" =~ ^[0-9]+[smh]?$ ]]; then
     usage_error "--request-timeout must be a whole number with an optional unit s, m or h (like 60s), got '$request_timeout'"
   fi
@@ -474,8 +621,8 @@ validate_arguments() {
 }
 
 check_seconds() {
-  if [[ ! "$2" =~ ^[0-9]{1,6}$ ]] || (($2 < 1)); then
-    usage_error "$1 must be a whole number of seconds between 1 and 999999, got '$2'"
+  if [[ ! "$2" =~ ^[0-9]{1,6}$ ]] || (($2 < $3)); then
+    usage_error "$1 must be a whole number of seconds between $3 and 999999, got '$2'"
   fi
 }
 
@@ -485,12 +632,15 @@ check_boolean() {
   fi
 }
 
-# -- tools, lock, budget ----------------------------------------------------------------------
+# -- tools, budget ----------------------------------------------------------------------------
 
 check_tools() {
-  local tools=(date mkdir mktemp cp mv rm ln readlink sleep timeout) missing=() tool
-  if [[ "$command" == deploy ]]; then
+  local tools=(date mkdir mktemp cp mv rm sleep timeout) missing=() tool
+  if [[ "$command" != rollback ]]; then
     tools+=(tar gzip)
+  fi
+  if [[ "$command" == dry-run ]]; then
+    tools+=(diff wc) # kubectl diff runs diff
   fi
   if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
     fail_early 3 tools "bash 4.4 or newer is needed, this is $BASH_VERSION"
@@ -501,57 +651,16 @@ check_tools() {
     fi
   done
   if ((${#missing[@]} > 0)); then
-    fail_early 3 tools "missing on the master: ${missing[*]} (install it or fix PATH)"
+    fail_early 3 tools "missing: ${missing[*]} (install it or fix PATH)"
   fi
-}
-
-# One deploy at a time per master. The lock is a symlink naming its holder's PID: creating it
-# is atomic and carries the PID, so a lock left by a killed run (SSM kills with SIGKILL after
-# executionTimeout, no trap runs) is recognised and taken over.
-acquire_lock() {
-  local holder
-  if ! mkdir -p -- "$state_root" 2>/dev/null; then
-    fail_early 3 tools "cannot create the state dir $state_root (run as root, or pass --state-dir)"
-  fi
-  lock_path="$state_root/.lock"
-  if ln -s -- "$$" "$lock_path" 2>/dev/null; then
-    lock_held=true
-    return 0
-  fi
-  holder=$(readlink -- "$lock_path" 2>/dev/null || true)
-  if is_deploy_process "$holder"; then
-    fail_early 6 tools "another deploy (process $holder) holds the lock $lock_path"
-  fi
-  log "taking over the lock left by process ${holder:-unknown}, which is gone"
-  rm -f -- "$lock_path"
-  if ! ln -s -- "$$" "$lock_path" 2>/dev/null; then
-    fail_early 6 tools "another deploy took the lock $lock_path"
-  fi
-  lock_held=true
-}
-
-# True when process $1 runs this script. After a reboot the PID in a stale lock can belong to
-# anything; only a running k3s-deploy.sh holds the lock.
-is_deploy_process() {
-  local arg cmdline=""
-  if [[ ! "$1" =~ ^[0-9]+$ ]]; then
-    return 1
-  fi
-  # kill -0 fails for a live process of another user too; /proc tells those apart.
-  if ! kill -0 "$1" 2>/dev/null && [[ ! -d "/proc/$1" ]]; then
-    return 1
-  fi
-  if [[ ! -r "/proc/$1/cmdline" ]]; then
-    return 0 # no /proc to ask: trust the PID
-  fi
-  while IFS= read -r -d '' arg; do
-    cmdline+="$arg "
-  done <"/proc/$1/cmdline"
-  [[ "$cmdline" == *k3s-deploy* ]]
 }
 
 seconds_left() {
   REPLY=$((deadline - $(date +%s)))
+}
+
+now_utc() {
+  REPLY=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 }
 
 kube() {
@@ -584,20 +693,232 @@ check_api() {
   fail_early 4 api "the Kubernetes API is not healthy (kubectl get --raw=/readyz failed $API_CHECK_TRIES times)"
 }
 
+first_line() {
+  printf '%s' "${1%%$'\n'*}"
+}
+
+# -- the cluster's deploy lock ----------------------------------------------------------------
+#
+# One deploy at a time per cluster, whichever server it reaches: a Lease in kube-system. Taking
+# it is `kubectl create` (the API server refuses a second create: atomic); taking over a lease
+# that expired, was released, or belongs to this deploy id with its process gone is `kubectl
+# replace` with the resourceVersion just read (refused with a Conflict if anyone changed it in
+# between); releasing it is the same replace with no holder (client-go's leader election does
+# the same). The lease lasts the holder's whole budget plus a margin, so only a holder that
+# died lets it expire.
+
+# Sets REPLY to the Lease manifest naming holder $1 ("" releases it), for resourceVersion $2
+# ("" to create it).
+lease_manifest() {
+  local holder=$1 version=$2 now duration=1 text
+  now=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
+  text="apiVersion: coordination.k8s.io/v1
+kind: Lease
+metadata:
+  name: $LOCK_NAME
+  namespace: $LOCK_NAMESPACE"
+  if [[ -n "$version" ]]; then
+    text+=$'\n'"  resourceVersion: \"$version\""
+  fi
+  if [[ -n "$holder" ]]; then
+    duration=$lock_duration
+    text+=$'\n'"  annotations:"
+    json_string "${HOSTNAME:-unknown}/$$"
+    text+=$'\n'"    $ANNOTATION_PREFIX/holder-process: $REPLY"
+    json_string "$run_url"
+    text+=$'\n'"    $ANNOTATION_PREFIX/run-url: $REPLY"
+    json_string "$commit"
+    text+=$'\n'"    $ANNOTATION_PREFIX/commit-sha: $REPLY"
+  fi
+  json_string "$holder"
+  text+="
+spec:
+  holderIdentity: $REPLY
+  acquireTime: \"$now\"
+  renewTime: \"$now\"
+  leaseDurationSeconds: $duration"
+  REPLY=$text
+}
+
+# Reads the lock into lock_* variables. Returns 1 when there is no lock, 2 when it cannot be
+# read.
+lock_version_seen=""
+lock_holder=""
+lock_acquired=""
+lock_renewed=""
+lock_seconds=""
+lock_process=""
+lock_run_url=""
+read_lock() {
+  local output
+  if ! output=$(kube get lease "$LOCK_NAME" -n "$LOCK_NAMESPACE" --ignore-not-found \
+    --request-timeout="$request_timeout" -o "jsonpath=$LOCK_TEMPLATE" 2>&1); then
+    REPLY=$output
+    return 2
+  fi
+  if [[ -z "$output" ]]; then
+    return 1
+  fi
+  IFS='|' read -r lock_version_seen lock_holder lock_acquired lock_renewed lock_seconds \
+    lock_process lock_run_url <<<"$output"
+  return 0
+}
+
+# True when the lock read last may be taken over: released (no holder), expired, or held by
+# this same deploy id whose process is gone (a rollback after the deploy was killed).
+lock_is_free() {
+  local renewed_at now
+  if [[ -z "$lock_holder" ]]; then
+    return 0
+  fi
+  if [[ "$lock_holder" == "$deploy_id" ]] && ! holder_process_alive; then
+    return 0
+  fi
+  if ! renewed_at=$(date -u -d "$lock_renewed" +%s 2>/dev/null) ||
+    [[ ! "$lock_seconds" =~ ^[0-9]+$ ]]; then
+    return 1 # no expiry to go by: never steal it
+  fi
+  now=$(date +%s)
+  ((now > renewed_at + lock_seconds))
+}
+
+# True unless the lock's holder process is known to be gone. Only a process on this machine
+# can be checked; after a reboot its PID may belong to anything, so it must run this script.
+holder_process_alive() {
+  local host=${lock_process%/*} pid=${lock_process##*/} arg cmdline=""
+  if [[ -z "$lock_process" || "$host" != "${HOSTNAME:-unknown}" ]]; then
+    return 0 # another machine's process: cannot tell, assume it runs
+  fi
+  if [[ ! "$pid" =~ ^[0-9]+$ ]] || { ! kill -0 "$pid" 2>/dev/null && [[ ! -d "/proc/$pid" ]]; }; then
+    return 1
+  fi
+  if [[ ! -r "/proc/$pid/cmdline" ]]; then
+    return 0 # no /proc to ask: trust the PID
+  fi
+  while IFS= read -r -d '' arg; do
+    cmdline+="$arg "
+  done <"/proc/$pid/cmdline"
+  [[ "$cmdline" == *k3s-deploy* ]]
+}
+
+# Describes the holder of the lock read last.
+lock_holder_text() {
+  local expires="unknown" renewed_at
+  if renewed_at=$(date -u -d "$lock_renewed" +%s 2>/dev/null) && [[ "$lock_seconds" =~ ^[0-9]+$ ]]; then
+    expires=$(date -u -d "@$((renewed_at + lock_seconds))" +%Y-%m-%dT%H:%M:%SZ)
+  fi
+  printf 'deploy %s%s since %s (lease expires %s)' "${lock_holder:-?}" \
+    "${lock_run_url:+ of $lock_run_url}" "${lock_acquired:-?}" "$expires"
+}
+
+acquire_lock() {
+  local started output rc waited_logged=false left
+  step=lock
+  started=$(date +%s)
+  log "==> taking the cluster's deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME)"
+  while :; do
+    lease_manifest "$deploy_id" ""
+    rc=0
+    output=$(printf '%s\n' "$REPLY" | kube create -f - --request-timeout="$request_timeout" \
+      -o 'jsonpath={.metadata.resourceVersion}' 2>&1) || rc=$?
+    if ((rc == 0)); then
+      lock_version=$output
+      lock_held=true
+      log "lock taken: holder $deploy_id, lease ${lock_duration}s"
+      return 0
+    fi
+    if [[ "$output" != *AlreadyExists* ]]; then
+      fail_early 4 lock "could not create the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME): $(first_line "$output")"
+    fi
+    rc=0
+    read_lock || rc=$?
+    if ((rc == 1)); then
+      continue # released and deleted in between: create it again
+    elif ((rc == 2)); then
+      fail_early 4 lock "could not read the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME): $(first_line "$REPLY")"
+    fi
+    if lock_is_free; then
+      if take_over_lock; then
+        return 0
+      fi
+      continue # someone else changed it first: look again
+    fi
+    left=$((started + lock_timeout_seconds - $(date +%s)))
+    if ((left <= 0)); then
+      fail_early 6 lock "another deploy holds the cluster's deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME): $(lock_holder_text); waited ${lock_timeout_seconds}s (input lock-timeout)"
+    fi
+    if [[ "$waited_logged" != true ]]; then
+      log "waiting up to ${lock_timeout_seconds}s for the deploy lock: held by $(lock_holder_text)"
+      waited_logged=true
+    fi
+    sleep "$((left < LOCK_POLL_SECONDS ? left : LOCK_POLL_SECONDS))"
+  done
+}
+
+# Replaces the lease read last (conditional on its resourceVersion). 1 when that failed.
+take_over_lock() {
+  local output previous
+  if [[ ! "$lock_version_seen" =~ ^[A-Za-z0-9]+$ ]]; then
+    fail_early 4 lock "the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME) has no usable resourceVersion ('$lock_version_seen')"
+  fi
+  if [[ -z "$lock_holder" ]]; then
+    previous="released"
+  elif [[ "$lock_holder" == "$deploy_id" ]]; then
+    previous="left by this deploy's own process ($lock_process), which is gone"
+  else
+    previous="held by $(lock_holder_text), expired"
+  fi
+  lease_manifest "$deploy_id" "$lock_version_seen"
+  if output=$(printf '%s\n' "$REPLY" | kube replace -f - --request-timeout="$request_timeout" \
+    -o 'jsonpath={.metadata.resourceVersion}' 2>&1); then
+    lock_version=$output
+    lock_held=true
+    log "lock taken over (it was $previous): holder $deploy_id, lease ${lock_duration}s"
+    return 0
+  fi
+  if [[ "$output" == *Conflict* || "$output" == *NotFound* ]]; then
+    log "the lock changed while it was being taken over; looking again"
+    return 1
+  fi
+  fail_early 4 lock "could not take over the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME): $(first_line "$output")"
+}
+
+# shellcheck disable=SC2329 # called by cleanup (the EXIT trap)
+release_lock() {
+  local output
+  lock_held=false
+  lease_manifest "" "$lock_version"
+  # A short request timeout: this may run while the job is being cancelled.
+  if output=$(printf '%s\n' "$REPLY" | kube replace -f - --request-timeout=10s -o name 2>&1); then
+    log "deploy lock released"
+  elif [[ "$output" == *Conflict* || "$output" == *NotFound* ]]; then
+    log "warning: the deploy lock changed hands during this run (its lease ran out); left as it is"
+  else
+    log "warning: could not release the deploy lock ($(first_line "$output")); it expires by itself ${lock_duration}s after it was taken"
+  fi
+}
+
 # -- bundle -----------------------------------------------------------------------------------
 
-unpack_bundle() {
-  local line kind ns name rest
-  step=apply
-  if [[ ! -f "$bundle" ]]; then
-    fail_early 5 apply "bundle $bundle not found"
+make_work_dir() {
+  if [[ -n "$work_dir" ]]; then
+    return 0
   fi
   if ! work_dir=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.XXXXXX"); then
     work_dir=""
     fail_early 3 tools "cannot create a temporary directory in ${TMPDIR:-/tmp}"
   fi
+}
+
+unpack_bundle() {
+  local line kind ns name rest
+  step=check
+  if [[ ! -f "$bundle" ]]; then
+    fail_early 5 check "bundle $bundle not found"
+  fi
+  make_work_dir
   if ! tar -xzf "$bundle" -C "$work_dir" --no-same-owner --no-same-permissions; then
-    fail_early 5 apply "bundle $bundle is not a readable .tar.gz"
+    fail_early 5 check "bundle $bundle is not a readable .tar.gz"
   fi
   bundle_phase_files=()
   for name in "${PHASE_FILES[@]}"; do
@@ -606,7 +927,7 @@ unpack_bundle() {
     fi
   done
   if ((${#bundle_phase_files[@]} == 0)); then
-    fail_early 5 apply "bundle has no manifests (expected bundle/1-namespaces.yaml ... bundle/5-workloads.yaml)"
+    fail_early 5 check "bundle has no manifests (expected bundle/1-namespaces.yaml ... bundle/5-workloads.yaml)"
   fi
   if [[ ! -f "$work_dir/bundle/workloads.tsv" ]]; then
     return 0
@@ -623,9 +944,9 @@ unpack_bundle() {
     if [[ "$line" != *$'\t'*$'\t'* || "$name" == *$'\t'* ]] ||
       [[ "$kind" != deployment && "$kind" != statefulset ]] ||
       [[ -n "$ns" && ! "$ns" =~ $DNS_LABEL_PATTERN ]] || [[ ! "$name" =~ $DNS_NAME_PATTERN ]]; then
-      fail_early 5 apply "bundle/workloads.tsv: bad line '$line' (expected KIND<TAB>NAMESPACE<TAB>NAME, KIND deployment or statefulset)"
+      fail_early 5 check "bundle/workloads.tsv: bad line '$line' (expected KIND<TAB>NAMESPACE<TAB>NAME, KIND deployment or statefulset)"
     fi
-    add_workload "$kind" "$ns" "$name" ""
+    add_workload "$kind" "$ns" "$name" "" ""
   done <"$work_dir/bundle/workloads.tsv"
   order_workloads
 }
@@ -635,10 +956,12 @@ add_workload() {
   wl_ns+=("$2")
   wl_name+=("$3")
   wl_before+=("$4")
+  wl_trace+=("$5")
   wl_after+=("")
   wl_desired+=("")
   wl_ready+=("")
   wl_updated+=("")
+  wl_since+=("")
   wl_outcome+=("")
   wl_undo+=("")
 }
@@ -646,13 +969,13 @@ add_workload() {
 # Waits follow the apply order: StatefulSets (phase 4) before Deployments (phase 5).
 order_workloads() {
   local kinds=("${wl_kind[@]}") nss=("${wl_ns[@]}") names=("${wl_name[@]}") befores=("${wl_before[@]}")
-  local wanted i
-  wl_kind=() wl_ns=() wl_name=() wl_before=() wl_after=() wl_desired=() wl_ready=()
-  wl_updated=() wl_outcome=() wl_undo=()
+  local traces=("${wl_trace[@]}") wanted i
+  wl_kind=() wl_ns=() wl_name=() wl_before=() wl_trace=() wl_after=() wl_desired=() wl_ready=()
+  wl_updated=() wl_since=() wl_outcome=() wl_undo=()
   for wanted in statefulset deployment; do
     for i in "${!kinds[@]}"; do
       if [[ "${kinds[i]}" == "$wanted" ]]; then
-        add_workload "${kinds[i]}" "${nss[i]}" "${names[i]}" "${befores[i]}"
+        add_workload "${kinds[i]}" "${nss[i]}" "${names[i]}" "${befores[i]}" "${traces[i]}"
       fi
     done
   done
@@ -663,9 +986,10 @@ order_workloads() {
 # dry run), and every namespace an object needs must exist or be in the bundle.
 check_bundle() {
   local name file listing errors kind ns object_name defined_kind rc
-  local -A declared=() needed_by=()
+  local -A needed_by=()
+  step=check
   errors="$work_dir/dry-run.err"
-  log "==> checking the bundle"
+  log "==> checking the bundle (kubectl apply --dry-run=client)"
   for name in "${bundle_phase_files[@]}"; do
     file="$work_dir/bundle/$name"
     rc=0
@@ -677,16 +1001,16 @@ check_bundle() {
       if ((rc == 124)); then
         timed_out_before_changes
       fi
-      if only_kinds_from_bundle_crds "$errors"; then
+      if only_ignorable_errors "$errors" false; then
         # kubectl cannot map them before their CustomResourceDefinitions exist.
         log "bundle/$name: objects of kinds this bundle defines are checked when applied"
       else
-        fail_early 5 apply "bundle/$name was rejected by kubectl: $(first_line "$(<"$errors")")"
+        fail_early 5 check "bundle/$name was rejected by kubectl: $(first_line "$(<"$errors")")"
       fi
     fi
     while IFS='|' read -r kind ns object_name defined_kind; do
       if [[ "$kind" == Namespace ]]; then
-        declared[$object_name]=1
+        bundle_namespaces[$object_name]=1
       elif [[ "$kind" == CustomResourceDefinition ]]; then
         bundle_crds+=("$object_name")
         bundle_crd_kinds[$defined_kind]=1
@@ -696,35 +1020,175 @@ check_bundle() {
     done <<<"$listing"
   done
   for ns in "${!needed_by[@]}"; do
-    if [[ -n "${declared[$ns]:-}" ]]; then
-      continue
-    fi
     if ! listing=$(kube_within_budget get namespace "$ns" --ignore-not-found \
-      --request-timeout="$request_timeout" -o name); then
+      --request-timeout="$request_timeout" -o name 2>&1); then
       fail_early 4 api "could not check that namespace $ns exists: $(first_line "$listing")"
     fi
-    if [[ -z "$listing" ]]; then
-      fail_early 5 apply "namespaces \"$ns\" not found: needed by ${needed_by[$ns]}; add a Namespace document for it to the manifests"
+    if [[ -n "$listing" ]]; then
+      continue
     fi
+    if [[ -z "${bundle_namespaces[$ns]:-}" ]]; then
+      fail_early 5 check "namespaces \"$ns\" not found: needed by ${needed_by[$ns]}; add a Namespace document for it to the manifests"
+    fi
+    new_namespace_objects[$ns]=${needed_by[$ns]}
   done
   log "bundle ok: ${bundle_phase_files[*]}"
 }
 
-# True when every error in file $1 is kubectl not knowing a kind that a CustomResourceDefinition
-# of this bundle defines.
-only_kinds_from_bundle_crds() {
-  local line
+# True when every error line in file $1 is one a dry run must put up with: kubectl not knowing
+# a kind that a CustomResourceDefinition of this bundle defines and, when $2 is true, the API
+# server refusing an object whose namespace this bundle creates (it does not exist yet, so the
+# server cannot dry-run anything in it). Warnings are not errors.
+only_ignorable_errors() {
+  local line allow_new_namespaces=$2
   while IFS= read -r line; do
-    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" ]]; then
+    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" || "$line" == Warning:* ]]; then
       continue
     fi
     if [[ "$line" =~ no\ matches\ for\ kind\ \"([^\"]+)\" ]] &&
       [[ -n "${bundle_crd_kinds[${BASH_REMATCH[1]}]:-}" ]]; then
       continue
     fi
+    if [[ "$allow_new_namespaces" == true && "$line" =~ namespaces\ \"([^\"]+)\"\ not\ found ]] &&
+      [[ -n "${new_namespace_objects[${BASH_REMATCH[1]}]:-}" ]]; then
+      continue
+    fi
     return 1
   done <"$1"
   return 0
+}
+
+# First line of file $1 that only_ignorable_errors would not put up with.
+first_real_error() {
+  local line
+  while IFS= read -r line; do
+    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" || "$line" == Warning:* ]]; then
+      continue
+    fi
+    if [[ "$line" =~ no\ matches\ for\ kind\ \"([^\"]+)\" ]] &&
+      [[ -n "${bundle_crd_kinds[${BASH_REMATCH[1]}]:-}" ]]; then
+      continue
+    fi
+    if [[ "$line" =~ namespaces\ \"([^\"]+)\"\ not\ found ]] &&
+      [[ -n "${new_namespace_objects[${BASH_REMATCH[1]}]:-}" ]]; then
+      continue
+    fi
+    printf '%s' "$line"
+    return 0
+  done <"$1"
+}
+
+# The API server checks every object as a real apply would (admission, validation, immutable
+# fields) and stores nothing. Objects in a namespace this bundle creates cannot be checked this
+# way (the namespace does not exist yet and nothing may change before the checks pass): they
+# had the client-side check only, and the log says so.
+server_dry_run_bundle() {
+  local name file output errors rc ns
+  step=check
+  if [[ "$server_dry_run" != true ]]; then
+    log "==> server-side dry run skipped (--server-dry-run false)"
+    return 0
+  fi
+  errors="$work_dir/server-dry-run.err"
+  log "==> server-side dry run of the whole bundle (kubectl apply --dry-run=server): nothing is changed"
+  for name in "${bundle_phase_files[@]}"; do
+    file="$work_dir/bundle/$name"
+    rc=0
+    output=$(kube_within_budget apply --dry-run=server --validate="$validate" \
+      --request-timeout="$request_timeout" -f "$file" 2>"$errors") || rc=$?
+    if [[ -n "$output" ]]; then
+      log "$output"
+    fi
+    log_real_errors "$errors"
+    if ((rc == 124)); then
+      timed_out_before_changes
+    fi
+    if ((rc != 0)) && ! only_ignorable_errors "$errors" true; then
+      fail_early 5 check "the server-side dry run rejected bundle/$name, nothing was applied: $(first_real_error "$errors")"
+    fi
+  done
+  for ns in "${!new_namespace_objects[@]}"; do
+    log "namespace $ns is new: its objects (${new_namespace_objects[$ns]}) had the client-side check only; the API server cannot dry-run objects in a namespace that does not exist yet"
+  done
+  log "server-side dry run ok"
+}
+
+# Logs the lines of file $1 except the refusals of objects in a namespace this bundle creates
+# (expected: the summary after the dry run names those objects).
+log_real_errors() {
+  local line
+  while IFS= read -r line; do
+    if [[ "$line" =~ namespaces\ \"([^\"]+)\"\ not\ found ]] &&
+      [[ -n "${new_namespace_objects[${BASH_REMATCH[1]}]:-}" ]]; then
+      continue
+    fi
+    log "$line"
+  done <"$1"
+}
+
+# dry-run: `kubectl diff` of each phase file into $work_dir/diff.txt, and diff_changes.
+diff_bundle() {
+  local name file errors rc output line ns
+  step=check
+  errors="$work_dir/diff.err"
+  : >"$work_dir/diff.txt"
+  log "==> kubectl diff of the whole bundle against the cluster"
+  for name in "${bundle_phase_files[@]}"; do
+    file="$work_dir/bundle/$name"
+    rc=0
+    kube_within_budget diff -f "$file" --request-timeout="$request_timeout" \
+      >"$work_dir/diff.part" 2>"$errors" || rc=$?
+    if ((rc == 124)); then
+      timed_out_before_changes
+    fi
+    if ((rc == 0)); then
+      log "bundle/$name: no differences"
+    elif ((rc == 1)); then
+      # 1 means "differences found", not a failure.
+      cat -- "$work_dir/diff.part" >>"$work_dir/diff.txt"
+      while IFS= read -r line; do
+        if [[ "$line" == "diff -u -N "* ]]; then
+          diff_changes+=("${line##*/}")
+        fi
+      done <"$work_dir/diff.part"
+      log "bundle/$name: differences found"
+    elif only_ignorable_errors "$errors" true; then
+      log_real_errors "$errors"
+      log "bundle/$name: not diffed: kubectl diff stops at objects in a namespace that does not exist yet (it cannot dry-run them); the objects in new namespaces would be created"
+    else
+      log "$(<"$errors")"
+      fail_early 5 check "kubectl diff failed on bundle/$name (exit $rc): $(first_line "$(first_real_error "$errors")")"
+    fi
+  done
+  for ns in "${!new_namespace_objects[@]}"; do
+    output=${new_namespace_objects[$ns]}
+    output=${output//, /$'\n'}
+    while IFS= read -r line; do
+      diff_changes+=("$line in $ns (new namespace: would be created)")
+    done <<<"$output"
+  done
+}
+
+# Prints the diff between the markers, cut to --max-diff-bytes at a line end.
+print_diff() {
+  local line size=0 total cut=false
+  total=$(wc -c <"$work_dir/diff.txt")
+  log "$DIFF_BEGIN"
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    if ((size + ${#line} + 1 > max_diff_bytes)); then
+      cut=true
+      break
+    fi
+    if [[ "$line" == "$DIFF_BEGIN" || "$line" == "$DIFF_END" ]]; then
+      line="(a line equal to the diff marker was left out)"
+    fi
+    log "$line"
+    size=$((size + ${#line} + 1))
+  done <"$work_dir/diff.txt"
+  if [[ "$cut" == true ]]; then
+    log "... (diff cut at $size of $total bytes; run kubectl diff on the cluster for the rest)"
+  fi
+  log "$DIFF_END"
 }
 
 timed_out_before_changes() {
@@ -735,10 +1199,6 @@ timed_out_before_changes() {
   finish 12
 }
 
-first_line() {
-  printf '%s' "${1%%$'\n'*}"
-}
-
 # -- workloads --------------------------------------------------------------------------------
 
 workload_ns_args() {
@@ -746,6 +1206,10 @@ workload_ns_args() {
   if [[ -n "${wl_ns[$1]}" ]]; then
     ns_args=(-n "${wl_ns[$1]}")
   fi
+}
+
+workload_text() {
+  printf '%s/%s%s' "${wl_kind[$1]}" "${wl_name[$1]}" "${wl_ns[$1]:+ in ${wl_ns[$1]}}"
 }
 
 # Reads desired/ready/updated and the revision of workload $1 into the wl_ arrays' slot and
@@ -778,18 +1242,47 @@ read_workload() {
   REPLY=$revision
 }
 
+# Sets REPLY to the traceability annotations of workload $1, tab-separated in TRACE_KEYS order
+# (tabs and newlines inside a value would break the state file: such a value counts as unset).
+read_trace() {
+  local i=$1 output field fields=() rest
+  workload_ns_args "$i"
+  REPLY=""
+  output=$(kube get "${wl_kind[i]}" "${wl_name[i]}" "${ns_args[@]}" --ignore-not-found \
+    --request-timeout="$request_timeout" -o "jsonpath=$TRACE_TEMPLATE" 2>/dev/null) || return 1
+  if [[ -z "$output" || "$output" == *$'\n'* ]]; then
+    return 0
+  fi
+  rest=$output
+  for field in 1 2 3; do
+    fields+=("${rest%%$'\t'*}")
+    rest=${rest#*$'\t'}
+  done
+  fields+=("$rest")
+  for field in "${fields[@]}"; do
+    [[ "$field" == *$'\t'* ]] && field=""
+    REPLY+="${REPLY:+$'\t'}$field"
+  done
+  # Four fields even when all are empty.
+  if [[ -z "$REPLY" ]]; then
+    REPLY=$'\t\t\t'
+  fi
+}
+
 record_revisions() {
   local i lines="" meta
+  step=apply
   log "==> recording revisions in $state_dir"
   if [[ -e "$state_dir" ]]; then
     fail_early 5 apply "deploy $deploy_id already has state in $state_dir: a run with this id did not finish; run 'rollback --deploy-id $deploy_id' first"
   fi
+  now_utc
   printf -v meta 'deploy_id=%s\ncommit=%s\nrun_url=%s\nstarted=%s\n' \
-    "$deploy_id" "$commit" "$run_url" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    "$deploy_id" "$commit" "$run_url" "$REPLY"
   # The action's rollback command runs the copy of this script: the uploaded one may be gone.
   if ! { mkdir -p -- "$state_dir" && cp -- "${BASH_SOURCE[0]}" "$state_dir/k3s-deploy.sh" &&
-    printf '%s' "$meta" >"$state_dir/deploy.txt"; }; then
-    fail_early 3 tools "cannot write the state dir $state_dir"
+    printf '%s' "$meta" >"$state_dir/deploy.txt"; } 2>/dev/null; then
+    fail_early 3 tools "cannot write the state dir $state_dir (run as root, or pass --state-dir)"
   fi
   for i in "${!wl_name[@]}"; do
     if ! read_workload "$i"; then
@@ -797,8 +1290,10 @@ record_revisions() {
       fail_early 4 api "could not read ${wl_kind[i]}/${wl_name[i]} before applying"
     fi
     wl_before[i]=$REPLY
-    log "${wl_kind[i]}/${wl_name[i]}${wl_ns[i]:+ in ${wl_ns[i]}}: revision ${REPLY:-(new)}"
-    lines+="${wl_kind[i]}"$'\t'"${wl_ns[i]}"$'\t'"${wl_name[i]}"$'\t'"$REPLY"$'\n'
+    read_trace "$i" || REPLY=$'\t\t\t'
+    wl_trace[i]=$REPLY
+    log "$(workload_text "$i"): revision ${wl_before[i]:-(new)}"
+    lines+="${wl_kind[i]}"$'\t'"${wl_ns[i]}"$'\t'"${wl_name[i]}"$'\t'"${wl_before[i]}"$'\t'"${wl_trace[i]}"$'\n'
   done
   # Written whole then renamed: a rollback never reads half a file.
   if ! { printf '%s' "$lines" >"$state_dir/revisions.tsv.tmp" &&
@@ -819,8 +1314,14 @@ load_revisions() {
     ns=${rest%%$'\t'*}
     rest=${rest#*$'\t'}
     name=${rest%%$'\t'*}
-    revision=${rest#*$'\t'}
-    add_workload "$kind" "$ns" "$name" "$revision"
+    rest=${rest#*$'\t'}
+    revision=${rest%%$'\t'*}
+    if [[ "$rest" == *$'\t'* ]]; then
+      rest=${rest#*$'\t'}
+    else
+      rest=$'\t\t\t' # a state file without annotations
+    fi
+    add_workload "$kind" "$ns" "$name" "$revision" "$rest"
   done <"$state_dir/revisions.tsv"
 }
 
@@ -875,16 +1376,124 @@ first_error_line() {
   printf '%s' "see the log"
 }
 
-# Prints the pods of workload $1 that this deploy created and that wait for a reason that will
-# not clear by itself, as "POD REASON" lines.
-stuck_new_pods() {
-  local i=$1 listing pod owner_kind owner_name created revision readiness restarts reasons
-  local reason reason_list restart_list max_restarts count
+# After apply: which workloads this deploy changed (their new pods are the ones to watch; an
+# unchanged workload's pods all count), and the traceability annotations on each.
+after_apply() {
+  local i
+  for i in "${!wl_name[@]}"; do
+    if read_workload "$i"; then
+      wl_after[i]=$REPLY
+    fi
+    if [[ "${wl_after[i]}" != "${wl_before[i]}" ]]; then
+      wl_since[i]=$rollout_started_at
+    else
+      wl_since[i]=""
+    fi
+  done
+  annotate_workloads
+}
+
+# Writes commit, run URL, time and deploy id to each workload's own metadata. Not to its pod
+# template: that would make a new revision and roll the pods.
+annotate_workloads() {
+  local i output updates=() now update
+  if ((${#wl_name[@]} == 0)); then
+    return 0
+  fi
+  now_utc
+  now=$REPLY
+  trace_updates "$commit" "$run_url" "$now" "$deploy_id"
+  for update in "${REPLY_ARRAY[@]}"; do
+    if [[ "$update" != *- ]]; then
+      updates+=("$update") # the values known; an unknown commit or run URL is left out
+    fi
+  done
+  log "==> annotating the workloads (${updates[*]})"
+  for i in "${!wl_name[@]}"; do
+    workload_ns_args "$i"
+    if output=$(kube annotate --overwrite "${wl_kind[i]}/${wl_name[i]}" "${ns_args[@]}" \
+      "${updates[@]}" --request-timeout="$request_timeout" 2>&1); then
+      log "$output"
+    else
+      log "$output"
+      log "warning: could not annotate ${wl_kind[i]}/${wl_name[i]}: $(first_line "$output")"
+      annotate_failures+="${annotate_failures:+, }${wl_kind[i]}/${wl_name[i]}"
+    fi
+  done
+}
+
+# Sets REPLY_ARRAY to `kubectl annotate` arguments for the values $1..$4 (TRACE_KEYS order):
+# KEY=VALUE for a value, KEY- (remove) for an empty one.
+REPLY_ARRAY=()
+trace_updates() {
+  local values=("$@") i
+  REPLY_ARRAY=()
+  for i in "${!TRACE_KEYS[@]}"; do
+    if [[ -n "${values[i]:-}" ]]; then
+      REPLY_ARRAY+=("$ANNOTATION_PREFIX/${TRACE_KEYS[i]}=${values[i]}")
+    else
+      REPLY_ARRAY+=("$ANNOTATION_PREFIX/${TRACE_KEYS[i]}-")
+    fi
+  done
+}
+
+# After an undo: the workload's annotations go back to what they said before this deploy.
+restore_trace() {
+  local i=$1 values=() rest output field
+  rest=${wl_trace[i]}
+  for field in 1 2 3; do
+    values+=("${rest%%$'\t'*}")
+    rest=${rest#*$'\t'}
+  done
+  values+=("$rest")
+  trace_updates "${values[@]}"
   workload_ns_args "$i"
-  listing=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
-    -o "jsonpath=$POD_LIST_TEMPLATE" 2>/dev/null) || return 0
-  while IFS='|' read -r pod owner_kind owner_name created revision readiness restarts reasons; do
-    if ! owned_by "$i" "$owner_kind" "$owner_name" || [[ "$created" < "$rollout_started_at" ]]; then
+  if ! output=$(kube annotate --overwrite "${wl_kind[i]}/${wl_name[i]}" "${ns_args[@]}" \
+    "${REPLY_ARRAY[@]}" --request-timeout="$request_timeout" 2>&1); then
+    log "warning: could not restore the annotations of ${wl_kind[i]}/${wl_name[i]}: $(first_line "$output")"
+  fi
+}
+
+# -- waiting for rollouts, failing fast -------------------------------------------------------
+
+owned_by() {
+  local i=$1 owner_kind=$2 owner_name=$3
+  if [[ "${wl_kind[i]}" == statefulset ]]; then
+    [[ "$owner_kind" == StatefulSet && "$owner_name" == "${wl_name[i]}" ]]
+  else
+    # A Deployment's pods belong to its ReplicaSets, named NAME-<pod-template-hash>.
+    [[ "$owner_kind" == ReplicaSet && "$owner_name" =~ ^"${wl_name[i]}"-[a-z0-9]+$ ]]
+  fi
+}
+
+# Prints the pods of workload $1 in the namespace, one "POD|CREATED|REVISION|DELETING|PHASE|
+# READINESS|RESTARTS|REASONS" line each (REASONS: init containers' then containers' waiting
+# reasons, space-separated).
+pods_cache_key=""
+pods_cache=""
+workload_pods() {
+  local i=$1 listing pod owner_kind owner_name rest
+  workload_ns_args "$i"
+  if [[ -n "$pods_cache_key" && "$pods_cache_key" == "ns:${wl_ns[i]}" ]]; then
+    listing=$pods_cache
+  else
+    listing=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
+      -o "jsonpath=$POD_LIST_TEMPLATE" 2>/dev/null) || return 0
+  fi
+  while IFS='|' read -r pod owner_kind owner_name rest; do
+    if [[ -n "$pod" ]] && owned_by "$i" "$owner_kind" "$owner_name"; then
+      printf '%s|%s\n' "$pod" "$rest"
+    fi
+  done <<<"$listing"
+}
+
+# Prints "POD REASON" for the pods of workload $1 created since $2 ("" = all) that wait for a
+# reason that will not clear by itself.
+stuck_pods() {
+  local i=$1 since=$2 pod created revision deleting phase readiness restarts reasons
+  local reason reason_list restart_list max_restarts count
+  while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
+    if [[ -n "$deleting" ]] || { [[ -n "$since" ]] && [[ "$created" < "$since" ]]; }; then
       continue
     fi
     read -r -a restart_list <<<"$restarts"
@@ -904,31 +1513,144 @@ stuck_new_pods() {
         break
       fi
     done
-  done <<<"$listing"
+  done < <(workload_pods "$i")
   return 0
 }
 
-owned_by() {
-  local i=$1 owner_kind=$2 owner_name=$3
-  if [[ "${wl_kind[i]}" == statefulset ]]; then
-    [[ "$owner_kind" == StatefulSet && "$owner_name" == "${wl_name[i]}" ]]
-  else
-    # A Deployment's pods belong to its ReplicaSets, named NAME-<pod-template-hash>.
-    [[ "$owner_kind" == ReplicaSet && "$owner_name" =~ ^"${wl_name[i]}"-[a-z0-9]+$ ]]
+# Prints "POD WHAT" for each pod of workload $1 that is not healthy: not Running, not Ready,
+# or with a container waiting in a back-off. Pods on their way out do not count.
+unhealthy_pods() {
+  local i=$1 pod created revision deleting phase readiness restarts reasons reason
+  while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
+    if [[ -n "$deleting" ]]; then
+      continue
+    fi
+    for reason in $reasons; do
+      if [[ "$FATAL_WAITING_REASONS" == *" $reason "* ]]; then
+        printf '%s waiting with %s\n' "$pod" "$reason"
+        continue 2
+      fi
+    done
+    if [[ "$phase" != Running ]]; then
+      printf '%s in phase %s%s\n' "$pod" "${phase:-unknown}" "${reasons:+ (${reasons# })}"
+    elif [[ -z "$readiness" || " $readiness " == *" false "* ]]; then
+      printf '%s not ready%s\n' "$pod" "${reasons:+ (${reasons# })}"
+    fi
+  done < <(workload_pods "$i")
+  return 0
+}
+
+# Prints "POD" of a pod of workload $1 created since $2 that is not ready, if any.
+first_unready_pod() {
+  local i=$1 since=$2 pod created revision deleting phase readiness restarts reasons
+  while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
+    if [[ -z "$deleting" ]] && { [[ -z "$since" ]] || [[ ! "$created" < "$since" ]]; } &&
+      [[ " $readiness " == *" false "* || -z "$readiness" ]]; then
+      printf '%s' "$pod"
+      return 0
+    fi
+  done < <(workload_pods "$i")
+  return 0
+}
+
+# Fills the failure_* fields for pod $2 of workload $1: the container that fails (preferring
+# reason $3), its reason and message, and the end of its log (the previous container's for a
+# crash loop; none for an image that was never pulled). Prints what it found.
+describe_failure() {
+  local i=$1 pod=$2 wanted=${3:-} listing name restarts reason msg output line score best=0
+  local chosen_name="" chosen_reason="" chosen_message="" logs_args=() which=""
+  workload_ns_args "$i"
+  listing=$(kube get pod "$pod" "${ns_args[@]}" --request-timeout="$request_timeout" \
+    -o "jsonpath=$CONTAINER_TEMPLATE" 2>/dev/null) || listing=""
+  while IFS='|' read -r name restarts reason msg; do
+    if [[ -z "$name" || ! "$restarts" =~ ^[0-9]+$ ]]; then
+      continue # a continuation line of a message with newlines
+    fi
+    # The container waiting with the reason asked for, else with a fatal reason, else with
+    # any reason, else the first one.
+    if [[ -n "$wanted" && "$reason" == "$wanted" ]]; then
+      score=4
+    elif [[ -n "$reason" && "$FATAL_WAITING_REASONS" == *" $reason "* ]]; then
+      score=3
+    elif [[ -n "$reason" ]]; then
+      score=2
+    else
+      score=1
+    fi
+    if ((score > best)); then
+      best=$score
+      chosen_name=$name
+      chosen_reason=$reason
+      chosen_message=$msg
+    fi
+  done <<<"$listing"
+  failure_workload="${wl_kind[i]}/${wl_name[i]}"
+  failure_namespace=${wl_ns[i]}
+  failure_pod=$pod
+  failure_container=$chosen_name
+  failure_reason=${chosen_reason:-${wanted:-NotReady}}
+  failure_message=$chosen_message
+  failure_log=()
+  log "pod $pod, container ${chosen_name:-?}: $failure_reason${chosen_message:+: $chosen_message}"
+  if [[ -z "$chosen_name" || "$PULL_REASONS" == *" $failure_reason "* ]] ||
+    [[ "$FATAL_WAITING_REASONS" != *" $failure_reason "* ]]; then
+    return 0 # never started (no image, still creating): no log
   fi
+  logs_args=("$pod" "${ns_args[@]}" -c "$chosen_name" --tail="$LOG_TAIL_LINES"
+    --request-timeout="$request_timeout")
+  if [[ "$failure_reason" == CrashLoopBackOff ]]; then
+    logs_args+=(--previous)
+    which=" (the container that crashed)"
+  fi
+  if output=$(kube logs "${logs_args[@]}" 2>&1); then
+    if [[ -z "$output" ]]; then
+      log "its log$which is empty"
+      return 0
+    fi
+    log "last lines of its log$which:"
+    while IFS= read -r line; do
+      failure_log+=("$line")
+      log "  | $line"
+    done <<<"$output"
+  else
+    failure_log=("(no log: $(first_line "$output"))")
+    log "no log: $(first_line "$output")"
+  fi
+}
+
+# The failure text for the report's message: workload, pod, container, reason, message and the
+# log's last line.
+failure_text() {
+  local text
+  text="$(workload_text "$1"): pod $failure_pod"
+  text+="${failure_container:+, container $failure_container}: $failure_reason"
+  if [[ -n "$failure_message" ]]; then
+    truncate_text 300 "$failure_message"
+    text+=" ($REPLY)"
+  fi
+  if ((${#failure_log[@]} > 0)) && [[ "${failure_log[-1]}" != "(no log: "* ]]; then
+    truncate_text 300 "${failure_log[-1]}"
+    text+="; log ends: $REPLY"
+  fi
+  printf '%s' "$text"
 }
 
 # Waits for workload $1 until the epoch second $2. Returns 0 when rolled out, 1 when it failed
 # (fail_reason says why), 2 when the time ran out.
 wait_for_rollout() {
-  local i=$1 until=$2 target left slice output rc stuck previous_stuck="" line last_line=""
+  local i=$1 until=$2 target left slice output rc stuck previous_stuck="" line last_line="" pod
   target="${wl_kind[i]}/${wl_name[i]}"
   workload_ns_args "$i"
-  log "==> waiting for $target${wl_ns[i]:+ in ${wl_ns[i]}}"
+  log "==> waiting for $(workload_text "$i")"
   while :; do
     left=$((until - $(date +%s)))
     if ((left <= 0)); then
-      fail_reason="$target${wl_ns[i]:+ in ${wl_ns[i]}} was not ready in time ($(rollout_summary "$i"))"
+      fail_reason="$(workload_text "$i") was not ready in time ($(rollout_summary "$i"))"
+      pod=$(first_unready_pod "$i" "${wl_since[i]}")
+      if [[ -n "$pod" ]]; then
+        describe_failure "$i" "$pod"
+        fail_reason+="; $(failure_text "$i")"
+      fi
       return 2
     fi
     slice=$((left < FAIL_FAST_CHECK_SECONDS ? left : FAIL_FAST_CHECK_SECONDS))
@@ -947,8 +1669,18 @@ wait_for_rollout() {
     fi
     line=${output##*$'\n'}
     line=${line#error: }
-    if [[ "$output" == *"exceeded its progress deadline"* || "$output" == *"(NotFound)"* ]]; then
-      fail_reason="$target${wl_ns[i]:+ in ${wl_ns[i]}}: $line"
+    if [[ "$output" == *"exceeded its progress deadline"* ]]; then
+      # The controller gave up (ProgressDeadlineExceeded): stop at once, and say which pod.
+      fail_reason="$(workload_text "$i"): $line (ProgressDeadlineExceeded)"
+      pod=$(first_unready_pod "$i" "${wl_since[i]}")
+      if [[ -n "$pod" ]]; then
+        describe_failure "$i" "$pod"
+        fail_reason+="; $(failure_text "$i")"
+      fi
+      return 1
+    fi
+    if [[ "$output" == *"(NotFound)"* ]]; then
+      fail_reason="$(workload_text "$i"): $line"
       return 1
     fi
     if [[ "$output" != *"timed out waiting for the condition"* ]]; then
@@ -957,11 +1689,12 @@ wait_for_rollout() {
       sleep 1
       continue
     fi
-    stuck=$(stuck_new_pods "$i") || stuck=""
+    stuck=$(stuck_pods "$i" "${wl_since[i]}") || stuck=""
     if [[ -n "$stuck" && "$stuck" == "$previous_stuck" ]]; then
       # Seen on two checks in a row: it is not a blip.
       line=${stuck%%$'\n'*}
-      fail_reason="$target${wl_ns[i]:+ in ${wl_ns[i]}}: pod ${line% *} is waiting with ${line##* }, which does not clear by itself"
+      describe_failure "$i" "${line% *}" "${line##* }"
+      fail_reason="$(failure_text "$i"), which does not clear by itself"
       return 1
     fi
     previous_stuck=$stuck
@@ -995,13 +1728,67 @@ wait_for_workloads() {
     if ((rc != 0)); then
       return "$rc"
     fi
-    if ! is_ready "$i"; then
-      # rollout status said done but the counts disagree (scaled down mid-way, ...).
-      wl_outcome[i]=failed
-      fail_reason="${wl_kind[i]}/${wl_name[i]}: ${wl_ready[i]:-0} of ${wl_desired[i]:-0} ready after its rollout"
+    log "$(workload_text "$i"): rolled out, ready ${wl_ready[i]:-0}/${wl_desired[i]:-0}, revision ${wl_before[i]:-(new)} -> ${wl_after[i]}"
+  done
+}
+
+# The deploy's success criteria, checked on every workload once all have rolled out (an early
+# one may have broken while a later one rolled out): ready == desired and updated == desired,
+# every pod Running and Ready, no container waiting in a back-off.
+verify_health() {
+  local i try problem problem_at pod
+  step=verify
+  if ((${#wl_name[@]} == 0)); then
+    return 0
+  fi
+  log "==> verifying health: every workload ready, its pods Running and Ready, no container in a back-off"
+  for ((try = 1; ; try++)); do
+    problem=""
+    pod=""
+    pods_cache_key=""
+    for i in "${!wl_name[@]}"; do
+      problem_at=$i
+      # One pod listing per namespace and check (workloads usually share one).
+      if [[ "$pods_cache_key" != "ns:${wl_ns[i]}" ]]; then
+        workload_ns_args "$i"
+        pods_cache=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
+          -o "jsonpath=$POD_LIST_TEMPLATE" 2>/dev/null) || pods_cache=""
+        pods_cache_key="ns:${wl_ns[i]}"
+      fi
+      if ! read_workload "$i" >/dev/null; then
+        problem="$(workload_text "$i") could not be read"
+        break
+      fi
+      pod=$(unhealthy_pods "$i")
+      if ! is_ready "$i"; then
+        problem="$(workload_text "$i"): ${wl_ready[i]:-0} of ${wl_desired[i]:-0} ready, ${wl_updated[i]:-0} updated"
+        break
+      fi
+      if [[ -n "$pod" ]]; then
+        problem="$(workload_text "$i"): pod ${pod%%$'\n'*}"
+        break
+      fi
+    done
+    pods_cache_key=""
+    if [[ -z "$problem" ]]; then
+      for i in "${!wl_name[@]}"; do
+        log "$(workload_text "$i"): healthy, ${wl_ready[i]:-0}/${wl_desired[i]:-0} ready, ${wl_updated[i]:-0} updated"
+      done
+      return 0
+    fi
+    seconds_left
+    if ((try >= HEALTH_CHECK_TRIES || REPLY <= 2)); then
+      wl_outcome[problem_at]=failed
+      fail_reason="health check failed: $problem"
+      if [[ -n "$pod" ]]; then
+        pod=${pod%%$'\n'*}
+        describe_failure "$problem_at" "${pod%% *}"
+        fail_reason="health check failed: $(failure_text "$problem_at"); ${wl_ready[problem_at]:-0} of ${wl_desired[problem_at]:-0} ready"
+      fi
       return 1
     fi
-    log "${wl_kind[i]}/${wl_name[i]}: ready ${wl_ready[i]:-0}/${wl_desired[i]:-0}, revision ${wl_before[i]:-(new)} -> ${wl_after[i]}"
+    log "not healthy yet ($problem); checking again in 2s"
+    sleep 2
   done
 }
 
@@ -1010,23 +1797,21 @@ wait_for_workloads() {
 # A StatefulSet does not replace a pod that never became ready, even once its template is
 # reverted (Kubernetes' "forced rollback" note): delete such pods so the old revision returns.
 release_stuck_statefulset_pods() {
-  local i=$1 listing pod owner_kind owner_name created revision readiness restarts reasons update
+  local i=$1 pod created revision deleting phase readiness restarts reasons update
   workload_ns_args "$i"
   read_workload "$i" || return 0
   update=$REPLY
-  listing=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
-    -o "jsonpath=$POD_LIST_TEMPLATE" 2>/dev/null) || return 0
-  while IFS='|' read -r pod owner_kind owner_name created revision readiness restarts reasons; do
-    if owned_by "$i" "$owner_kind" "$owner_name" && [[ "$revision" != "$update" ]] &&
-      [[ " $readiness " == *" false "* ]]; then
+  while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
+    if [[ "$revision" != "$update" && -z "$deleting" ]] && [[ " $readiness " == *" false "* ]]; then
       log "deleting pod $pod: it runs revision $revision, never became ready, and the StatefulSet will not replace it by itself"
       kube delete pod "$pod" "${ns_args[@]}" --wait=false --request-timeout="$request_timeout" || true
     fi
-  done <<<"$listing"
+  done < <(workload_pods "$i")
 }
 
-# Undoes the workloads whose revision differs from the one recorded before the deploy.
-# Sets rollback_status to done, failed or nothing-changed.
+# Undoes the workloads whose revision differs from the one recorded before the deploy, and
+# puts their traceability annotations back. Sets rollback_status to done, failed or
+# nothing-changed.
 roll_back_changed() {
   local until=$1 i output current undone=() failed=0 done_count=0
   local undone_file="$state_dir/undone.tsv" line
@@ -1074,6 +1859,7 @@ roll_back_changed() {
       if read_workload "$i"; then
         printf '%s\t%s\n' "${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}" "$REPLY" >>"$undone_file"
       fi
+      restore_trace "$i"
     elif [[ "$output" == *"${NO_HISTORY_MESSAGES[0]}"* || "$output" == *"${NO_HISTORY_MESSAGES[1]}"* ]]; then
       # New in this deploy: there is no earlier revision to go back to. Reported, not fatal.
       log "$output"
@@ -1091,7 +1877,11 @@ roll_back_changed() {
       release_stuck_statefulset_pods "$i"
     fi
   done
+  # The report's failure stays the deploy's, whatever the waits below find.
+  local saved=("$failure_workload" "$failure_namespace" "$failure_pod" "$failure_container"
+    "$failure_reason" "$failure_message") saved_log=("${failure_log[@]}")
   for i in "${undone[@]}"; do
+    wl_since[i]=$rollout_started_at
     if wait_for_rollout "$i" "$until"; then
       done_count=$((done_count + 1))
       read_workload "$i" || true
@@ -1103,6 +1893,9 @@ roll_back_changed() {
       read_workload "$i" || true
     fi
   done
+  failure_workload=${saved[0]} failure_namespace=${saved[1]} failure_pod=${saved[2]}
+  failure_container=${saved[3]} failure_reason=${saved[4]} failure_message=${saved[5]}
+  failure_log=("${saved_log[@]}")
   if ((failed > 0)); then
     rollback_status=failed
   elif ((done_count > 0)); then
@@ -1237,23 +2030,34 @@ rollback_summary() {
 run_deploy() {
   local rc
   deadline=$(($(date +%s) + timeout_seconds))
+  lock_duration=$((timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
   log "k3s-deploy: deploy $deploy_id${commit:+ (commit $commit)}${run_url:+ from $run_url}"
   check_tools
-  acquire_lock
   check_api
+  acquire_lock
+  # The budget starts once the lock is held: waiting for another deploy is not rollout time.
+  deadline=$(($(date +%s) + timeout_seconds))
   unpack_bundle
   check_bundle
+  server_dry_run_bundle
   record_revisions
   rc=0
   apply_bundle || rc=$?
   if ((rc == 0)); then
+    after_apply
     wait_for_workloads || rc=$?
+  fi
+  if ((rc == 0)); then
+    verify_health || rc=$?
   fi
   if ((rc == 0)); then
     if ((${#wl_name[@]} == 0)); then
       message="applied ${#bundle_phase_files[@]} manifest file(s); no workloads to wait for"
     else
-      message="all ${#wl_name[@]} workload(s) ready"
+      message="all ${#wl_name[@]} workload(s) ready and healthy"
+    fi
+    if [[ -n "$annotate_failures" ]]; then
+      message+=" (could not annotate: $annotate_failures)"
     fi
     log "$message"
     finish_after_changes success
@@ -1264,12 +2068,40 @@ run_deploy() {
   handle_failure failed
 }
 
+run_dry_run() {
+  local count
+  deadline=$(($(date +%s) + timeout_seconds))
+  log "k3s-deploy: dry run $deploy_id: checks and kubectl diff only, nothing is changed (no lock taken)"
+  check_tools
+  check_api
+  unpack_bundle
+  check_bundle
+  server_dry_run_bundle
+  diff_bundle
+  print_diff
+  count=${#diff_changes[@]}
+  if ((count == 0)); then
+    message="dry run: the cluster already matches the manifests; nothing was changed"
+  else
+    join_by_comma "${diff_changes[@]:0:20}"
+    message="dry run: $count object(s) would change: ${REPLY//,/, }"
+    if ((count > 20)); then
+      message+=", ..."
+    fi
+    message+="; nothing was changed"
+  fi
+  log "$message"
+  result=success
+  step="done"
+  finish 0
+}
+
 run_rollback() {
   deadline=$(($(date +%s) + rollback_timeout_seconds))
+  lock_duration=$((rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
   log "k3s-deploy: rollback of deploy $deploy_id"
   result=timed-out
   check_tools
-  acquire_lock
   step=rollback
   if [[ ! -d "$state_dir" ]]; then
     rollback_status=nothing-changed
@@ -1278,6 +2110,8 @@ run_rollback() {
     finish 12
   fi
   check_api
+  acquire_lock
+  deadline=$(($(date +%s) + rollback_timeout_seconds))
   step=rollback
   if [[ ! -f "$state_dir/revisions.tsv" ]]; then
     # Killed before it recorded revisions, so before it applied anything.
@@ -1295,11 +2129,11 @@ run_rollback() {
 
 main() {
   parse_arguments "$@"
-  if [[ "$command" == deploy ]]; then
-    run_deploy
-  else
-    run_rollback
-  fi
+  case "$command" in
+  deploy) run_deploy ;;
+  dry-run) run_dry_run ;;
+  *) run_rollback ;;
+  esac
 }
 
 main "$@"

@@ -47,10 +47,22 @@ class Cluster:
 
     # -- scenario controls ---------------------------------------------------------------------
 
-    def break_image(self, image_ref: str, reason: str = "CrashLoopBackOff") -> None:
-        """Pods running image_ref never become ready; their container waits with `reason`."""
+    def break_image(self, image_ref: str, reason: str = "CrashLoopBackOff", *,
+                    message: str | None = None, log: str | None = None) -> None:
+        """Pods running image_ref never become ready; their container waits with `reason`
+        (and `message`, else the kubelet's usual one). `log` is what the container printed
+        before it crashed (`kubectl logs --previous`)."""
         with double.open_state(self.path, write=True) as state:
             state["broken_images"][image_ref] = reason
+            if message is not None:
+                state.setdefault("waiting_messages", {})[image_ref] = message
+            if log is not None:
+                state.setdefault("container_logs", {})[image_ref] = log
+
+    def set_log(self, image_ref: str, text: str) -> None:
+        """What containers running image_ref print (`kubectl logs`)."""
+        with double.open_state(self.path, write=True) as state:
+            state.setdefault("container_logs", {})[image_ref] = text
 
     def fix_image(self, image_ref: str) -> None:
         with double.open_state(self.path, write=True) as state:
@@ -67,11 +79,20 @@ class Cluster:
         with double.open_state(self.path, write=True) as state:
             state["api_healthy"] = healthy
 
-    def fail_apply(self, kind: str, name: str) -> None:
-        """Applying this object fails (as if an admission webhook refused it)."""
+    def fail_apply(self, kind: str, name: str, *, on_dry_run: bool = True) -> None:
+        """Applying this object fails (as if an admission webhook refused it). With
+        `on_dry_run` false only the real apply fails and a server-side dry run passes (as when
+        a quota or a concurrent change bites between the two)."""
         with double.open_state(self.path, write=True) as state:
             canonical = double.kind_for_name(state, kind).kind
-            state["failing_applies"].append(f"{canonical}/{name}")
+            key = "failing_applies" if on_dry_run else "failing_real_applies"
+            state.setdefault(key, []).append(f"{canonical}/{name}")
+
+    def fail_undo(self, kind: str, name: str) -> None:
+        """`kubectl rollout undo` of this workload fails (as if RBAC or a webhook refused it)."""
+        with double.open_state(self.path, write=True) as state:
+            canonical = double.kind_for_name(state, kind).kind
+            state.setdefault("failing_undos", []).append(f"{canonical}/{name}")
 
     def seed(self, yaml_text: str) -> None:
         """Applies manifests as a deploy that finished a while ago would have left them."""

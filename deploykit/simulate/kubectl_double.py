@@ -3,23 +3,35 @@
 
 It answers exactly the kubectl calls `deploykit/scripts/k3s-deploy.sh` makes (get, including
 --raw=/readyz, -o name|wide|json|jsonpath=, --ignore-not-found, --field-selector, --sort-by;
-apply -f, --dry-run=client, --validate; rollout status --timeout; rollout undo; delete pod
---wait; wait --for=condition=established; global -n and --request-timeout) and refuses the
-rest the way kubectl does (unknown flags, bad flag values, unknown commands: exit 1). The
-cluster lives in one JSON file (env KUBECTL_DOUBLE_STATE), read and written under an fcntl lock
-so that concurrent calls see consistent state; `deploykit.simulate.cluster.Cluster` edits the
-same file to set up scenarios and to read results.
+apply -f, --dry-run=client|server, --validate; create -f and replace -f (files or `-f -`);
+annotate [--overwrite]; logs [-c] [--previous] [--tail]; diff -f; rollout status --timeout;
+rollout undo; delete pod --wait; wait --for=condition=established; global -n and
+--request-timeout) and refuses the rest the way kubectl does (unknown flags, bad flag values,
+unknown commands: exit 1; diff exits 2 on errors). The cluster lives in one JSON file (env
+KUBECTL_DOUBLE_STATE), read and written under an fcntl lock so that concurrent calls see
+consistent state and a create is atomic across processes; `deploykit.simulate.cluster.Cluster`
+edits the same file to set up scenarios and to read results.
 
 What it enforces, because the real API server does:
 - a namespaced object needs an existing Namespace; apiVersion, kind and metadata.name are
   required; kinds must be known (built in, or defined by an applied CustomResourceDefinition);
   a Deployment's selector and a StatefulSet's spec outside template/replicas/updateStrategy
-  are immutable;
+  are immutable; a Lease's times are MicroTime and its duration positive;
+- every write gives the object the next resourceVersion; `create` fails when the object
+  exists; `replace` with metadata.resourceVersion fails with a Conflict when it changed;
+- `apply --dry-run=server` and `diff` run every check of a real apply (an admission webhook
+  refusal included) on a scratch copy and store nothing, not even for the next document;
+  `diff` stops at the first object it cannot dry-run and prints no diff then;
+- client-side apply's three-way merge for annotations: what `kubectl annotate` added stays;
+  annotations change metadata only (no new generation, no new revision);
 - a Deployment's revision annotation moves only when its pod template changes; `rollout undo`
   restores the previous template under a new revision number and needs an earlier revision;
 - a StatefulSet's .status.updateRevision / currentRevision name its ControllerRevisions; a pod
   that never became ready keeps running the failed revision after an undo until it is deleted
   (the documented StatefulSet "forced rollback" limitation);
+- a container whose image is broken waits with the kubelet's reason and message; a crash loop
+  has its last run in lastState and its log under `logs --previous`; a container that never
+  started has no log;
 - `rollout status` waits for real (in small sleeps, never past --timeout) and fails at once
   when a Deployment is past its progressDeadlineSeconds.
 What it does not model: schema validation (--validate is accepted, not acted on), server-side
@@ -151,6 +163,7 @@ BUILTIN_KINDS = (
     Kind("PodDisruptionBudget", "policy", ("v1",), "poddisruptionbudgets", True, ("pdb",)),
     Kind("CustomResourceDefinition", "apiextensions.k8s.io", ("v1",),
          "customresourcedefinitions", False, ("crd", "crds")),
+    Kind("Lease", "coordination.k8s.io", ("v1",), "leases", True),
 )
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
@@ -203,9 +216,15 @@ def empty_state() -> dict:
         "broken_images": {},
         "slow_rollouts": {},
         "failing_applies": [],
+        "failing_undos": [],
+        # image -> what its containers print, and the message of their waiting state
+        "container_logs": {},
+        "waiting_messages": {},
         "objects": {},
         "events": [],
         "next_uid": 1,
+        # etcd's revision: every write of an object gives it the next one
+        "next_resource_version": 1,
     }
     for name in BUILTIN_NAMESPACES:
         # A fresh cluster's own namespaces date from long before any deploy.
@@ -328,6 +347,7 @@ def store_new_object(state: dict, kind: Kind, manifest: dict, now: float) -> dic
     state["next_uid"] += 1
     meta["creationTimestamp"] = rfc3339(now)
     meta["generation"] = 1
+    bump_resource_version(state, obj)
     if kind.kind == "Namespace":
         obj["status"] = {"phase": "Active"}
     record: dict[str, Any] = {"object": obj, "created": now}
@@ -337,6 +357,13 @@ def store_new_object(state: dict, kind: Kind, manifest: dict, now: float) -> dic
                               "stable_since": now, "stuck": {}}
         change_template(state, record, now)
     return record
+
+
+def bump_resource_version(state: dict, obj: dict) -> None:
+    """A write: the object gets the cluster's next resourceVersion (a string, as the API's)."""
+    version = state.setdefault("next_resource_version", 1)
+    state["next_resource_version"] = version + 1
+    obj.setdefault("metadata", {})["resourceVersion"] = str(version)
 
 
 def pod_template(record: dict) -> dict:
@@ -636,19 +663,101 @@ def served_object(state: dict, record: dict, now: float) -> dict:
     return obj
 
 
+PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+
+
+def waiting_message(state: dict, reason: str, image: str, container: str, pod: Pod,
+                    namespace: str, uid: str) -> str:
+    """The kubelet's message for a container waiting with `reason` (a scenario may set its own)."""
+    given = state.get("waiting_messages", {}).get(image)
+    if given:
+        return given
+    if reason == "CrashLoopBackOff":
+        backoff = min(CRASH_BACKOFF_START * 2 ** max(pod.restarts - 1, 0), CRASH_BACKOFF_CAP)
+        shown = f"{backoff // 60}m{backoff % 60}s" if backoff >= 60 else f"{backoff}s"
+        return (f"back-off {shown} restarting failed container={container} "
+                f"pod={pod.name}_{namespace}({uid})")
+    if reason == "ImagePullBackOff":
+        return f'Back-off pulling image "{image}"'
+    if reason == "ErrImagePull":
+        return (f'rpc error: code = NotFound desc = failed to pull and unpack image "{image}": '
+                f'failed to resolve reference "{image}": {image}: not found')
+    if reason == "InvalidImageName":
+        return (f'Failed to apply default image tag "{image}": couldn\'t parse image name '
+                f'"{image}": invalid reference format')
+    if reason == "ErrImageNeverPull":
+        return f'Container image "{image}" is not present with pull policy of Never'
+    if reason == "CreateContainerConfigError":
+        return 'secret "app-secrets" not found'
+    if reason in ("CreateContainerError", "RunContainerError"):
+        return ('failed to create containerd task: failed to create shim task: OCI runtime '
+                'create failed: exec: "/app/start": stat /app/start: no such file or directory')
+    return ""
+
+
+def container_statuses(view: WorkloadView, pod: Pod, uid: str) -> tuple[list[dict], list[dict]]:
+    """(initContainerStatuses, containerStatuses): only a container whose own image is broken
+    waits with the broken reason; the others run (or wait for the init containers)."""
+    template = template_of(view.record, pod.hash)
+    spec = template.get("spec") or {}
+    broken = view.state["broken_images"]
+    started = rfc3339(pod.created)
+    init_statuses, statuses = [], []
+    init_blocked = False
+    for container in spec.get("initContainers") or []:
+        name, image = container.get("name", ""), container.get("image", "")
+        if not pod.ready and image in broken:
+            init_blocked = True
+            reason = broken[image]
+            state: dict[str, Any] = {"waiting": {"reason": reason, "message": waiting_message(
+                view.state, reason, image, name, pod, view.namespace, uid)}}
+            init_statuses.append({"name": name, "image": image, "ready": False,
+                                  "restartCount": 0, "state": state, "started": False})
+        else:
+            init_statuses.append({"name": name, "image": image, "ready": True, "restartCount": 0,
+                                  "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                                           "startedAt": started,
+                                                           "finishedAt": started}},
+                                  "started": False})
+    for container in spec.get("containers") or []:
+        name, image = container.get("name", ""), container.get("image", "")
+        entry: dict[str, Any] = {"name": name, "image": image, "restartCount": 0}
+        template_broken = any(i in broken for i in template_images(template))
+        if init_blocked and not pod.ready:
+            entry.update(ready=False, started=False,
+                         state={"waiting": {"reason": "PodInitializing"}})
+        elif pod.ready or (template_broken and image not in broken):
+            # A ready pod, or a healthy container next to a broken one.
+            entry.update(ready=True, started=True, state={"running": {"startedAt": started}})
+        else:
+            reason = broken.get(image) or pod.waiting or "ContainerCreating"
+            waiting: dict[str, Any] = {"reason": reason}
+            message = waiting_message(view.state, reason, image, name, pod, view.namespace, uid)
+            if message:
+                waiting["message"] = message
+            entry.update(ready=False, started=False, state={"waiting": waiting})
+            if reason == "CrashLoopBackOff":
+                entry["restartCount"] = pod.restarts
+                entry["lastState"] = {"terminated": {"exitCode": 1, "reason": "Error",
+                                                     "startedAt": started,
+                                                     "finishedAt": started}}
+        statuses.append(entry)
+    return init_statuses, statuses
+
+
 def pod_object(view: WorkloadView, pod: Pod, index: int) -> dict:
     template = template_of(view.record, pod.hash)
-    containers = (template.get("spec") or {}).get("containers") or []
-    statuses = []
-    for container in containers:
-        state: dict[str, Any]
-        if pod.ready:
-            state = {"running": {"startedAt": rfc3339(pod.created)}}
-        else:
-            state = {"waiting": {"reason": pod.waiting}}
-        statuses.append({"name": container.get("name", ""), "image": container.get("image", ""),
-                         "ready": pod.ready, "restartCount": pod.restarts, "state": state,
-                         "started": pod.ready})
+    uid = f"{view.record['object']['metadata']['uid'][:-4]}{index:04d}"
+    init_statuses, statuses = container_statuses(view, pod, uid)
+    status: dict[str, Any] = {
+        "phase": "Running" if pod.ready or pod.waiting == "CrashLoopBackOff" else "Pending",
+        "podIP": f"10.42.0.{10 + index % 240}",
+        "hostIP": "10.0.1.23",
+        "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
+    }
+    if init_statuses:
+        status["initContainerStatuses"] = init_statuses
+    status["containerStatuses"] = statuses
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -657,20 +766,14 @@ def pod_object(view: WorkloadView, pod: Pod, index: int) -> dict:
             "namespace": view.namespace,
             "labels": pod.labels,
             "creationTimestamp": rfc3339(pod.created),
-            "uid": f"{view.record['object']['metadata']['uid'][:-4]}{index:04d}",
+            "uid": uid,
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": pod.owner_kind,
                                  "name": pod.owner_name, "controller": True,
                                  "blockOwnerDeletion": True,
                                  "uid": view.record["object"]["metadata"]["uid"]}],
         },
         "spec": {**(template.get("spec") or {}), "nodeName": NODE_NAME},
-        "status": {
-            "phase": "Running" if pod.ready or pod.waiting == "CrashLoopBackOff" else "Pending",
-            "podIP": f"10.42.0.{10 + index % 240}",
-            "hostIP": "10.0.1.23",
-            "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
-            "containerStatuses": statuses,
-        },
+        "status": status,
     }
 
 
@@ -923,6 +1026,11 @@ COMMAND_FLAGS = {
     "rollout undo": (),
     "delete": (Flag("wait", boolean=True), Flag("ignore-not-found", boolean=True)),
     "wait": (Flag("for"), Flag("timeout")),
+    "create": (Flag("filename", "f", repeatable=True), Flag("output", "o")),
+    "replace": (Flag("filename", "f", repeatable=True), Flag("output", "o")),
+    "annotate": (Flag("overwrite", boolean=True),),
+    "logs": (Flag("container", "c"), Flag("previous", "p", boolean=True), Flag("tail")),
+    "diff": (Flag("filename", "f", repeatable=True),),
 }
 
 
@@ -1034,12 +1142,16 @@ def load_manifests(path: str, validate: bool) -> tuple[list[dict], list[str]]:
     """Documents of one -f file, and the decode errors kubectl reports for it."""
     import yaml
 
-    file = Path(path)
-    if not file.exists():
-        raise KubectlError(f'error: the path "{path}" does not exist')
+    if path == "-":
+        text, path = sys.stdin.read(), "STDIN"
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise KubectlError(f'error: the path "{path}" does not exist')
+        text = file.read_text()
     docs, errors = [], []
     try:
-        for doc in yaml_documents(file.read_text()):
+        for doc in yaml_documents(text):
             if doc is None:
                 continue
             if not isinstance(doc, dict):
@@ -1100,6 +1212,45 @@ def check_workload_spec(kind: Kind, manifest: dict) -> None:
                            "Required value")
 
 
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+
+
+def merged_annotations(record: dict, manifest: dict) -> dict:
+    """Client-side apply's three-way merge, for annotations: what the last apply set and this
+    one leaves out goes; what others set (the revision, `kubectl annotate`) stays."""
+    live = record["object"]["metadata"].get("annotations") or {}
+    last = record.get("last_applied_annotations")
+    if last is None:
+        last = [k for k in live if k != REVISION_ANNOTATION]
+    new = manifest["metadata"].get("annotations") or {}
+    merged = {k: v for k, v in live.items() if k not in last or k in new}
+    merged.update(new)
+    return merged
+
+
+MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
+
+
+def check_spec(kind: Kind, manifest: dict, path: str, action: str) -> None:
+    """What the API server validates for the kinds the double knows well."""
+    check_workload_spec(kind, manifest)
+    if kind.kind != "Lease":
+        return
+    name = manifest["metadata"]["name"]
+    spec = manifest.get("spec") or {}
+    for field in ("acquireTime", "renewTime"):
+        value = spec.get(field)
+        if value is not None and not (isinstance(value, str) and MICRO_TIME.fullmatch(value)):
+            raise KubectlError(
+                f'Error from server (BadRequest): error when {action} "{path}": Lease in version '
+                f'"v1" cannot be handled as a Lease: parsing time "{value}" as '
+                '"2006-01-02T15:04:05.000000Z07:00": cannot parse')
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and (not isinstance(duration, int) or duration <= 0):
+        raise KubectlError(f'The Lease "{name}" is invalid: spec.leaseDurationSeconds: Invalid '
+                           f"value: {duration}: must be greater than 0")
+
+
 def apply_one(state: dict, path: str, manifest: dict, dry_run: bool, now: float,
               output: str | None) -> str:
     kind = kind_for_manifest(state, manifest["apiVersion"], manifest["kind"])
@@ -1137,14 +1288,15 @@ def apply_one(state: dict, path: str, manifest: dict, dry_run: bool, now: float,
     if kind.namespaced and object_key(BUILTIN_KINDS[0], "", namespace) not in state["objects"]:
         raise KubectlError(f'Error from server (NotFound): error when creating "{path}": '
                            f'namespaces "{namespace}" not found')
-    if f"{kind.kind}/{name}" in state["failing_applies"]:
+    if f"{kind.kind}/{name}" in state["failing_applies"] + state.get("failing_real_applies", []):
         action = "creating" if existing is None else "patching"
         raise KubectlError(f'Error from server (Forbidden): error when {action} "{path}": '
                            f'admission webhook "deny.k3s-deploy.test" denied the request: '
                            f"{kind.kind} {name} is refused by the test scenario")
-    check_workload_spec(kind, manifest)
+    check_spec(kind, manifest, path, "creating" if existing is None else "patching")
+    applied_annotations = sorted(manifest["metadata"].get("annotations") or {})
     if existing is None:
-        store_new_object(state, kind, manifest, now)
+        existing = store_new_object(state, kind, manifest, now)
     else:
         old = existing["object"]
         check_update_allowed(kind, old, manifest)
@@ -1152,28 +1304,42 @@ def apply_one(state: dict, path: str, manifest: dict, dry_run: bool, now: float,
         before = {k: v for k, v in old.items() if k not in ("metadata", "status")}
         old_meta = {k: old["metadata"].get(k) for k in ("labels",)}
         new_meta = {k: manifest["metadata"].get(k) for k in ("labels",)}
-        user_annotations = {k: v for k, v in (old["metadata"].get("annotations") or {}).items()
-                            if k != "deployment.kubernetes.io/revision"}
-        if applied == before and old_meta == new_meta and user_annotations == (
-                manifest["metadata"].get("annotations") or {}):
+        annotations = merged_annotations(existing, manifest)
+        if applied == before and old_meta == new_meta and annotations == (
+                old["metadata"].get("annotations") or {}):
             verb = "unchanged"
         else:
             server_meta = {k: old["metadata"][k] for k in ("uid", "creationTimestamp",
                                                            "generation") if k in old["metadata"]}
             if applied.get("spec") != before.get("spec"):
                 server_meta["generation"] = old["metadata"].get("generation", 1) + 1
-            revision = (old["metadata"].get("annotations") or {}).get(
-                "deployment.kubernetes.io/revision")
             manifest["metadata"].update(server_meta)
-            if revision:
-                manifest["metadata"].setdefault("annotations", {})[
-                    "deployment.kubernetes.io/revision"] = revision
+            manifest["metadata"].pop("annotations", None)
+            if annotations:
+                manifest["metadata"]["annotations"] = annotations
             existing["object"] = manifest
+            bump_resource_version(state, manifest)
             if kind.kind in WORKLOAD_KINDS:
                 change_template(state, existing, now)
+    # What client-side apply records as last applied (kubectl keeps it in an annotation; the
+    # double keeps it beside the object): what a later apply may remove.
+    existing["last_applied_annotations"] = applied_annotations
     if output:
         return render_output(output, state["objects"][key]["object"], kind)
     return f"{kind.qualified}/{name} {verb}\n"
+
+
+def server_dry_run(state: dict, path: str, manifest: dict, now: float,
+                   output: str | None) -> str:
+    """--dry-run=server: the API server runs every check of a real apply (namespace, admission,
+    validation, immutable fields) on each object and stores nothing, not even for the next
+    document of the same file."""
+    scratch = copy.deepcopy(state)
+    scratch["failing_real_applies"] = []
+    result = apply_one(scratch, path, manifest, dry_run=False, now=now, output=output)
+    if output:
+        return result
+    return result.rstrip("\n") + " (server dry run)\n"
 
 
 def render_output(output: str, obj: dict, kind: Kind) -> str:
@@ -1198,8 +1364,6 @@ def command_apply(positional: list[str], flags: dict) -> int:
     if dry_run not in ("none", "client", "server"):
         raise KubectlError(f'error: Invalid dry-run value ({dry_run}). Must be "none", '
                            '"server", or "client".')
-    if dry_run == "server":
-        raise KubectlError("error: the kubectl double does not model --dry-run=server")
     validate = flags.get("validate", "strict")
     if validate.lower() not in ("true", "false", "strict", "warn", "ignore"):
         raise KubectlError(f'error: invalid - validate option "{validate}"; must be one of: '
@@ -1220,8 +1384,11 @@ def command_apply(positional: list[str], flags: dict) -> int:
             for manifest in docs:
                 applied += 1
                 try:
-                    sys.stdout.write(apply_one(state, path, manifest, dry_run == "client", now,
-                                               output))
+                    if dry_run == "server":
+                        sys.stdout.write(server_dry_run(state, path, manifest, now, output))
+                    else:
+                        sys.stdout.write(apply_one(state, path, manifest, dry_run == "client",
+                                                   now, output))
                 except KubectlError as exc:
                     errors.append(str(exc))
         if not applied and not errors:
@@ -1350,8 +1517,11 @@ def table_rows(kind: Kind, items: list[dict], wide: bool, now: float) -> list[li
         for pod in items:
             statuses = pod["status"].get("containerStatuses") or []
             ready = sum(1 for s in statuses if s.get("ready"))
-            waiting = [s["state"]["waiting"]["reason"] for s in statuses
+            waiting = [f"Init:{s['state']['waiting']['reason']}"
+                       for s in pod["status"].get("initContainerStatuses") or []
                        if "waiting" in s.get("state", {})]
+            waiting += [s["state"]["waiting"]["reason"] for s in statuses
+                        if "waiting" in s.get("state", {})]
             row = [pod["metadata"]["name"], f"{ready}/{len(statuses)}",
                    waiting[0] if waiting else pod["status"]["phase"],
                    str(sum(s.get("restartCount", 0) for s in statuses)), age(pod)]
@@ -1450,8 +1620,12 @@ def command_rollout_undo(positional: list[str], flags: dict) -> int:
         if kind.kind == "Deployment" and (record["object"].get("spec") or {}).get("paused"):
             raise KubectlError("error: you cannot rollback a paused deployment; resume it first "
                                "with 'kubectl rollout resume' and try again")
+        if f"{kind.kind}/{name}" in state.get("failing_undos", []):
+            raise KubectlError(f'Error from server (Forbidden): {kind.resource} "{name}" is '
+                               "forbidden: the test scenario refuses this undo")
         record["object"]["spec"]["template"] = copy.deepcopy(earlier[-1]["template"])
         record["object"]["metadata"]["generation"] += 1
+        bump_resource_version(state, record["object"])
         change_template(state, record, time.time())
     print(f"{kind.qualified}/{name} rolled back")
     return 0
@@ -1523,7 +1697,326 @@ def command_wait(positional: list[str], flags: dict) -> int:
     return 0
 
 
+def manifests_of(flags: dict, command: str) -> list[tuple[str, dict]]:
+    """(path as kubectl names it, document) for every -f of create / replace / diff."""
+    files = flags.get("filename") or []
+    if not files:
+        raise KubectlError("error: must specify one of -f and -k\n\n"
+                           f"See 'kubectl {command} -h' for help and examples")
+    found, errors = [], []
+    for path in files:
+        docs, decode_errors = load_manifests(path, validate=True)
+        errors.extend(decode_errors)
+        shown = "STDIN" if path == "-" else path
+        found.extend((shown, doc) for doc in docs)
+    if errors:
+        raise KubectlError("\n".join(errors))
+    if not found:
+        raise KubectlError("error: no objects passed to " + command)
+    return found
+
+
+def resolve_manifest(state: dict, path: str, manifest: dict) -> tuple[Kind, str, str, dict]:
+    """Kind, namespace and name of a document, and a copy with its namespace set as the API
+    would (namespaced kinds default to `default`; cluster-scoped ones have none)."""
+    kind = kind_for_manifest(state, manifest["apiVersion"], manifest["kind"])
+    meta = manifest.get("metadata") or {}
+    name, namespace = meta.get("name") or "", meta.get("namespace") or ""
+    if kind is None:
+        raise KubectlError(f'error: resource mapping not found for name: "{name}" namespace: '
+                           f'"{namespace}" from "{path}": no matches for kind '
+                           f'"{manifest["kind"]}" in version "{manifest["apiVersion"]}"\n'
+                           "ensure CRDs are installed first")
+    if not name:
+        raise KubectlError("error: resource name may not be empty")
+    manifest = copy.deepcopy(manifest)
+    manifest.setdefault("metadata", {})
+    if kind.namespaced:
+        namespace = namespace or DEFAULT_NAMESPACE
+        manifest["metadata"]["namespace"] = namespace
+    else:
+        namespace = ""
+        manifest["metadata"].pop("namespace", None)
+    return kind, namespace, name, manifest
+
+
+def command_create(positional: list[str], flags: dict) -> int:
+    """`kubectl create -f`: atomic, as the API server's create is: it fails when the object
+    exists, however many clients race (every call holds the state's exclusive lock)."""
+    output = flags.get("output")
+    documents = manifests_of(flags, "create")
+    errors = []
+    with open_state(state_path(), write=True) as state:
+        require_api(state)
+        now = time.time()
+        for path, document in documents:
+            try:
+                kind, namespace, name, manifest = resolve_manifest(state, path, document)
+                key = object_key(kind, namespace, name)
+                if key in state["objects"]:
+                    raise KubectlError(f'Error from server (AlreadyExists): error when creating '
+                                       f'"{path}": {kind.resource} "{name}" already exists')
+                if manifest["metadata"].get("resourceVersion"):
+                    raise KubectlError(f'Error from server (BadRequest): error when creating '
+                                       f'"{path}": resourceVersion should not be set on objects '
+                                       "to be created")
+                if kind.namespaced and object_key(BUILTIN_KINDS[0], "", namespace) not in state[
+                        "objects"]:
+                    raise KubectlError(f'Error from server (NotFound): error when creating '
+                                       f'"{path}": namespaces "{namespace}" not found')
+                check_spec(kind, manifest, path, "creating")
+                record = store_new_object(state, kind, manifest, now)
+                sys.stdout.write(render_output(output, record["object"], kind) if output
+                                 else f"{kind.qualified}/{name} created\n")
+            except KubectlError as exc:
+                errors.append(str(exc))
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def command_replace(positional: list[str], flags: dict) -> int:
+    """`kubectl replace -f`: a PUT. With metadata.resourceVersion set it is conditional: the
+    API server refuses it with a Conflict when the object changed since that version."""
+    output = flags.get("output")
+    documents = manifests_of(flags, "replace")
+    errors = []
+    with open_state(state_path(), write=True) as state:
+        require_api(state)
+        now = time.time()
+        for path, document in documents:
+            try:
+                kind, namespace, name, manifest = resolve_manifest(state, path, document)
+                record = state["objects"].get(object_key(kind, namespace, name))
+                if record is None:
+                    raise KubectlError(f'Error from server (NotFound): error when replacing '
+                                       f'"{path}": {kind.resource} "{name}" not found')
+                old = record["object"]
+                wanted = manifest["metadata"].get("resourceVersion")
+                if wanted and str(wanted) != old["metadata"].get("resourceVersion"):
+                    raise KubectlError(
+                        f'Error from server (Conflict): error when replacing "{path}": Operation '
+                        f'cannot be fulfilled on {kind.resource} "{name}": the object has been '
+                        "modified; please apply your changes to the latest version and try "
+                        "again")
+                check_spec(kind, manifest, path, "replacing")
+                check_update_allowed(kind, old, manifest)
+                server_meta = {k: old["metadata"][k] for k in ("uid", "creationTimestamp",
+                                                               "generation") if k in old["metadata"]}
+                if manifest.get("spec") != old.get("spec"):
+                    server_meta["generation"] = old["metadata"].get("generation", 1) + 1
+                manifest["metadata"].update(server_meta)
+                record["object"] = manifest
+                bump_resource_version(state, manifest)
+                if kind.kind in WORKLOAD_KINDS:
+                    change_template(state, record, now)
+                sys.stdout.write(render_output(output, manifest, kind) if output
+                                 else f"{kind.qualified}/{name} replaced\n")
+            except KubectlError as exc:
+                errors.append(str(exc))
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+ANNOTATION_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?"
+                            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def command_annotate(positional: list[str], flags: dict) -> int:
+    """`kubectl annotate [--overwrite] TYPE/NAME KEY=VALUE... KEY-...`: changes the object's
+    own metadata only (no new generation, so no new revision), as the API does."""
+    resources = [a for a in positional if "=" not in a and not a.endswith("-")]
+    updates = [a for a in positional if a not in resources]
+    if not updates:
+        raise KubectlError("error: at least one annotation update is required\n"
+                           "See 'kubectl annotate -h' for help and examples")
+    changes: dict[str, str | None] = {}
+    for update in updates:
+        key, has_value, value = update.partition("=")
+        if not has_value:
+            key, value = update[:-1], None  # KEY- removes it
+        if not ANNOTATION_KEY.fullmatch(key):
+            raise KubectlError(f"error: invalid annotation format: {update}")
+        changes[key] = value
+    if not resources:
+        raise KubectlError("error: one or more resources must be specified as <resource> "
+                           "<name> or <resource>/<name>")
+    type_name, _, name = resources[0].partition("/")
+    names = [name] if name else resources[1:]
+    with open_state(state_path(), write=True) as state:
+        require_api(state)
+        kind = kind_for_name(state, type_name)
+        namespace = (flags.get("namespace") or DEFAULT_NAMESPACE) if kind.namespaced else ""
+        for target in names:
+            record = state["objects"].get(object_key(kind, namespace, target))
+            if record is None:
+                raise KubectlError(f'Error from server (NotFound): {kind.resource} "{target}" '
+                                   "not found")
+            meta = record["object"]["metadata"]
+            annotations = dict(meta.get("annotations") or {})
+            if not flags.get("overwrite"):
+                taken = [k for k, v in changes.items()
+                         if v is not None and k in annotations and annotations[k] != v]
+                if taken:
+                    raise KubectlError(
+                        "error: --overwrite is false but found the following declared "
+                        f"annotation(s): '{taken[0]}' already has a value ({annotations[taken[0]]})")
+            for key, value in changes.items():
+                if value is None:
+                    annotations.pop(key, None)
+                else:
+                    annotations[key] = value
+            meta.pop("annotations", None)
+            if annotations:
+                meta["annotations"] = annotations
+            bump_resource_version(state, record["object"])
+            print(f"{kind.qualified}/{target} annotated")
+    return 0
+
+
+def command_logs(positional: list[str], flags: dict) -> int:
+    """`kubectl logs POD [-c C] [--previous] [--tail N]`, as the kubelet answers it: a crash-looping
+    container has its previous run's log; one that never started has none."""
+    if not positional:
+        raise KubectlError("error: expected 'logs [-f] [-p] (POD | TYPE/NAME) [-c CONTAINER]'.\n"
+                           "POD or TYPE/NAME is a required argument for the logs command\n"
+                           "See 'kubectl logs -h' for help and examples")
+    pod_name = positional[0].removeprefix("pod/").removeprefix("pods/")
+    tail_text = flags.get("tail", "-1")
+    if not re.fullmatch(r"-?\d+", tail_text):
+        raise UsageError(f'invalid argument "{tail_text}" for "--tail" flag: strconv.ParseInt: '
+                         f'parsing "{tail_text}": invalid syntax', "logs")
+    namespace = flags.get("namespace") or DEFAULT_NAMESPACE
+    with open_state(state_path(), write=False) as state:
+        require_api(state)
+        pods = {p["metadata"]["name"]: p for p in list_pods(state, namespace, time.time())}
+        logs = dict(state.get("container_logs", {}))
+    pod = pods.get(pod_name)
+    if pod is None:
+        raise KubectlError(f'Error from server (NotFound): pods "{pod_name}" not found')
+    statuses = (pod["status"].get("initContainerStatuses") or []) + pod["status"][
+        "containerStatuses"]
+    names = [c.get("name", "") for c in pod["spec"].get("containers") or []]
+    container = flags.get("container")
+    if not container:
+        container = names[0]
+        if len(names) > 1:
+            print(f'Defaulted container "{container}" out of: {", ".join(names)}',
+                  file=sys.stderr)
+    status = next((s for s in statuses if s["name"] == container), None)
+    if status is None:
+        raise KubectlError(f"error: container {container} is not valid for pod {pod_name}")
+    text = logs.get(status["image"], "")
+    waiting = status["state"].get("waiting") or {}
+    if flags.get("previous"):
+        if "terminated" not in (status.get("lastState") or {}):
+            raise KubectlError(f'Error from server (BadRequest): previous terminated container '
+                               f'"{container}" in pod "{pod_name}" not found')
+    elif waiting and waiting.get("reason") != "CrashLoopBackOff":
+        detail = ("trying and failing to pull image" if waiting.get("reason") in PULL_REASONS
+                  else waiting.get("reason"))
+        raise KubectlError(f'Error from server (BadRequest): container "{container}" in pod '
+                           f'"{pod_name}" is waiting to start: {detail}')
+    lines = text.splitlines()
+    tail = int(tail_text)
+    if tail >= 0:
+        lines = lines[-tail:] if tail else []
+    for line in lines:
+        print(line)
+    return 0
+
+
+DIFF_ROOT = "/tmp"  # noqa: S108 - a name kubectl prints, never a file the double opens
+
+
+def diff_file_name(kind: Kind, obj: dict) -> str:
+    """kubectl diff's file name for an object: [GROUP.]VERSION.KIND.NAMESPACE.NAME."""
+    version = obj["apiVersion"].rpartition("/")[2]
+    group = f"{kind.group}." if kind.group else ""
+    meta = obj["metadata"]
+    return f"{group}{version}.{kind.kind}.{meta.get('namespace', '')}.{meta['name']}"
+
+
+def diff_yaml(obj: dict | None) -> list[str]:
+    import yaml
+
+    if obj is None:
+        return []
+    return yaml.safe_dump(obj, default_flow_style=False, sort_keys=True).splitlines(keepends=True)
+
+
+def command_diff(positional: list[str], flags: dict) -> int:
+    """`kubectl diff -f`: each object as it is (LIVE) and as a server-side dry run of the apply
+    would leave it (MERGED), compared with `diff -u -N`. Exit 0: no differences, 1: some, 2: an
+    error (kubectl stops at the first object it cannot dry-run and prints no diff at all)."""
+    import difflib
+
+    try:
+        documents = manifests_of(flags, "diff")
+        pairs = []
+        with open_state(state_path(), write=False) as state:
+            require_api(state)
+            now = time.time()
+            for path, document in documents:
+                kind, namespace, name, _ = resolve_manifest(state, path, document)
+                key = object_key(kind, namespace, name)
+                live_record = state["objects"].get(key)
+                live = served_object(state, live_record, now) if live_record else None
+                scratch = copy.deepcopy(state)
+                scratch["failing_real_applies"] = []
+                try:
+                    apply_one(scratch, path, document, dry_run=False, now=now, output=None)
+                except KubectlError as exc:
+                    raise KubectlError(re.sub(r'error when (creating|patching) "[^"]*": ', "",
+                                              str(exc))) from None
+                merged = served_object(scratch, scratch["objects"][key], now)
+                # The revision annotation is the controller's, written after the change.
+                merged_annotations_ = merged["metadata"].get("annotations") or {}
+                live_revision = ((live or {}).get("metadata", {}).get("annotations") or {}).get(
+                    REVISION_ANNOTATION)
+                merged_annotations_.pop(REVISION_ANNOTATION, None)
+                if live_revision is not None:
+                    merged_annotations_[REVISION_ANNOTATION] = live_revision
+                if not merged_annotations_:
+                    merged["metadata"].pop("annotations", None)
+                if live is not None:
+                    # A dry run stores nothing: same resourceVersion, the live status.
+                    merged["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+                    merged.pop("status", None)
+                    if "status" in live:
+                        merged["status"] = live["status"]
+                elif kind.kind != "Namespace":
+                    merged.pop("status", None)
+                pairs.append((diff_file_name(kind, merged), live, merged))
+    except KubectlError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    # Only printed: the double compares in memory (kubectl writes both sides under TMPDIR).
+    live_dir = f"{DIFF_ROOT}/LIVE-{generated_suffix(str(time.time()), 10)}"
+    merged_dir = f"{DIFF_ROOT}/MERGED-{generated_suffix(str(time.time()) + 'm', 10)}"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S.000000000 +0000", time.gmtime())
+    differs = False
+    for file_name, live, merged in sorted(pairs, key=lambda pair: pair[0]):
+        before, after = diff_yaml(live), diff_yaml(merged)
+        if before == after:
+            continue
+        differs = True
+        print(f"diff -u -N {live_dir}/{file_name} {merged_dir}/{file_name}")
+        lines = difflib.unified_diff(
+            before, after, f"{live_dir}/{file_name}", f"{merged_dir}/{file_name}",
+            "1970-01-01 00:00:00.000000000 +0000" if live is None else stamp, stamp)
+        for line in lines:
+            sys.stdout.write(line if line.endswith("\n") else line + "\n")
+    return 1 if differs else 0
+
+
 COMMANDS = {
+    "create": command_create,
+    "replace": command_replace,
+    "annotate": command_annotate,
+    "logs": command_logs,
+    "diff": command_diff,
     "wait": command_wait,
     "get": command_get,
     "apply": command_apply,
