@@ -45,7 +45,16 @@ def deploy_script() -> bytes:
 
 
 def execution_timeout(settings: Settings) -> int:
-    return settings.timeout + settings.rollback_timeout + EXECUTION_MARGIN
+    """The deploy's run limit: waiting for the cluster's deploy lock, then its own budget, a
+    rollback, and a margin (a dry run takes no lock and rolls nothing back)."""
+    if settings.dry_run:
+        return settings.timeout + EXECUTION_MARGIN
+    return settings.lock_timeout + settings.timeout + settings.rollback_timeout + EXECUTION_MARGIN
+
+
+def rollback_execution_timeout(settings: Settings) -> int:
+    """The rollback command's run limit: it takes the deploy lock too."""
+    return settings.lock_timeout + settings.rollback_timeout + EXECUTION_MARGIN
 
 
 def _q(value: str | int) -> str:
@@ -62,6 +71,8 @@ def _common_flags(settings: Settings) -> list[str]:
         _q(settings.rollback_timeout),
         "--request-timeout",
         _q(settings.request_timeout),
+        "--lock-timeout",
+        _q(settings.lock_timeout),
     ]
 
 
@@ -118,7 +129,7 @@ def deploy_lines(
     run = [
         "bash",
         f"./{SCRIPT_NAME}",
-        "deploy",
+        "dry-run" if settings.dry_run else "deploy",
         "--bundle",
         BUNDLE_NAME,
         "--deploy-id",
@@ -129,6 +140,8 @@ def deploy_lines(
         _q(str(settings.rollback).lower()),
         "--validate",
         _q(str(settings.kubectl_validate).lower()),
+        "--server-dry-run",
+        _q(str(settings.server_dry_run).lower()),
         "--state-dir",
         STATE_DIR,
         "--commit",

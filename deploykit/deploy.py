@@ -55,6 +55,7 @@ def deploy(
     """Run the whole deploy; fills `outcome`; raises DeployError when the deploy fails."""
     clock = clock or Clock()
     deploy_id = new_deploy_id(clock.utcnow())
+    outcome.dry_run = settings.dry_run
     bundle = build_bundle(settings.manifests, settings.workspace, settings.images)
     _log_bundle(gh, settings, bundle)
     # Images before any AWS change: a tag that was never pushed stops the deploy here, not as
@@ -65,6 +66,12 @@ def deploy(
         to_deploy, settings.registry, gh, verify=settings.verify_images, known=pushed
     )
 
+    if settings.transport == "local":
+        # The same script, run here against the job's kubeconfig: no AWS call at all.
+        from deploykit.local import deploy_local
+
+        deploy_local(settings, gh, outcome, deploy_id, bundle)
+        return
     if settings.fleet:
         from deploykit.fleet import deploy_fleet
 
@@ -209,21 +216,15 @@ def _finish(
     found = report.parse_report(invocation.stderr)
     _show_output(gh, invocation)
     outcome.report = found
+    if settings.dry_run:
+        outcome.diff = report.parse_diff(invocation.stdout)
     if invocation.status == "Success" and invocation.response_code == 0:
         outcome.status = "success"
-        outcome.message = "Every workload is ready."
+        outcome.message = str((found or {}).get("message") or "Every workload is ready.")
         return
 
     if found:
-        rolled_back = found.get("rollback") == "done"
-        outcome.rolled_back = rolled_back
-        if found.get("result") == "timed-out":
-            outcome.status = "timed-out"
-        else:
-            outcome.status = "rolled-back" if rolled_back else "failed"
-        outcome.message = str(found.get("message") or report.EXIT_MEANINGS.get(invocation.response_code, ""))
-        if found.get("rollback") == "failed":
-            outcome.message += " The rollback failed too: check the workloads by hand."
+        report.conclude(outcome, found, invocation.response_code)
     else:
         _conclude_without_report(settings, aws, gh, outcome, deploy_id, sent, invocation)
     raise RemoteCommandFailed(outcome.message, fix=_fix_for(invocation, found))
@@ -253,7 +254,7 @@ def _conclude_without_report(
             f"The master did not pick up the command ({invocation.status_details}); nothing ran."
         )
         return
-    if settings.rollback and code not in NOTHING_RAN:
+    if _rolls_back(settings) and code not in NOTHING_RAN:
         outcome.rolled_back = _remote_rollback(settings, aws, gh, deploy_id, sent.instance_id)
         if outcome.rolled_back and outcome.status == "failed":
             outcome.status = "rolled-back"
@@ -271,7 +272,7 @@ def _remote_rollback(
 ) -> bool:
     """Ask the master to undo what the deploy recorded. True when something was undone."""
     lines = command.rollback_lines(settings, deploy_id)
-    timeout = settings.rollback_timeout + command.EXECUTION_MARGIN
+    timeout = command.rollback_execution_timeout(settings)
     try:
         sent = command.send_lines(
             aws.ssm_send, aws.ssm, instance_id, lines, _rollback_comment(deploy_id), timeout, tries=tries
@@ -297,6 +298,11 @@ def _remote_rollback(
         gh.echo_untrusted(invocation.stdout)
     found = report.parse_report(invocation.stderr)
     return bool(found and found.get("rollback") == "done")
+
+
+def _rolls_back(settings: Settings) -> bool:
+    """A dry run changes nothing, so there is never anything to roll back after one."""
+    return settings.rollback and not settings.dry_run
 
 
 def _rollback_comment(deploy_id: str) -> str:
@@ -347,7 +353,7 @@ def _abandon_on_cancel(
             gh.log(f"Cancelled command {sent.command_id}")
         except DeployError as exc:
             gh.warning(f"Could not cancel command {sent.command_id}: {exc.message}")
-    if not settings.rollback:
+    if not _rolls_back(settings):
         return
     if timed_out:
         # The deadline's own clean-up was under way: never send a second rollback (undoing a
@@ -379,7 +385,7 @@ def _abandon(
         gh.log(f"Cancelled command {sent.command_id}")
     except DeployError as exc:
         gh.warning(f"Could not cancel command {sent.command_id}: {exc.message}")
-    if settings.rollback:
+    if _rolls_back(settings):
         outcome.rolled_back = _remote_rollback(
             settings, aws, gh, deploy_id, sent.instance_id, wait_for_it=wait_for_rollback
         )
@@ -401,6 +407,11 @@ def _fix_for(invocation: wait.Invocation, found: dict[str, Any] | None) -> str:
         return FIX_SSM_AGENT
     if invocation.response_code == 4:
         return FIX_K3S_UNRESPONSIVE
+    if invocation.response_code == 6:
+        return (
+            "Wait for the deploy named in the message to finish, or raise `lock-timeout`; a "
+            "`concurrency` group in the workflow keeps a second run from starting meanwhile."
+        )
     if "TLS handshake timeout" in text:
         return FIX_TLS_TIMEOUT
     if any(reason in text for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):

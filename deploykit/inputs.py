@@ -76,8 +76,31 @@ INPUTS: dict[str, tuple[str, str]] = {
         "k3s-cluster",
         "tag key whose value names a server's K3s cluster: one server per cluster is deployed to",
     ),
+    "transport": (
+        "ssm",
+        "how the deploy script reaches the cluster: ssm (on the K3s master, through S3 and SSM Run "
+        "Command) or local (here, with the job's kubeconfig; no AWS call at all)",
+    ),
+    "kubeconfig": (
+        "",
+        "transport local: kubeconfig file relative to the workspace (default: KUBECONFIG, then "
+        "~/.kube/config)",
+    ),
+    "dry-run": (
+        "false",
+        "check and diff only: server-side dry run and kubectl diff, nothing changed, the diff in "
+        "the step summary",
+    ),
+    "server-dry-run": (
+        "true",
+        "server-side dry run of the whole bundle before anything is applied (false: skip it on "
+        "very small masters)",
+    ),
+    "lock-timeout": ("300", "seconds to wait for the cluster's deploy lock while another deploy holds it"),
 }
 
+TRANSPORTS = ("ssm", "local")
+MIN_LOCK_TIMEOUT, MAX_LOCK_TIMEOUT = 0, 3600
 MIN_TIMEOUT, MAX_TIMEOUT = 10, 86400
 MIN_ROLLBACK_TIMEOUT, MAX_ROLLBACK_TIMEOUT = 10, 3600
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
@@ -121,6 +144,11 @@ class Settings:
     max_concurrency: str = "50"
     max_errors: str = "0"
     cluster_tag_key: str = "k3s-cluster"
+    transport: str = "ssm"  # "ssm" or "local" (TRANSPORTS)
+    kubeconfig: Path | None = None  # transport local: the file given, else KUBECONFIG
+    dry_run: bool = False
+    server_dry_run: bool = True
+    lock_timeout: int = 300
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -254,11 +282,18 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         return value if value.strip() else INPUTS[name][0]
 
     region = get("aws-region").strip() or env.get("AWS_REGION", "") or env.get("AWS_DEFAULT_REGION", "")
-    if not region:
+    transport = get("transport").strip().lower()
+    if transport not in TRANSPORTS:
+        raise InputError(
+            f"input 'transport' must be one of {', '.join(TRANSPORTS)}, got {show(get('transport'))}"
+        )
+    if transport == "local" and not get("aws-region").strip():
+        region = ""  # no AWS call at all: a region from the environment is not needed
+    elif not region:
         raise InputError(
             "input 'aws-region' is required: set it, or AWS_REGION (configure-aws-credentials sets it)"
         )
-    if not _REGION.fullmatch(region):  # the environment's value is not stripped
+    if region and not _REGION.fullmatch(region):  # the environment's value is not stripped
         raise InputError(f"input 'aws-region' must be a region name such as eu-west-1, got {show(region)}")
 
     fleet = _bool("fleet", get("fleet"))
@@ -368,4 +403,42 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         max_concurrency=max_concurrency,
         max_errors=max_errors,
         cluster_tag_key=_plain("cluster-tag-key", get("cluster-tag-key"), 128),
+        transport=transport,
+        kubeconfig=_kubeconfig(get("kubeconfig"), workspace, env) if transport == "local" else None,
+        dry_run=_bool("dry-run", get("dry-run")),
+        server_dry_run=_bool("server-dry-run", get("server-dry-run")),
+        lock_timeout=_int("lock-timeout", get("lock-timeout"), MIN_LOCK_TIMEOUT, MAX_LOCK_TIMEOUT),
     )
+
+
+def _kubeconfig(value: str, workspace: Path, env: Mapping[str, str]) -> Path | None:
+    """transport local: the kubeconfig input (a file in the workspace), else None for KUBECONFIG
+    or ~/.kube/config, one of which must exist. Inside the action's container only the
+    workspace is shared with the job, and the runner rewrites a KUBECONFIG under the workspace
+    to its path in the container."""
+    text = value.strip()
+    if text:
+        candidate = Path(text)
+        if _CONTROL.search(text) or candidate.is_absolute():
+            raise InputError(
+                f"input 'kubeconfig' must be a path relative to the workspace, got {show(value)}"
+            )
+        resolved = (workspace / candidate).resolve()
+        if not resolved.is_relative_to(workspace):
+            raise InputError(
+                f"input 'kubeconfig' leads outside the workspace ({workspace}), got {show(value)}; "
+                "write the kubeconfig into the workspace (the action's container sees only that)"
+            )
+        if not resolved.is_file():
+            raise InputError(f"input 'kubeconfig' names no file in the workspace, got {show(value)}")
+        return resolved
+    listed = [part for part in env.get("KUBECONFIG", "").split(os.pathsep) if part.strip()]
+    home = env.get("HOME", "")
+    candidates = [Path(part) for part in listed] or ([Path(home) / ".kube" / "config"] if home else [])
+    if not any(path.is_file() for path in candidates):
+        where = f"KUBECONFIG ({show(env.get('KUBECONFIG', ''))})" if listed else "~/.kube/config"
+        raise InputError(
+            f"transport 'local' needs a kubeconfig: input 'kubeconfig' is empty and {where} is no "
+            "file here; write one into the workspace and give its path in 'kubeconfig'"
+        )
+    return None

@@ -8,6 +8,11 @@ from typing import Any
 
 REPORT_BEGIN = "===K3S-DEPLOY-REPORT-BEGIN==="
 REPORT_END = "===K3S-DEPLOY-REPORT-END==="
+# The dry run's `kubectl diff`, on stdout (docs/internals.md).
+DIFF_BEGIN = "===K3S-DEPLOY-DIFF-BEGIN==="
+DIFF_END = "===K3S-DEPLOY-DIFF-END==="
+# How much of a diff the step summary shows (GitHub takes 1 MiB in all).
+SUMMARY_DIFF_CHARS = 60_000
 STDOUT_LIMIT, STDERR_LIMIT = 24_000, 8_000  # what GetCommandInvocation returns at most
 
 # Exit codes of the deploy script and of the command lines around it (docs/internals.md).
@@ -43,6 +48,8 @@ class Outcome:
     report: dict[str, Any] | None = None  # the master's report, when it wrote one
     images: list[str] | None = None  # the deployed references with their digests
     results: list[dict[str, Any]] | None = None  # fleet mode: one entry per instance (fleet.py)
+    diff: str | None = None  # dry run: what `kubectl diff` printed
+    dry_run: bool = False
 
 
 def parse_report(stderr: str) -> dict[str, Any] | None:
@@ -58,6 +65,39 @@ def parse_report(stderr: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return report if isinstance(report, dict) else None
+
+
+def parse_diff(stdout: str) -> str | None:
+    """The dry run's diff between its markers; when the end marker is missing (SSM cut the
+    output) what arrived, with a note. None when there is no diff section."""
+    lines = stdout.splitlines()
+    if DIFF_BEGIN not in lines:
+        return None
+    body = lines[lines.index(DIFF_BEGIN) + 1 :]
+    if DIFF_END in body:
+        return "\n".join(body[: len(body) - 1 - body[::-1].index(DIFF_END)])
+    return "\n".join([*body, "... (the output was cut before the end of the diff)"])
+
+
+def conclude(outcome: Outcome, found: dict[str, Any] | None, code: int) -> None:
+    """Status, rolled-back and message from the deploy script's report and exit code, for a
+    script that did report (both transports)."""
+    outcome.report = found
+    if found is None:
+        return
+    if code == 0:
+        outcome.status = "success"
+        outcome.message = str(found.get("message") or "Every workload is ready.")
+        return
+    rolled_back = found.get("rollback") == "done"
+    outcome.rolled_back = rolled_back
+    if found.get("result") == "timed-out":
+        outcome.status = "timed-out"
+    else:
+        outcome.status = "rolled-back" if rolled_back else "failed"
+    outcome.message = str(found.get("message") or EXIT_MEANINGS.get(code, ""))
+    if found.get("rollback") == "failed":
+        outcome.message += " The rollback failed too: check the workloads by hand."
 
 
 def strip_report(stderr: str) -> str:
@@ -122,9 +162,47 @@ def results_table(results: list[dict[str, Any]], region: str) -> list[str]:
     return [*lines, ""]
 
 
+def failure_section(failure: dict[str, Any]) -> list[str]:
+    """The container that made the deploy fail: where, why, and the end of its log."""
+    where = f"{failure.get('workload', '')}"
+    if failure.get("namespace"):
+        where = f"{failure['namespace']}/{where}"
+    lines = [
+        "### What failed",
+        "",
+        f"Pod `{_cell(failure.get('pod', ''))}`, container `{_cell(failure.get('container') or '?')}` "
+        f"of {_cell(where)}: **{_cell(failure.get('reason', ''))}**",
+        "",
+    ]
+    if failure.get("message"):
+        lines += [f"> {_cell(failure['message'])}", ""]
+    log = [str(line) for line in failure.get("log") or []]
+    if log:
+        lines += ["Last lines of its log:", "", _fence(log)]
+    return lines
+
+
+def diff_section(diff: str) -> list[str]:
+    """The dry run's diff, fenced, cut to fit the summary."""
+    if not diff.strip():
+        return ["### Diff", "", "No differences: the cluster already matches the manifests.", ""]
+    text = diff
+    if len(text) > SUMMARY_DIFF_CHARS:
+        cut = text.rfind("\n", 0, SUMMARY_DIFF_CHARS)
+        cut = cut if cut > 0 else SUMMARY_DIFF_CHARS
+        text = f"{text[:cut]}\n... (cut here: {len(diff) - cut:,} more characters in the log)"
+    body = text.replace("```", "'''")
+    return ["### Diff", "", f"```diff\n{body}\n```", ""]
+
+
 def summary_markdown(outcome: Outcome, region: str) -> str:
     report = outcome.report
-    lines = [f"## {STATUS_HEADLINES.get(outcome.status, outcome.status)}", ""]
+    headline = STATUS_HEADLINES.get(outcome.status, outcome.status)
+    if outcome.dry_run:
+        headline = "🔍 Dry run: nothing was changed" if outcome.status == "success" else (
+            f"{headline} (dry run: nothing was changed)"
+        )
+    lines = [f"## {headline}", ""]
     if outcome.message:
         lines += [_cell(outcome.message), ""]
     if outcome.fix:
@@ -165,6 +243,11 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
                 f"| {_cell(w.get('updated', '?'))} | {_cell(revision)} | {_cell(w.get('result', ''))} |"
             )
         lines.append("")
+    failure = report.get("failure") if report else None
+    if isinstance(failure, dict) and failure.get("pod"):
+        lines += failure_section(failure)
+    if outcome.diff is not None:
+        lines += diff_section(outcome.diff)
     if report and report.get("pods"):
         lines += ["### Pods", "", _fence(list(report["pods"]))]
     if report and report.get("events"):

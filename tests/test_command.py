@@ -183,6 +183,8 @@ def expected_args(settings: Settings, deploy_id: str) -> list[str]:
         str(settings.rollback).lower(),
         "--validate",
         str(settings.kubectl_validate).lower(),
+        "--server-dry-run",
+        str(settings.server_dry_run).lower(),
         "--state-dir",
         "STATE",
         "--commit",
@@ -197,6 +199,8 @@ def expected_args(settings: Settings, deploy_id: str) -> list[str]:
         str(settings.rollback_timeout),
         "--request-timeout",
         settings.request_timeout,
+        "--lock-timeout",
+        str(settings.lock_timeout),
     ]
 
 
@@ -331,7 +335,18 @@ def test_rollback_lines_with_nothing_recorded_succeed_without_running_anything(i
 def test_execution_timeout_leaves_room_beyond_the_scripts_own_budget(settings):
     for timeout, rollback_timeout in ((10, 10), (600, 120), (86400, 3600)):
         tuned = dataclasses.replace(settings, timeout=timeout, rollback_timeout=rollback_timeout)
-        assert command.execution_timeout(tuned) > timeout + rollback_timeout
+        # The lock may be waited for first; the deploy's own budget starts once it is held.
+        assert command.execution_timeout(tuned) > tuned.lock_timeout + timeout + rollback_timeout
+        assert command.rollback_execution_timeout(tuned) > tuned.lock_timeout + rollback_timeout
+        # A dry run takes no lock and rolls nothing back.
+        dry = dataclasses.replace(tuned, dry_run=True)
+        assert timeout < command.execution_timeout(dry) < command.execution_timeout(tuned)
+
+
+def test_dry_run_lines_run_the_script_s_dry_run(settings, staging):
+    lines = deploy_lines(dataclasses.replace(settings, dry_run=True), staging)
+    run = shlex.split(next(line for line in lines if line.startswith("bash ")))
+    assert run[2] == "dry-run"
 
 
 # sending

@@ -105,6 +105,10 @@ def test_defaults_table(env, workspace):
         "max-concurrency": "50",
         "max-errors": "0",
         "cluster-tag-key": "k3s-cluster",
+        "transport": "ssm",
+        "dry-run": "false",
+        "server-dry-run": "true",
+        "lock-timeout": "300",
     }
 
 
@@ -354,3 +358,57 @@ def test_images_are_split_on_newlines_and_commas(env):
 def test_image_tag_defaults_to_github_sha(env):
     settings = parse_settings({"images": "ghcr.io/acme/api"}, env)
     assert settings.images == (ImageRef("ghcr.io", "acme/api", SHA),)
+
+
+# -- transport, dry run, server dry run, lock --------------------------------------------------
+
+
+def test_local_transport_needs_no_region_and_takes_a_kubeconfig_in_the_workspace(workspace):
+    (workspace / ".kube").mkdir()
+    (workspace / ".kube" / "config").write_text("apiVersion: v1\nkind: Config\n")
+    env = {"GITHUB_WORKSPACE": str(workspace)}
+
+    settings = parse_settings({"transport": "LOCAL", "kubeconfig": ".kube/config"}, env)
+
+    assert (settings.transport, settings.aws_region) == ("local", "")
+    assert settings.kubeconfig == (workspace / ".kube" / "config").resolve()
+    assert (settings.dry_run, settings.server_dry_run, settings.lock_timeout) == (False, True, 300)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("/etc/kubeconfig", "must be a path relative to the workspace"),
+    ("../outside", "leads outside the workspace"),
+    ("missing.yaml", "names no file in the workspace"),
+])
+def test_a_bad_kubeconfig_is_refused(workspace, value, message):
+    with pytest.raises(InputError, match=message):
+        parse_settings({"transport": "local", "kubeconfig": value},
+                       {"GITHUB_WORKSPACE": str(workspace)})
+
+
+def test_local_transport_without_any_kubeconfig_says_how_to_give_one(workspace, tmp_path):
+    env = {"GITHUB_WORKSPACE": str(workspace), "HOME": str(tmp_path / "home"),
+           "KUBECONFIG": str(tmp_path / "nothing-here")}
+    with pytest.raises(InputError, match="transport 'local' needs a kubeconfig"):
+        parse_settings({"transport": "local"}, env)
+    (tmp_path / "there").write_text("apiVersion: v1\n")
+    settings = parse_settings({"transport": "local"},
+                              {**env, "KUBECONFIG": f"{tmp_path / 'nothing-here'}:{tmp_path / 'there'}"})
+    assert settings.kubeconfig is None  # KUBECONFIG is used as it is
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("transport", "ssh", "input 'transport' must be one of ssm, local"),
+    ("dry-run", "yes", "input 'dry-run' must be true or false"),
+    ("server-dry-run", "0", "input 'server-dry-run' must be true or false"),
+    ("lock-timeout", "-1", "input 'lock-timeout' must be a whole number of seconds between 0 and 3600"),
+    ("lock-timeout", "5m", "input 'lock-timeout' must be a whole number"),
+])
+def test_bad_transport_dry_run_and_lock_values_are_refused(env, workspace, name, value, message):
+    with pytest.raises(InputError, match=message):
+        parse_settings({name: value}, env)
+
+
+def test_ssm_transport_still_needs_a_region(workspace):
+    with pytest.raises(InputError, match="input 'aws-region' is required"):
+        parse_settings({}, {"GITHUB_WORKSPACE": str(workspace)})

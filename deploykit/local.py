@@ -1,0 +1,301 @@
+"""Transport `local`: the deploy script runs here, against the job's kubeconfig.
+
+The same `k3s-deploy.sh` that SSM runs on the K3s master runs under bash on the runner (inside
+the action's container when used as an action; the image ships kubectl for it), with the bundle
+in a temporary folder and its state dir beside it. There is no instance, no bucket and no AWS
+call at all: this is how users test their manifests, and this action, against a real cluster
+(k3d, kind) in their own CI. Everything else is the SSM story's: the script's checks, lock,
+fail-fast, health proof, rollback, report and exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+from deploykit import command, report
+from deploykit.errors import (
+    FIX_IMAGE_PULL,
+    FIX_ROLLOUT_STUCK,
+    DeployError,
+    JobCancelled,
+    RemoteCommandFailed,
+)
+from deploykit.github import Workflow
+from deploykit.inputs import Settings
+from deploykit.render import Bundle
+from deploykit.report import Outcome
+
+# No SSM output limit here: the whole diff reaches the log (the summary still cuts it).
+LOCAL_MAX_DIFF_BYTES = 2_000_000
+# After SIGTERM the script releases what it holds and exits; then SIGKILL.
+TERMINATE_GRACE = 10
+# On cancel the runner kills the step seconds after its first signal: the rollback gets this
+# long to send its undos before the action lets it be.
+CANCEL_ROLLBACK_WAIT = 3
+# The job's environment, minus what the script must never see: the action's inputs (a registry
+# password among them) and the runner's tokens.
+DROPPED_ENV_PREFIXES = ("INPUT_", "ACTIONS_RUNTIME_", "ACTIONS_ID_TOKEN_", "ACTIONS_CACHE_")
+FIX_KUBE_API = (
+    "The cluster's API did not answer: check the kubeconfig (`kubectl --kubeconfig FILE get "
+    "--raw=/readyz`), and that its server address is reachable from the action's container."
+)
+FIX_LOCK = (
+    "Wait for the deploy named in the message to finish, or raise `lock-timeout`; a "
+    "`concurrency` group in the workflow keeps a second run from starting meanwhile."
+)
+
+
+def script_arguments(
+    settings: Settings, deploy_id: str, bundle: Path | None, state_dir: Path
+) -> list[str]:
+    """The script's command and options: those the SSM command lines pass (command.py), with
+    local paths. `bundle` None means the rollback entry point."""
+    common = [
+        "--deploy-id",
+        deploy_id,
+        "--state-dir",
+        str(state_dir),
+        "--kubectl",
+        " ".join(settings.kubectl),
+        "--namespace",
+        settings.namespace,
+        "--rollback-timeout",
+        str(settings.rollback_timeout),
+        "--request-timeout",
+        settings.request_timeout,
+        "--lock-timeout",
+        str(settings.lock_timeout),
+    ]
+    if bundle is None:
+        return ["rollback", *common]
+    return [
+        "dry-run" if settings.dry_run else "deploy",
+        "--bundle",
+        str(bundle),
+        "--timeout",
+        str(settings.timeout),
+        "--rollback",
+        str(settings.rollback).lower(),
+        "--validate",
+        str(settings.kubectl_validate).lower(),
+        "--server-dry-run",
+        str(settings.server_dry_run).lower(),
+        "--max-diff-bytes",
+        str(LOCAL_MAX_DIFF_BYTES),
+        "--commit",
+        settings.commit,
+        "--run-url",
+        settings.run_url,
+        *common,
+    ]
+
+
+def script_env(settings: Settings, root: Path, base: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if not k.startswith(DROPPED_ENV_PREFIXES)}
+    tmp = root / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env.update(TMPDIR=str(tmp), K3S_DEPLOY_STATE_DIR=str(root / "state"))
+    if settings.kubeconfig is not None:
+        env["KUBECONFIG"] = str(settings.kubeconfig)
+    return env
+
+
+class ScriptRun:
+    """The script as a child process in its own process group; its stdout streamed line by
+    line (to the log, as it comes), its stderr (the report) collected."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], cwd: Path) -> None:
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise DeployError(
+                f"can't run the deploy script here: {exc}",
+                fix="Transport local needs bash on the runner (the action's image has it).",
+            ) from None
+        assert self.process.stdout is not None and self.process.stderr is not None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stdout: list[str] = []
+        self._stderr: list[bytes] = []
+        self._readers = [
+            threading.Thread(target=self._read_lines, args=(self.process.stdout,), daemon=True),
+            threading.Thread(target=self._read_all, args=(self.process.stderr,), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_lines(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def _read_all(self, stream: IO[bytes]) -> None:
+        self._stderr.append(stream.read())
+
+    @property
+    def stderr(self) -> str:
+        return b"".join(self._stderr).decode("utf-8", "replace")
+
+    def follow(self, show: Callable[[str], None], deadline: float, clock: Callable[[], float]) -> bool:
+        """Shows each line as it comes until the script ends (True) or the deadline (False)."""
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                return False
+            try:
+                line = self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                self.process.wait()
+                for reader in self._readers:
+                    reader.join(timeout=5)
+                return True
+            self.stdout.append(line)
+            show(line)
+
+    def stop(self, grace: float = TERMINATE_GRACE) -> None:
+        """SIGTERM to its group (its trap releases or keeps the lock and keeps the state for
+        the rollback), then SIGKILL."""
+        for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            if self.process.poll() is not None:
+                return
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def deploy_local(
+    settings: Settings,
+    gh: Workflow,
+    outcome: Outcome,
+    deploy_id: str,
+    bundle: Bundle,
+    *,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run the deploy (or dry run) here; fills `outcome`; raises DeployError when it fails."""
+    where = f"kubeconfig {settings.kubeconfig}" if settings.kubeconfig else (
+        "KUBECONFIG" if (env or os.environ).get("KUBECONFIG") else "~/.kube/config"
+    )
+    with tempfile.TemporaryDirectory(prefix="k3s-deploy-local-") as tmp:
+        root = Path(tmp)
+        script = root / command.SCRIPT_NAME
+        script.write_bytes(command.deploy_script())
+        bundle_path = root / command.BUNDLE_NAME
+        bundle_path.write_bytes(bundle.data)
+        state_dir = root / "state"
+        script_environment = script_env(settings, root, os.environ if env is None else env)
+        argv = ["bash", str(script), *script_arguments(settings, deploy_id, bundle_path, state_dir)]
+        gh.log(
+            f"Transport local: running the deploy script here against the cluster of {where} "
+            f"(deploy id {deploy_id}; no AWS call)"
+        )
+        deadline = clock() + command.execution_timeout(settings)
+        run = ScriptRun(argv, script_environment, root)
+        try:
+            with gh.group("Output of the deploy script"):
+                ended = run.follow(gh.log, deadline, clock)
+        except JobCancelled:
+            outcome.status = "cancelled"
+            outcome.message = "The job was cancelled."
+            run.stop(grace=2)
+            if settings.rollback and not settings.dry_run:
+                _rollback(settings, gh, deploy_id, state_dir, script_environment, root, wait=False)
+            raise
+        if not ended:
+            run.stop()
+            outcome.status = "timed-out"
+            outcome.message = (
+                f"The deploy script was still running after {command.execution_timeout(settings)} s; "
+                "it was stopped."
+            )
+            if settings.rollback and not settings.dry_run:
+                outcome.rolled_back = _rollback(
+                    settings, gh, deploy_id, state_dir, script_environment, root, wait=True
+                )
+            raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
+        code = run.process.returncode
+        found = report.parse_report(run.stderr)
+        rest = report.strip_report(run.stderr)
+        if rest.strip():
+            gh.echo_untrusted(rest)
+        if settings.dry_run:
+            outcome.diff = report.parse_diff("\n".join(run.stdout))
+        if found is None:
+            outcome.status = "failed"
+            meaning = report.EXIT_MEANINGS.get(code, f"it ended with exit code {code}")
+            outcome.message = f"The deploy script did not report: {meaning}."
+            if code not in {2, 3, 4, 5, 6} and settings.rollback and not settings.dry_run:
+                outcome.rolled_back = _rollback(
+                    settings, gh, deploy_id, state_dir, script_environment, root, wait=True
+                )
+                outcome.status = "rolled-back" if outcome.rolled_back else "failed"
+            raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
+        report.conclude(outcome, found, code)
+        if code != 0:
+            raise RemoteCommandFailed(outcome.message, fix=_fix(code, "\n".join(run.stdout)))
+
+
+def _rollback(
+    settings: Settings,
+    gh: Workflow,
+    deploy_id: str,
+    state_dir: Path,
+    env: Mapping[str, str],
+    root: Path,
+    *,
+    wait: bool,
+) -> bool:
+    """The script's rollback entry point, from the copy and the revisions the deploy left in
+    its state dir. True when it undid what changed."""
+    kept = state_dir / deploy_id / command.SCRIPT_NAME
+    if not kept.is_file():
+        gh.log("Nothing recorded by the deploy: nothing to roll back")
+        return False
+    argv = ["bash", str(kept), *script_arguments(settings, deploy_id, None, state_dir)]
+    run = ScriptRun(argv, env, root)
+    limit = command.rollback_execution_timeout(settings) if wait else CANCEL_ROLLBACK_WAIT
+    with gh.group("Output of the rollback"):
+        ended = run.follow(gh.log, time.monotonic() + limit, time.monotonic)
+    if not ended:
+        if wait:
+            run.stop()
+            gh.warning("The rollback did not finish in time.", title="Rollback unconfirmed")
+        else:
+            gh.log("Not waiting for the rollback: the job is being cancelled")
+        return False
+    found = report.parse_report(run.stderr)
+    return bool(found and found.get("rollback") == "done")
+
+
+def _fix(code: int, log: str) -> str:
+    if code == 4:
+        return FIX_KUBE_API
+    if code == 6:
+        return FIX_LOCK
+    if any(reason in log for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
+        return FIX_IMAGE_PULL
+    return FIX_ROLLOUT_STUCK

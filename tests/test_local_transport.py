@@ -1,0 +1,178 @@
+"""Transport `local`: the action runs the deploy script itself against the job's kubeconfig.
+
+The action runs as the runner starts it (its own process, INPUT_* with hyphens, GITHUB_* files)
+with the kubectl test double first on PATH as "the cluster of the kubeconfig", and with no AWS
+environment at all: no credentials, no region, and an AWS endpoint that refuses connections, so
+any AWS call would fail the run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deploykit import command
+from deploykit.inputs import parse_settings
+from deploykit.local import script_arguments
+from deploykit.simulate.cluster import Cluster
+from deploykit.simulate.runner import parse_key_values
+from tests.e2e.conftest import API, NS, WORKER, platform_manifests
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class LocalRun:
+    returncode: int
+    log: str
+    outputs: dict[str, str]
+    summary: str
+
+
+class Job:
+    """A runner job: a workspace with manifests and a kubeconfig, and the cluster behind it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.workspace = root / "workspace"
+        (self.workspace / "k8s" / "base").mkdir(parents=True)
+        for name, text in platform_manifests(progress_deadline=600).items():
+            (self.workspace / "k8s" / "base" / name).write_text(text)
+        (self.workspace / ".kube").mkdir()
+        # The double ignores it; real kubectl would read it. It must exist all the same.
+        (self.workspace / ".kube" / "config").write_text("apiVersion: v1\nkind: Config\n")
+        self.cluster = Cluster(root / "cluster.json")
+        self.bin = root / "bin"
+        self.cluster.install_kubectl(self.bin)
+        self.files = root / "file_commands"
+        self.files.mkdir()
+        self.runs = 0
+
+    def env(self, inputs: dict[str, str]) -> dict[str, str]:
+        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+        env = {k: v for k, v in os.environ.items() if k in keep}
+        env.update(
+            PATH=f"{self.bin}:{os.environ['PATH']}",
+            PYTHONPATH=str(ROOT),
+            GITHUB_ACTIONS="true",
+            GITHUB_WORKSPACE=str(self.workspace),
+            GITHUB_SHA=SHA,
+            GITHUB_SERVER_URL="https://github.com",
+            GITHUB_REPOSITORY="acme/production-platform",
+            GITHUB_RUN_ID="77",
+            GITHUB_OUTPUT=str(self.files / "output"),
+            GITHUB_STEP_SUMMARY=str(self.files / "summary"),
+            GITHUB_STATE=str(self.files / "state"),
+            # Any AWS call would fail: nowhere to connect, nothing to sign with.
+            AWS_ENDPOINT_URL="http://127.0.0.1:9",
+            AWS_CONFIG_FILE=str(self.root / "no-aws-config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(self.root / "no-aws-credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
+        return env
+
+    def deploy(self, **inputs: str) -> LocalRun:
+        inputs = {"transport": "local", "kubeconfig": ".kube/config", "images": f"{API}\n{WORKER}",
+                  "image-tag": "v1", **inputs}
+        for name in ("output", "summary", "state"):
+            (self.files / name).write_text("")
+        env = self.env(inputs)
+        assert not any(k.startswith("AWS_") and k not in (
+            "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_EC2_METADATA_DISABLED") for k in env)
+        done = subprocess.run([sys.executable, str(ROOT / "entrypoint.py")], cwd=self.workspace,
+                              env=env, capture_output=True, text=True, timeout=240, check=False)
+        return LocalRun(done.returncode, done.stdout + done.stderr,
+                        parse_key_values((self.files / "output").read_text()),
+                        (self.files / "summary").read_text())
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Job:
+    return Job(tmp_path)
+
+
+def test_local_deploy_succeeds_with_no_aws_at_all(job: Job) -> None:
+    run = job.deploy()
+
+    assert run.returncode == 0, run.log
+    assert run.outputs["status"] == "success"
+    assert (run.outputs["instance-id"], run.outputs["command-id"], run.outputs["bucket"]) == (
+        "", "", "")
+    assert "Transport local" in run.log and "no AWS call" in run.log
+    assert job.cluster.image_of("deployment", NS, "api") == f"{API}:v1"
+    assert "2/2" in run.summary and "all 3 workload(s) ready and healthy" in run.summary
+    api = job.cluster.get("deployment", NS, "api")["metadata"]["annotations"]
+    assert api["k3s-deploy-action/commit-sha"] == SHA
+    assert api["k3s-deploy-action/run-url"] == "https://github.com/acme/production-platform/actions/runs/77"
+
+
+def test_local_crash_loop_is_rolled_back_and_the_summary_shows_what_failed(job: Job) -> None:
+    assert job.deploy().outputs["status"] == "success"
+    job.cluster.break_image(f"{API}:v2", "CrashLoopBackOff", log="listening on :8080\npanic: boom")
+
+    run = job.deploy(images=f"{API}:v2\n{WORKER}:v1", timeout="600")
+
+    assert run.returncode == 1
+    assert run.outputs["status"] == "rolled-back", run.log
+    assert run.outputs["rolled-back"] == "true"
+    assert "### What failed" in run.summary
+    assert "**CrashLoopBackOff**" in run.summary
+    assert "panic: boom" in run.summary
+    assert job.cluster.image_of("deployment", NS, "api") == f"{API}:v1"
+
+
+def test_local_dry_run_puts_the_diff_in_the_summary_and_changes_nothing(job: Job) -> None:
+    assert job.deploy().outputs["status"] == "success"
+    before = job.cluster.objects()
+
+    run = job.deploy(images=f"{API}:v2\n{WORKER}:v1", **{"dry-run": "true"})
+
+    assert run.returncode == 0, run.log
+    assert run.outputs["status"] == "success"
+    assert "Dry run: nothing was changed" in run.summary
+    assert "### Diff" in run.summary and "```diff" in run.summary
+    assert f"+      - image: {API}:v2" in run.summary
+    assert "1 object(s) would change" in run.summary
+    assert job.cluster.objects() == before
+
+
+def test_local_transport_without_a_kubeconfig_fails_before_anything_runs(job: Job) -> None:
+    run = job.deploy(kubeconfig="no/such/file")
+
+    assert run.returncode == 1
+    assert run.outputs["status"] == "failed"
+    assert "input 'kubeconfig' names no file in the workspace" in run.log
+    assert job.cluster.get("namespace", "", NS) is None
+
+
+def test_local_arguments_are_the_ones_the_ssm_lines_pass(tmp_path: Path) -> None:
+    (tmp_path / "k8s").mkdir()
+    settings = parse_settings({"aws-region": "eu-west-1", "manifests": "k8s", "dry-run": "false",
+                               "lock-timeout": "42", "server-dry-run": "false"},
+                              {"GITHUB_WORKSPACE": str(tmp_path), "GITHUB_SHA": SHA})
+    from deploykit.stage import Staging
+
+    staging = Staging("bucket-1", "", "123456789012", True)
+    line = next(li for li in command.deploy_lines(settings, staging, "d-1", "0" * 64, "1" * 64)
+                if li.startswith("bash "))
+    import shlex
+
+    ssm_words = shlex.split(line)[2:-2]
+    local_words = script_arguments(settings, "d-1", Path("manifests.tar.gz"), Path("STATE"))
+    # Same options with the same values; the local run adds only its diff size limit.
+    def options(words: list[str]) -> dict[str, str]:
+        return dict(zip(words[1::2], words[2::2], strict=True))
+
+    ssm, local = options(ssm_words), options(local_words)
+    assert ssm_words[0] == local_words[0] == "deploy"
+    local.pop("--max-diff-bytes")
+    ssm["--state-dir"] = "STATE"
+    assert ssm == local
