@@ -326,7 +326,9 @@ def test_manifests_with_dotdot_staying_inside_the_workspace_is_accepted(env, wor
 def test_an_absolute_manifests_path_is_refused(env, workspace):
     message = refusal({"manifests": str(workspace / "k8s")}, env)
     assert "'manifests'" in message and "relative to the workspace" in message
-    assert repr(str(workspace / "k8s")) in message
+    # the value is quoted, and cut at 80 characters when longer (tmp paths vary in length)
+    shown = str(workspace / "k8s")
+    assert repr(shown if len(shown) <= 80 else shown[:80] + "...") in message
 
 
 def test_a_manifests_symlink_leading_outside_the_workspace_is_refused(env, workspace):
