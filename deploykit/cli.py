@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cancel = install_cancel_handlers()
         raw = {name: value for name, value in vars(args).items() if name in INPUTS and value is not None}
         return run_deploy(raw, os.environ, cancel=cancel)
+    if args.command == "sweep":
+        return run_sweep(args.older_than, args.delete, args.aws_region, os.environ)
     if args.command == "bench":
         from deploykit.bench import run_bench
 

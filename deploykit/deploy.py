@@ -93,7 +93,12 @@ def deploy(
         stage.upload(aws.s3, staging, command.SCRIPT_NAME, script)
         stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
 
-        lines = command.deploy_lines(settings, staging, deploy_id, _sha256(script), bundle.sha256)
+        urls = None
+        if settings.delivery == "presigned":
+            urls = command.presigned_urls(aws.s3_presign, staging)
+            for url in urls.values():
+                gh.mask(url)  # valid for minutes; the runner hides it wherever it shows up
+        lines = command.deploy_lines(settings, staging, deploy_id, _sha256(script), bundle.sha256, urls)
         sending = True
         # Through the master, or the next server of its HA cluster if it does not take it.
         sent = ha.send_with_failover(
@@ -442,7 +447,8 @@ def _clean_up(settings: Settings, aws: AwsClients, gh: Workflow, staging: stage.
         gh.save_state("prefix", "")
     except DeployError as exc:
         gh.warning(
-            f"{exc.message}. Left behind: {staging.where()}; delete it by hand.",
+            f"{exc.message}. Left behind: {staging.where()}; delete it by hand or with "
+            f"`python -m deploykit sweep --delete`." + (f" {exc.fix}" if exc.fix else ""),
             title="Cleanup incomplete",
         )
     if cancelled is not None:

@@ -42,6 +42,11 @@ INPUTS: dict[str, tuple[str, str]] = {
     "rollback-timeout": ("120", "seconds a rollback may wait for the undone workloads"),
     "cleanup": ("true", "delete what was staged when done"),
     "bucket": ("", "stage under a unique prefix in this existing bucket instead of a temporary one"),
+    "delivery": (
+        "s3",
+        "how the master gets the staged files: s3 (the AWS CLI with its instance role) or presigned "
+        "(curl and short-lived URLs: the master needs no S3 permission)",
+    ),
     "kubectl": ("kubectl", "kubectl command on the master (e.g. 'k3s kubectl')"),
     "request-timeout": ("60s", "kubectl --request-timeout on the master"),
     "kubectl-validate": ("false", "kubectl --validate on apply (off: slow on a t3.micro)"),
@@ -99,6 +104,7 @@ INPUTS: dict[str, tuple[str, str]] = {
     "lock-timeout": ("300", "seconds to wait for the cluster's deploy lock while another deploy holds it"),
 }
 
+DELIVERIES = ("s3", "presigned")
 TRANSPORTS = ("ssm", "local")
 MIN_LOCK_TIMEOUT, MAX_LOCK_TIMEOUT = 0, 3600
 MIN_TIMEOUT, MAX_TIMEOUT = 10, 86400
@@ -112,7 +118,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # SSM's own patterns for SendCommand's MaxConcurrency and MaxErrors.
 _MAX_CONCURRENCY = re.compile(r"^(?:[1-9][0-9]{0,6}|[1-9][0-9]?%|100%)$")
 _MAX_ERRORS = re.compile(r"^(?:[0]|[1-9][0-9]{0,6}|[0-9]%|[1-9][0-9]%|100%)$")
-
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ class Settings:
     max_concurrency: str = "50"
     max_errors: str = "0"
     cluster_tag_key: str = "k3s-cluster"
+    delivery: str = "s3"  # "s3" or "presigned" (DELIVERIES)
     transport: str = "ssm"  # "ssm" or "local" (TRANSPORTS)
     kubeconfig: Path | None = None  # transport local: the file given, else KUBECONFIG
     dry_run: bool = False
@@ -177,6 +183,13 @@ def _bool(name: str, value: str) -> bool:
     raise InputError(f"input '{name}' must be true or false, got {show(value)}")
 
 
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    lowered = value.strip().lower()
+    if lowered not in choices:
+        raise InputError(f"input '{name}' must be one of {', '.join(choices)}, got {show(value)}")
+    return lowered
+
+
 def _int(name: str, value: str, low: int, high: int) -> int:
     text = value.strip()
     # not str.isdigit(): it takes '²' (int() then fails) and other scripts' digits
@@ -201,13 +214,17 @@ def _workspace_path(workspace: Path, value: str) -> Path:
     candidate = Path(relative)
     if not relative or _CONTROL.search(relative) or candidate.is_absolute():
         raise InputError(f"input 'manifests' must be a path relative to the workspace, got {show(value)}")
-    resolved = (workspace / candidate).resolve()
+    try:
+        resolved = (workspace / candidate).resolve()
+        exists = resolved.exists()
+    except (OSError, RuntimeError):  # a name too long for the file system, a symlink loop
+        raise InputError(f"input 'manifests' is not a usable path, got {show(value)}") from None
     if not resolved.is_relative_to(workspace):
         raise InputError(
             f"input 'manifests' leads outside the workspace ({workspace}), got {show(value)}; "
             "keep the manifests in the repository"
         )
-    if not resolved.exists():
+    if not exists:
         raise InputError(
             f"input 'manifests' names nothing in the workspace, got {show(value)}; "
             "did the job check out the repository (actions/checkout) before this step?"
@@ -312,7 +329,6 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
             f"(0% to 100%), got {show(get('max-errors'))}"
         )
 
-
     workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
     namespace = get("namespace").strip()
     if not _DNS_LABEL.match(namespace):
@@ -403,6 +419,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         max_concurrency=max_concurrency,
         max_errors=max_errors,
         cluster_tag_key=_plain("cluster-tag-key", get("cluster-tag-key"), 128),
+        delivery=_choice("delivery", get("delivery"), DELIVERIES),
         transport=transport,
         kubeconfig=_kubeconfig(get("kubeconfig"), workspace, env) if transport == "local" else None,
         dry_run=_bool("dry-run", get("dry-run")),

@@ -105,6 +105,7 @@ def test_defaults_table(env, workspace):
         "max-concurrency": "50",
         "max-errors": "0",
         "cluster-tag-key": "k3s-cluster",
+        "delivery": "s3",
         "transport": "ssm",
         "dry-run": "false",
         "server-dry-run": "true",
