@@ -42,6 +42,7 @@ from deploykit.target import Master, server_of, ssm_ping_status
 
 BATCH_SIZE = 50  # SendCommand takes at most 50 InstanceIds
 MAX_DELIVERY_TIMEOUT = 2_592_000  # SendCommand's TimeoutSeconds upper bound (30 days)
+MAX_PRESIGNED_SECONDS = 604_800  # a SigV4 presigned URL lives 7 days at most
 FULL_OUTPUT_LIMIT = 10  # failed instances whose whole output is read and shown in the log
 UNREACHABLE_CHECK_EVERY = 10.0  # seconds between looks for HA servers that went away
 COMMAND_TERMINAL = frozenset({"Success", "Failed", "Cancelled", "TimedOut"})
@@ -254,8 +255,18 @@ def deploy_fleet(
             script = command.deploy_script()
             stage.upload(aws.s3, staging, command.SCRIPT_NAME, script)
             stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
-            lines = command.deploy_lines(settings, staging, deploy_id, story._sha256(script), bundle.sha256)
-            _run_rounds(settings, aws, gh, outcome, clock, deploy_id, fleet, lines, results, commands)
+            sums = (story._sha256(script), bundle.sha256)
+
+            def lines_for(count: int) -> list[str]:
+                return command.deploy_lines(
+                    settings, staging, deploy_id, *sums, _presigned(settings, aws, gh, staging, count)
+                )
+
+            _run_rounds(settings, aws, gh, outcome, clock, deploy_id, fleet, lines_for, results, commands)
+            if settings.dry_run:
+                for result in results:
+                    if result.status == "success":
+                        result.message = "dry run passed; nothing changed"
         _roll_back_unreported(settings, aws, gh, clock, deploy_id, results)
         _show_failed_output(aws, gh, results)
     except JobCancelled:
@@ -268,7 +279,7 @@ def deploy_fleet(
         outcome.results = [r.as_output() for r in results]
         if staging is not None:
             story._clean_up(settings, aws, gh, staging)
-    _conclude(outcome, results)
+    _conclude(outcome, results, dry_run=settings.dry_run)
 
 
 def _result_for(server: Master) -> InstanceResult:
@@ -283,7 +294,7 @@ def _run_rounds(
     clock: Any,
     deploy_id: str,
     fleet: Fleet,
-    lines: list[str],
+    lines_for: Callable[[int], list[str]],
     results: list[InstanceResult],
     commands: list[FleetCommand],
 ) -> None:
@@ -296,9 +307,8 @@ def _run_rounds(
     while members:
         round_number += 1
         comment = f"k3s-deploy {deploy_id}" + (f" failover {round_number - 1}" if round_number > 1 else "")
-        sent = send_to_fleet(
-            aws, gh, settings, [m.instance_id for m in members], targets, lines, comment, clock
-        )
+        ids = [m.instance_id for m in members]
+        sent = send_to_fleet(aws, gh, settings, ids, targets, lines_for(len(ids)), comment, clock)
         commands.extend(sent)
         outcome.command_id = ",".join(c.command_id for c in commands)
         for fleet_command in sent:
@@ -319,6 +329,21 @@ def _run_rounds(
                 if fleet_command.hit_deadline and not result.reported and not result.never_started:
                     result.status = "timed-out"
         members, targets = _failovers(members, by_id, results, gh.log), None
+
+
+def _presigned(
+    settings: Settings, aws: AwsClients, gh: Workflow, staging: stage.Staging, count: int
+) -> dict[str, str] | None:
+    """With `delivery: presigned`, URLs for one round: signed now (locally, no call), and valid
+    until its last wave may start (the single-instance story's few minutes would not last).
+    A URL signed with temporary credentials still dies with them."""
+    if settings.delivery != "presigned":
+        return None
+    lifetime = delivery_timeout(count, settings.max_concurrency, command.execution_timeout(settings))
+    urls = command.presigned_urls(aws.s3_presign, staging, min(lifetime + 60, MAX_PRESIGNED_SECONDS))
+    for url in urls.values():
+        gh.mask(url)  # the runner hides them wherever they show up
+    return urls
 
 
 def _failovers(
@@ -596,7 +621,7 @@ def _roll_back_unreported(
     results: list[InstanceResult],
 ) -> None:
     """Send the rollback entry point to the instances whose script could not report."""
-    if not settings.rollback:
+    if not settings.rollback or settings.dry_run:  # a dry run changes nothing
         return
     doomed = [
         r
@@ -609,7 +634,6 @@ def _roll_back_unreported(
         f"Rolling back {len(doomed)} instance(s) whose deploy could not report: "
         + ", ".join(r.instance_id for r in doomed)
     )
-    timeout = settings.rollback_timeout + command.EXECUTION_MARGIN
     try:
         sent = send_to_fleet(
             aws,
@@ -620,7 +644,7 @@ def _roll_back_unreported(
             command.rollback_lines(settings, deploy_id),
             f"k3s-deploy rollback {deploy_id}",
             clock,
-            execution_timeout=timeout,
+            execution_timeout=command.rollback_execution_timeout(settings),
             limits=(ALL_INSTANCES, ALL_INSTANCES),  # every instance rolls back, whatever the others do
         )
     except DeployError as exc:
@@ -685,7 +709,7 @@ def _abandon_on_cancel(
         except DeployError as exc:
             gh.warning(f"Could not cancel command {fleet_command.command_id}: {exc.message}")
     instance_ids = [i for c in running for i in c.instance_ids]
-    if not settings.rollback or not instance_ids:
+    if not settings.rollback or settings.dry_run or not instance_ids:
         return
     try:
         send_to_fleet(
@@ -697,7 +721,7 @@ def _abandon_on_cancel(
             command.rollback_lines(settings, deploy_id),
             f"k3s-deploy rollback {deploy_id}",
             _NoWait(),
-            execution_timeout=settings.rollback_timeout + command.EXECUTION_MARGIN,
+            execution_timeout=command.rollback_execution_timeout(settings),
             limits=(ALL_INSTANCES, ALL_INSTANCES),
             tries=1,
         )
@@ -714,7 +738,7 @@ class _NoWait:
         pass
 
 
-def _conclude(outcome: Outcome, results: list[InstanceResult]) -> None:
+def _conclude(outcome: Outcome, results: list[InstanceResult], *, dry_run: bool = False) -> None:
     """`success` only when every instance succeeded; otherwise the worst of the others."""
     counted = [r for r in results if r.status != "failed-over"]
     outcome.results = [r.as_output() for r in results]
@@ -725,7 +749,11 @@ def _conclude(outcome: Outcome, results: list[InstanceResult]) -> None:
         raise RemoteCommandFailed(outcome.message, fix=FIX_FLEET)
     if not failed:
         outcome.status = "success"
-        outcome.message = f"Deployed to all {len(counted)} instance(s); every workload is ready."
+        outcome.message = (
+            f"Dry run on all {len(counted)} instance(s): each cluster accepts the bundle; nothing changed."
+            if dry_run
+            else f"Deployed to all {len(counted)} instance(s); every workload is ready."
+        )
         return
     statuses = {r.status for r in failed}
     outcome.status = next(

@@ -200,3 +200,29 @@ def test_without_fleet_several_matches_still_mean_one_target(fleet: World) -> No
     assert "," not in run.outputs["instance-id"]
     assert len(deploy_script_runs(fleet)) == 1
     assert len(json.loads(run.outputs["results"])) == 1
+
+
+def test_presigned_delivery_serves_the_whole_fleet(fleet: World) -> None:
+    run = fleet.deploy(
+        fleet="true", delivery="presigned", **{"image-tag": "v1", "instance-tag": "k3s-master-*"}
+    )
+
+    assert run.returncode == 0, run.log
+    assert all(entry["status"] == "success" for entry in results(run).values())
+    assert all(api_image(m) == f"{API}:v1" for m in masters(fleet))
+    (sent,) = fleet.sim.sent_commands()
+    assert "curl" in "\n".join(sent["parameters"]["commands"])
+    masked = [line for line in run.log.splitlines() if line.startswith("::add-mask::")]
+    assert len(masked) == 2 and all("X-Amz-Signature" in line for line in masked)
+
+
+def test_a_dry_run_checks_every_cluster_and_changes_none(fleet: World) -> None:
+    run = fleet.deploy(fleet="true", **{"dry-run": "true", "image-tag": "v1", "instance-tag": "k3s-master-*"})
+
+    assert run.returncode == 0, run.log
+    assert run.outputs["status"] == "success"
+    found = results(run)
+    assert len(found) == 3
+    assert all(entry["message"] == "dry run passed; nothing changed" for entry in found.values())
+    assert all(api_image(m) is None for m in masters(fleet))
+    assert "Dry run on all 3 instance(s)" in run.summary
