@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # checkov (tests/test_infra.py) pins old boto3 and packaging releases: a venv of its own too.
 CHECKOV_VENV := .venv-checkov
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-reliability test-reliability-quick lint clean
 
 setup: $(VENV)/.installed $(MASTER_VENV)/.installed
 setup: $(CHECKOV_VENV)/.installed
@@ -40,7 +40,17 @@ RELIABILITY_WORKERS ?= 3
 test: setup
 	@rc=0; $(PY) -m pytest --ignore=tests/reliability $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
-	$(MAKE) --no-print-directory test-reliability
+	$(MAKE) --no-print-directory test-reliability-quick
+
+# The reliability suite's deterministic part (security properties, hostile input, sweep) runs
+# with every `make test`. The fault, cancel and SSM-outcome matrices (tens of minutes of timed
+# end-to-end runs) run with `make test-reliability`; they are not yet proven stable enough on a
+# loaded machine to gate CI.
+RELIABILITY_QUICK := tests/reliability/test_security.py tests/reliability/test_bad_input.py \
+	tests/reliability/test_sweep.py
+test-reliability-quick: setup
+	@rc=0; $(PY) -m pytest -n $(RELIABILITY_WORKERS) $(RELIABILITY_QUICK) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 .PHONY: test-reliability
 test-reliability: setup
