@@ -61,7 +61,8 @@ def most_at_once(runs: list[dict[str, Any]]) -> int:
 
 def test_max_concurrency_caps_the_instances_running_at_once(sim, ssm):
     masters = [sim.add_master(f"k3s-{n}") for n in range(4)]
-    command_id = send(ssm, [m.instance_id for m in masters], "sleep 0.3", MaxConcurrency="2")
+    # long enough that two runs overlap even on a loaded machine (the cap must be reached)
+    command_id = send(ssm, [m.instance_id for m in masters], "sleep 2", MaxConcurrency="2")
 
     assert wait_for_command(ssm, command_id)["Status"] == "Success"
     assert len(sim.commands_run) == 4
@@ -73,7 +74,7 @@ def test_max_concurrency_caps_the_instances_running_at_once(sim, ssm):
 
 def test_a_percentage_of_concurrency_is_of_the_targets_rounded_up(sim, ssm):
     masters = [sim.add_master(f"k3s-{n}") for n in range(3)]
-    command_id = send(ssm, [m.instance_id for m in masters], "sleep 0.3", MaxConcurrency="34%")
+    command_id = send(ssm, [m.instance_id for m in masters], "sleep 2", MaxConcurrency="34%")
 
     wait_for_command(ssm, command_id)
     assert most_at_once(sim.commands_run) == 2  # 34% of 3 = 1.02, rounded up
