@@ -44,9 +44,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def docker(
-    *args: str, timeout: float = 120, env: Mapping[str, str] | None = None
+    *args: str, timeout: float = 300, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the docker CLI and capture its output (never raises on a non-zero exit)."""
+    """Run the docker CLI and capture its output (never raises on a non-zero exit).
+
+    The default timeout is generous: with the vfs storage driver every `docker run` copies the
+    whole image first, which took over 120 s on a CI machine loaded by parallel test runs."""
     exe = shutil.which("docker")
     if exe is None:
         pytest.fail(f"no docker client on PATH: {ENGINE_HINT}", pytrace=False)
