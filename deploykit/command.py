@@ -153,16 +153,21 @@ def deploy_lines(
     return [
         "set -eu",
         "umask 077",
-        # Named after the deploy so that its rollback can delete it when a SIGKILL (SSM's
-        # execution timeout, an agent restart) left no time for the EXIT trap.
+        # Named after the deploy and this shell's PID so that its rollback can delete it when a
+        # SIGKILL (SSM's execution timeout, an agent restart) left no time for the EXIT trap,
+        # and only then: a deploy still running (its cancel failed) keeps its files.
         f"id={_q(deploy_id)}",
         WORK_TAG,
-        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.$tag.XXXXXXXX")',
+        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.$tag.$$.XXXXXXXX")',
         "trap 'rm -rf \"$work\"' EXIT",
         # sh runs an EXIT trap on `exit`, not when a signal kills it: a cancelled command (the
         # agent signals the process group) would leave the downloaded bundle behind.
         "trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM",
         'cd "$work"',
+        # The script's own scratch folder (and kubectl's temporary files) go inside the download
+        # folder: deleted with it on exit, and by the rollback command after a SIGKILL.
+        'TMPDIR=$work',
+        "export TMPDIR",
         f"region={_q(settings.aws_region)} bucket={_q(staging.bucket)} owner={_q(staging.account)}",
         fetch,
         f"fetch {_q(sources[SCRIPT_NAME])} {SCRIPT_NAME}",
@@ -199,9 +204,15 @@ def rollback_lines(settings: Settings, deploy_id: str) -> list[str]:
     return [
         "set -eu",
         f"id={_q(deploy_id)}",
-        # The download folder of a deploy killed outright (see deploy_lines).
+        # The download folder of a deploy killed outright (see deploy_lines): deleted when the
+        # shell that made it is gone. A deploy whose cancel failed may still run from it.
         WORK_TAG,
-        'rm -rf -- "${TMPDIR:-/tmp}/k3s-deploy.$tag."*',
+        'for work in "${TMPDIR:-/tmp}/k3s-deploy.$tag."*; do',
+        '  [ -d "$work" ] || continue',
+        '  pid=${work##*/k3s-deploy."$tag".}; pid=${pid%%.*}',
+        '  case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then continue; fi ;; esac',
+        '  rm -rf -- "$work"',
+        "done",
         f'dir={STATE_DIR}/"$id"',
         'if [ ! -f "$dir/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for deploy'
         ' $id on this master: nothing to roll back"; exit 0; fi',

@@ -9,13 +9,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from deploykit import build, command, ha, registry, report, stage, target, wait
 from deploykit.awsapi import AwsClients
 from deploykit.errors import (
+    FIX_BUNDLE_REJECTED,
+    FIX_CHECKSUM,
     FIX_IMAGE_PULL,
     FIX_K3S_UNRESPONSIVE,
+    FIX_LOCK,
+    FIX_MISSING_TOOL,
     FIX_ROLLOUT_STUCK,
     FIX_SSM_AGENT,
     FIX_TLS_TIMEOUT,
@@ -216,7 +219,9 @@ def _finish(
             "it was cancelled."
         )
         _abandon(settings, aws, gh, outcome, deploy_id, sent, wait_for_rollback=True)
-        raise RemoteCommandFailed(outcome.message, fix=FIX_K3S_UNRESPONSIVE) from None
+        # SSM ends a command at its execution timeout by itself: one still running past it is
+        # one whose agent stopped reporting.
+        raise RemoteCommandFailed(outcome.message, fix=FIX_SSM_AGENT) from None
 
     found = report.parse_report(invocation.stderr)
     _show_output(gh, invocation)
@@ -232,7 +237,7 @@ def _finish(
         report.conclude(outcome, found, invocation.response_code)
     else:
         _conclude_without_report(settings, aws, gh, outcome, deploy_id, sent, invocation)
-    raise RemoteCommandFailed(outcome.message, fix=_fix_for(invocation, found))
+    raise RemoteCommandFailed(outcome.message, fix=_fix_for(settings, invocation))
 
 
 def _conclude_without_report(
@@ -406,26 +411,45 @@ def _show_output(gh: Workflow, invocation: wait.Invocation) -> None:
         gh.warning(f"The master's {part} was cut by SSM.", title="Output truncated")
 
 
-def _fix_for(invocation: wait.Invocation, found: dict[str, Any] | None) -> str:
+def _fix_for(settings: Settings, invocation: wait.Invocation) -> str:
+    """The advice for a deploy command that failed: by the script's exit code (see the header
+    of deploykit/scripts/k3s-deploy.sh), else by what its output shows."""
     text = invocation.stdout + invocation.stderr
+    code = invocation.response_code
     if invocation.status_details in ("DeliveryTimedOut", "Undeliverable"):
         return FIX_SSM_AGENT
-    if invocation.response_code == 4:
+    if code == 3:
+        return FIX_MISSING_TOOL
+    if code == 4:
         return FIX_K3S_UNRESPONSIVE
-    if invocation.response_code == 6:
-        return (
-            "Wait for the deploy named in the message to finish, or raise `lock-timeout`; a "
-            "`concurrency` group in the workflow keeps a second run from starting meanwhile."
-        )
+    if code == 5:
+        return FIX_BUNDLE_REJECTED
+    if code == 6:
+        return FIX_LOCK
+    if code == command.EXIT_CHECKSUM_MISMATCH:
+        return FIX_CHECKSUM
+    if code == command.EXIT_DOWNLOAD_FAILED:
+        return fix_download(settings)
     if "TLS handshake timeout" in text:
         return FIX_TLS_TIMEOUT
     if any(reason in text for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
         return FIX_IMAGE_PULL
-    if invocation.response_code == command.EXIT_DOWNLOAD_FAILED:
-        return (
-            "Give the master's instance role s3:GetObject on arn:aws:s3:::k3s-deploy-*/* (see examples/iam/)."
-        )
     return FIX_ROLLOUT_STUCK
+
+
+def fix_download(settings: Settings) -> str:
+    """The master could not fetch the staged files: what it needs depends on the delivery."""
+    if settings.delivery == "presigned":
+        return (
+            "With `delivery: presigned` the master downloads with curl over HTTPS: it needs curl "
+            "and a route to S3 (a NAT gateway, or an S3 gateway endpoint); each URL is valid for "
+            f"{command.PRESIGNED_URL_SECONDS} s."
+        )
+    bucket = settings.bucket or f"{stage.BUCKET_PREFIX}*"
+    return (
+        f"Give the master's instance role s3:GetObject on arn:aws:s3:::{bucket}/* "
+        "(see examples/iam/), and its subnet a route to S3."
+    )
 
 
 def _clean_up(settings: Settings, aws: AwsClients, gh: Workflow, staging: stage.Staging) -> None:

@@ -92,6 +92,24 @@ FIX_IMAGE_PULL = (
     "(`docker pull IMAGE:TAG`), the registry credentials (imagePullSecrets), and "
     "`kubectl describe pod -n NAMESPACE POD`."
 )
+FIX_MISSING_TOOL = (
+    "Install on the master what the message names (the deploy script needs bash 4.4+, "
+    "coreutils, tar, gzip and kubectl), or set the `kubectl` input to the command that runs "
+    "kubectl there (e.g. `k3s kubectl`); SSM runs the script as root, with a short PATH."
+)
+FIX_BUNDLE_REJECTED = (
+    "Nothing was changed. Fix the manifest the message names: on the master, "
+    "`kubectl apply --dry-run=server -f FILE` shows the same error; an object's namespace must "
+    "exist or be in the manifests."
+)
+FIX_CHECKSUM = (
+    "Nothing ran. Run the deploy again; if it happens again, find out what else can write to "
+    "the staging bucket (its bucket policy, and the `bucket` input when it is set)."
+)
+FIX_LOCK = (
+    "Wait for the deploy named in the message to finish, or raise `lock-timeout`; a "
+    "`concurrency` group in the workflow keeps a second run from starting meanwhile."
+)
 FIX_ROLLOUT_STUCK = (
     "A rollout did not become ready: check `kubectl describe pod -n NAMESPACE POD`, "
     "`kubectl logs -n NAMESPACE POD`, readiness probes, and node resources with "

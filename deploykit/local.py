@@ -24,6 +24,7 @@ from typing import IO
 from deploykit import command, report
 from deploykit.errors import (
     FIX_IMAGE_PULL,
+    FIX_LOCK,
     FIX_ROLLOUT_STUCK,
     DeployError,
     JobCancelled,
@@ -47,10 +48,6 @@ DROPPED_ENV_PREFIXES = ("INPUT_", "ACTIONS_RUNTIME_", "ACTIONS_ID_TOKEN_", "ACTI
 FIX_KUBE_API = (
     "The cluster's API did not answer: check the kubeconfig (`kubectl --kubeconfig FILE get "
     "--raw=/readyz`), and that its server address is reachable from the action's container."
-)
-FIX_LOCK = (
-    "Wait for the deploy named in the message to finish, or raise `lock-timeout`; a "
-    "`concurrency` group in the workflow keeps a second run from starting meanwhile."
 )
 
 

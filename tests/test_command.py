@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shlex
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ cp "$FAKE_S3/objects/$name" "$out"
 FAKE_SCRIPT = b"""#!/bin/bash
 printf '%s\\0' "$@" > "$FAKE_S3/args"
 pwd > "$FAKE_S3/cwd"
+printf '%s' "$TMPDIR" > "$FAKE_S3/tmpdir"
 exit "${FAKE_EXIT:-0}"
 """
 BUNDLE = b"fake bundle bytes"
@@ -274,8 +276,33 @@ def test_the_work_folder_is_fresh_and_removed_afterwards(instance, settings, sta
     instance.run(deploy_lines(settings, staging))
     work = Path((instance.s3 / "cwd").read_text().strip())
     assert work.parent == instance.tmp and work.name.startswith("k3s-deploy.")
+    # The script's own temporary files go inside it, and go with it.
+    assert (instance.s3 / "tmpdir").read_text() == str(work)
     assert not work.exists()
     assert list(instance.tmp.iterdir()) == []
+
+
+def test_rollback_lines_delete_only_the_download_folders_of_a_deploy_that_is_gone(instance, settings):
+    """A SIGKILL leaves the deploy's download folder; the rollback deletes it. But when the
+    cancel failed the deploy may still be running from it: then it stays (the deploy's own
+    trap deletes it)."""
+    deploy_id = "20250304-050607-0a1b2c3d"
+    gone = _dead_pid()
+    dead = instance.tmp / f"k3s-deploy.{deploy_id}.{gone}.Ab3dEf9h"
+    running = instance.tmp / f"k3s-deploy.{deploy_id}.{os.getpid()}.Zx8yWv7u"
+    other = instance.tmp / f"k3s-deploy.20250304-050607-ffffffff.{gone}.Qq1rRs2t"
+    for folder in (dead, running, other):
+        (folder / "bundle").mkdir(parents=True)
+    result = instance.run(command.rollback_lines(settings, deploy_id))
+    assert result.returncode == 0, result.stderr
+    assert not dead.exists()
+    assert running.exists() and other.exists()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 @pytest.mark.parametrize(("script_exit", "command_exit"), [(0, 0), (7, 7), (9, 9), (194, 1), (1, 1)])

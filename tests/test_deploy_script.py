@@ -637,6 +637,42 @@ def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Mast
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
 
 
+def test_a_rollback_killed_right_after_an_undo_does_not_undo_it_twice(master: Master) -> None:
+    """SIGKILL (SSM's executionTimeout) lands between `rollout undo` and the line that records
+    it: the rollback entry point must see that the undo happened. A second undo of a
+    Deployment goes back to the failed template."""
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("api:v2", "ImagePullBackOff")
+    real = master.bin / "kubectl"
+    killer = master.root / "killer-bin"
+    killer.mkdir()
+    wrapper = killer / "kubectl"
+    # After the first undo has gone through, the whole process group dies at once.
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'"{real}" "$@"; rc=$?\n'
+        'case "$*" in *"rollout undo"*) [ -e "$0.fired" ] || { : >"$0.fired"; kill -KILL 0; } ;; esac\n'
+        "exit $rc\n")
+    wrapper.chmod(0o755)
+    argv = master.command("deploy", "deploy-9", "--bundle", str(master.bundle(
+        platform(api_image="api:v2"))), timeout=30, rollback_timeout=15)
+    process = subprocess.Popen(argv, env=master.env(path=f"{killer}:{master.bin}:{os.environ['PATH']}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    stdout, _ = process.communicate(timeout=90)
+    assert process.returncode == -signal.SIGKILL, stdout
+    assert (killer / "kubectl.fired").exists()
+    # The undo went through before the kill.
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+
+    run = master.rollback("deploy-9")
+
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1", run.stdout
+    assert run.report["rollback"] == "done", run.stdout
+    assert "already rolled back" in run.stdout
+    assert not (master.state_root / "deploy-9").exists()
+
+
 # -- fail fast: every back-off reason, with what a user needs to fix it ---------------------------
 
 BACKOFF_REASONS = ["CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",

@@ -1282,6 +1282,7 @@ record_revisions() {
   # The action's rollback command runs the copy of this script: the uploaded one may be gone.
   if ! { mkdir -p -- "$state_dir" && cp -- "${BASH_SOURCE[0]}" "$state_dir/k3s-deploy.sh" &&
     printf '%s' "$meta" >"$state_dir/deploy.txt"; } 2>/dev/null; then
+    rm -rf -- "$state_dir" 2>/dev/null || true
     fail_early 3 tools "cannot write the state dir $state_dir (run as root, or pass --state-dir)"
   fi
   for i in "${!wl_name[@]}"; do
@@ -1814,16 +1815,23 @@ release_stuck_statefulset_pods() {
 # nothing-changed.
 roll_back_changed() {
   local until=$1 i output current undone=() failed=0 done_count=0
-  local undone_file="$state_dir/undone.tsv" line
-  local -A already_undone=()
+  local undone_file="$state_dir/undone.tsv" undoing_file="$state_dir/undoing.tsv" line key
+  local -A already_undone=() undoing=()
   # Pods the undo creates are the new ones the fail-fast check looks at.
   rollout_started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  # A rollback interrupted earlier: its undos created new revisions, and undoing those again
+  # would bring the failed template back. undone.tsv has the revision each undo left;
+  # undoing.tsv the revision each undo started from, written before the undo, for a kill
+  # that lands between the undo and its line in undone.tsv.
   if [[ -f "$undone_file" ]]; then
-    # A rollback interrupted earlier: its undos created new revisions; undoing those again
-    # would bring the failed template back.
     while IFS=$'\t' read -r line current; do
       already_undone[$line]=$current
     done <"$undone_file"
+  fi
+  if [[ -f "$undoing_file" ]]; then
+    while IFS=$'\t' read -r line current; do
+      undoing[$line]=$current
+    done <"$undoing_file"
   fi
   log "==> rolling back what this deploy changed"
   for i in "${!wl_name[@]}"; do
@@ -1833,6 +1841,18 @@ roll_back_changed() {
       continue
     fi
     current=$REPLY
+    key="${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}"
+    if [[ -n "${undoing[$key]:-}" && "${undoing[$key]}" != "$current" && -z "${already_undone[$key]:-}" ]]; then
+      # The revision moved since an interrupted rollback was about to undo it (the deploy
+      # lock keeps every other writer out): that undo went through.
+      log "${wl_kind[i]}/${wl_name[i]}: already rolled back (revision $current) by a rollback that was interrupted"
+      wl_after[i]=${wl_after[i]:-${undoing[$key]}}
+      wl_undo[i]="done"
+      undone+=("$i")
+      printf '%s\t%s\n' "$key" "$current" >>"$undone_file" || true
+      restore_trace "$i"
+      continue
+    fi
     if [[ -z "${wl_after[i]}" ]]; then
       wl_after[i]=$current
     fi
@@ -1844,11 +1864,14 @@ roll_back_changed() {
       log "${wl_kind[i]}/${wl_name[i]}: not created, nothing to undo"
       continue
     fi
-    if [[ "${already_undone[${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}]:-}" == "$current" ]]; then
+    if [[ "${already_undone[$key]:-}" == "$current" ]]; then
       log "${wl_kind[i]}/${wl_name[i]}: already rolled back (revision $current)"
       wl_undo[i]="done"
       undone+=("$i")
       continue
+    fi
+    if ! printf '%s\t%s\n' "$key" "$current" >>"$undoing_file"; then
+      log "warning: could not record the undo of ${wl_kind[i]}/${wl_name[i]} in $undoing_file; a rollback run after a kill may undo it twice"
     fi
     workload_ns_args "$i"
     if output=$(kube rollout undo "${wl_kind[i]}/${wl_name[i]}" "${ns_args[@]}" \
@@ -1857,7 +1880,7 @@ roll_back_changed() {
       wl_undo[i]="done"
       undone+=("$i")
       if read_workload "$i"; then
-        printf '%s\t%s\n' "${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}" "$REPLY" >>"$undone_file"
+        printf '%s\t%s\n' "$key" "$REPLY" >>"$undone_file" || true
       fi
       restore_trace "$i"
     elif [[ "$output" == *"${NO_HISTORY_MESSAGES[0]}"* || "$output" == *"${NO_HISTORY_MESSAGES[1]}"* ]]; then

@@ -236,18 +236,32 @@ class Rig:
 
     # -- the checks every fault test ends with -------------------------------------------------
 
-    def assert_nothing_left(self, run: ActionRun, *, script_killed: bool = False) -> None:
-        """No staged bucket, no deploy state and no download folder on the master. After a
-        SIGKILL of the script (`script_killed`) its own scratch folder (k3s-deploy.XXXXXX, no
-        deploy id in the name, so nothing can tell whose it is) may stay in the master's TMPDIR."""
+    def assert_nothing_left(self, run: ActionRun) -> None:
+        """No staged bucket, no deploy state and no folder on the master: neither the download
+        folder nor the script's scratch folder inside it, even after a SIGKILL of the script
+        (the rollback command deletes what the kill left)."""
         self.settle()
         left = self.staged_buckets()
         assert left == [], f"staged buckets left behind: {left}\n{run.log}"
-        assert list(self.master.state_dir.iterdir()) == [], "the master kept a deploy's state"
+        kept = sorted(str(p.relative_to(self.master.state_dir)) for p in self.master.state_dir.rglob("*"))
+        assert kept == [], f"the master kept a deploy's state: {kept}\n{self.master_log()}\n{run.log}"
         folders = [p.name for p in self.master.tmp_dir.iterdir()]
-        if script_killed:
-            folders = [name for name in folders if name.count(".") > 1]  # k3s-deploy.ID.XXXXXXXX
-        assert folders == [], f"the master kept a download folder: {folders}"
+        assert folders == [], f"the master kept a download folder: {folders}\n{self.master_log()}"
+
+    def master_log(self, tail: int = 4000) -> str:
+        """What every command sent to the master printed (for failure messages)."""
+        parts = []
+        for sent in self.sim.sent_commands():
+            for instance in sent["instance_ids"]:
+                record = self.sim.invocation(sent["command_id"], instance)
+                invocation = self.sim._invocations[(sent["command_id"], instance)]
+                parts.append(
+                    f"--- command {sent['command_id']} on {instance}: {record['Status']} "
+                    f"(exit {record.get('ResponseCode')})\n"
+                    + invocation.output("stdout")[-tail:]
+                    + invocation.output("stderr")[-tail:]
+                )
+        return "\n".join(parts)
 
     def assert_one_release(self, run: ActionRun, old: str = "v1", new: str = "v2") -> str:
         """Every workload that existed before holds the old or the new release, all the same.

@@ -11,6 +11,7 @@ nothing, so the committed figures are always those of a full run.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections import defaultdict
@@ -88,13 +89,18 @@ def write(session: pytest.Session) -> None:
     if hasattr(session.config, "workerinput") or not _full_run(session):
         return  # an xdist worker saw only its share; the controller writes
     rows = [{"test": nodeid, **entry} for nodeid, entry in sorted(_results.items())]
-    RAW.write_text(json.dumps({"tests": rows}, indent=1, sort_keys=True) + "\n")
+    run = {
+        "wall_seconds": round(time.monotonic() - _started, 1),
+        "workers": session.config.getoption("numprocesses", None) or 1,
+        "cpus": os.cpu_count(),
+    }
+    RAW.write_text(json.dumps({"run": run, "tests": rows}, indent=1, sort_keys=True) + "\n")
     if DOC.exists():
         text = DOC.read_text()
         if BEGIN in text and END in text:
             head, rest = text.split(BEGIN, 1)
             _, tail = rest.split(END, 1)
-            DOC.write_text(head + BEGIN + "\n" + render(rows) + END + tail)
+            DOC.write_text(head + BEGIN + "\n" + render(rows, run) + END + tail)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -108,7 +114,7 @@ def _mark(ok: bool) -> str:
     return "✅" if ok else "❌"
 
 
-def render(rows: list[dict[str, Any]]) -> str:
+def render(rows: list[dict[str, Any]], run: dict[str, Any] | None = None) -> str:
     out: list[str] = []
     total_faults = sum(_faults(r) for r in rows if r["notes"].get("table") != "bad-input")
     fault_rows = [r for r in rows if r["notes"].get("table") in ("aws", "ssm", "remote", "cancel", "kill")]
@@ -122,10 +128,16 @@ def render(rows: list[dict[str, Any]]) -> str:
     bad_failures = sum(not r["passed"] for r in bad)
     security = [r for r in rows if r["notes"].get("table") == "security"]
     seconds = sum(r.get("seconds", 0.0) for r in rows)
+    wall = ""
+    if run:
+        wall = (
+            f" in {run['wall_seconds']:.0f} s of wall-clock time with {run['workers']} workers on "
+            f"{run['cpus']} CPUs"
+        )
     out += [
         "",
         f"Last full run: {len(rows)} tests, {sum(r['passed'] for r in rows)} passed, "
-        f"{sum(not r['passed'] for r in rows)} failed, {seconds:.0f} s of test time "
+        f"{sum(not r['passed'] for r in rows)} failed, {seconds:.0f} s of test time{wall} "
         f"(Python {platform.python_version()}).",
         "",
         "| | |",

@@ -124,7 +124,7 @@ def test_timed_out_execution_is_rolled_back(rig: Rig, request: pytest.FixtureReq
     assert run.outputs["status"] == "timed-out", run.log
     assert run.outputs["rolled-back"] == "true", run.log
     assert rig.assert_one_release(run) == "v1"
-    rig.assert_nothing_left(run, script_killed=True)
+    rig.assert_nothing_left(run)
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_agent_killed_mid_command_is_rolled_back_by_the_action(
     _note(request, rig, "script killed mid-rollout (no report)", run.outputs["status"])
     assert run.outputs["status"] == "rolled-back", run.log
     assert rig.assert_one_release(run) == "v1"
-    rig.assert_nothing_left(run, script_killed=True)
+    rig.assert_nothing_left(run)
 
 
 def test_output_past_the_limit_is_reported_as_cut(rig: Rig, request: pytest.FixtureRequest) -> None:
