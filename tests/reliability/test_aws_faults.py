@@ -228,3 +228,48 @@ def test_fault_on_the_polling_history_lookup(rig: Rig, kind: str, request: pytes
     assert run.outputs["status"] == "success", run.log
     rig.assert_one_release(run)
     rig.assert_nothing_left(run)
+
+
+def test_a_refused_cancel_leaves_the_deploy_that_runs_on_its_files(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    """CancelCommand is refused while the script still checks the bundle, so the deploy runs on.
+    The rollback command the action sends next finds nothing recorded yet, and must not delete
+    the download folder the deploy runs from: the deploy finishes, nothing is left."""
+    marker = rig.tmp / "checking"
+    real = rig.master.bin_dir / "kubectl"
+    rig.install_on_master(
+        "kubectl-slow-check",
+        "#!/bin/sh\n"
+        f'case " $* " in *" --dry-run=server "*) : > "{marker}"; sleep 4;; esac\n'
+        f'exec "{real}" "$@"\n',
+    )
+    fault = rig.fault("CancelCommand", "access-denied", times=None)
+    started = rig.start(kubectl="kubectl-slow-check")
+
+    def when_checking(_call: object) -> None:
+        if marker.exists():
+            started.signal(signal.SIGTERM)
+
+    rig.on("GetCommandInvocation", when_checking, times=None)
+
+    run = started.wait()
+
+    left = _left(rig)
+    figures.note(
+        request.node,
+        table="cancel",
+        case="SIGTERM while the script checks the bundle, CancelCommand refused (the deploy runs on)",
+        status=run.outputs.get("status"),
+        left=left,
+        other_faults=1,
+    )
+    assert fault.injected == 1, run.log
+    assert run.outputs["status"] == "cancelled", run.log
+    assert "Could not cancel command" in run.log
+    rollbacks = [r for r in rig.sim.commands_run if " rollback --deploy-id " in str(r["script"])]
+    assert len(rollbacks) == 1, "the action sent no rollback"
+    deploys = rig.deploy_runs()
+    assert [d["exit_code"] for d in deploys] == [0], rig.master_log()
+    assert rig.assert_one_release(run) == "v2"
+    rig.assert_nothing_left(run)
