@@ -389,8 +389,9 @@ class FaultProxy:
             return [c.operation for c in self.calls]
 
     def injected(self) -> int:
+        """Faults answered so far (counted from the calls, so `clear()` does not forget them)."""
         with self._lock:
-            return sum(f.injected for f in self.faults if f.kind not in SCENARIO_KINDS)
+            return sum(1 for call in self.calls if call.fault)
 
     # -- the work (in the server's request threads) -------------------------------------------
 

@@ -15,11 +15,16 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from deploykit.simulate.aws import Master, SimulatedAWS
+from deploykit.simulate.cluster import Cluster
+from tests.e2e.conftest import API, WORKER, platform_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 ACTION_IMAGE = "k3s-deploy-action:test"
@@ -375,3 +380,59 @@ def image_config(image: str) -> dict:
     proc = docker("image", "inspect", image)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)[0]
+
+
+# -- the simulated account these tests deploy to ------------------------------------------------
+
+
+@dataclass
+class World:
+    sim: SimulatedAWS
+    master: Master
+    workspace: Path
+
+    @property
+    def cluster(self) -> Cluster:
+        return Cluster(self.master.cluster_state_path)
+
+    def aws_env(self) -> dict[str, str]:
+        """The job environment the container gets: endpoint, credentials, region (AWS_* only)."""
+        return {k: v for k, v in self.sim.env({}).items() if k.startswith("AWS_")}
+
+    def inputs(self, **more: str) -> dict[str, str]:
+        return {"aws-region": self.sim.region, "images": f"{API}\n{WORKER}", "timeout": "240", **more}
+
+    def buckets(self) -> list[str]:
+        return [b["Name"] for b in self.sim.client("s3").list_buckets().get("Buckets", [])]
+
+    def deploy_commands(self) -> list[dict[str, Any]]:
+        return [c for c in self.sim.sent_commands() if not c["comment"].startswith("k3s-deploy rollback ")]
+
+    def rollback_commands(self) -> list[dict[str, Any]]:
+        return [c for c in self.sim.sent_commands() if c["comment"].startswith("k3s-deploy rollback ")]
+
+    def seed_v1(self, progress_deadline: int = 3) -> None:
+        """The platform as a deploy of v1 left it a while ago (revision history included)."""
+        manifests = platform_manifests(progress_deadline)
+        self.cluster.seed(
+            "\n---\n".join(
+                text.replace(f"{API}:latest", f"{API}:v1").replace(f"{WORKER}:latest", f"{WORKER}:v1")
+                for text in manifests.values()
+            )
+        )
+        self.write_manifests(manifests)
+
+    def write_manifests(self, files: dict[str, str]) -> None:
+        target = self.workspace / "k8s" / "base"
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (target / name).write_text(text)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with SimulatedAWS(root=tmp_path / "aws") as sim:
+        master = sim.add_master("k3s-master")
+        w = World(sim, master, tmp_path / "checkout")
+        w.write_manifests(platform_manifests())
+        yield w

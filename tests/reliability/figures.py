@@ -123,6 +123,14 @@ def render(rows: list[dict[str, Any]], run: dict[str, Any] | None = None) -> str
     left_after_sweep = sum(
         int(r["notes"].get("left_after_sweep", r["notes"].get("left", 0))) for r in fault_rows
     )
+    # Why a bucket could stay, where a test expects it to (the cleanup's own calls refused, a
+    # SIGKILL): any other bucket left counts as unexplained.
+    reasons: dict[str, int] = defaultdict(int)
+    for r in fault_rows:
+        if int(r["notes"].get("left", 0)) and r["notes"].get("left_because"):
+            reasons[str(r["notes"]["left_because"])] += int(r["notes"]["left"])
+    unexplained = left - sum(reasons.values())
+    why = "; ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
     bad = [r for r in rows if r["notes"].get("table") == "bad-input"]
     examples = sum(int(r["notes"].get("examples", 0)) for r in bad)
     bad_failures = sum(not r["passed"] for r in bad)
@@ -145,7 +153,8 @@ def render(rows: list[dict[str, Any]], run: dict[str, Any] | None = None) -> str
         f"| fault runs (one test each) | {len(fault_rows)} |",
         f"| faults injected | {total_faults} |",
         f"| runs that kept every promise | {survived} of {len(fault_rows)} |",
-        f"| staged buckets left after the run | {left} |",
+        f"| staged buckets left after the run | {left}{f' ({why})' if why else ''} |",
+        f"| staged buckets left for no stated reason | {unexplained} |",
         f"| staged buckets left after `sweep` | {left_after_sweep} |",
         f"| bad-input examples tried | {examples} |",
         f"| bad-input failures | {bad_failures} |",

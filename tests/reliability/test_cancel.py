@@ -98,6 +98,7 @@ def test_sigkill_while_waiting_leaves_the_bucket_to_the_post_step(
         case="SIGKILL while waiting, then the post step",
         status="killed",
         left=len(left),
+        left_because="after a SIGKILL (deleted by the post step)",
         left_after_sweep=len(rig.staged_buckets()),
         other_faults=1,
     )

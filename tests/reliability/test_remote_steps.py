@@ -5,6 +5,8 @@ that says what to do, nothing staged left, and one release on every workload."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from deploykit.simulate.faults import Call
@@ -12,6 +14,9 @@ from tests.reliability import figures
 from tests.reliability.conftest import API, Rig
 
 pytestmark = pytest.mark.e2e
+
+# Another deploy, of another run, that holds the cluster's lock.
+OTHER = "20261126-101010-0badc0de"
 
 
 def _note(request: pytest.FixtureRequest, rig: Rig, case: str, status: str) -> None:
@@ -37,6 +42,27 @@ def test_api_down_changes_nothing_and_says_restart_k3s(rig: Rig, request: pytest
     _note(request, rig, "API down (exit 4)", run.outputs["status"])
     assert run.outputs["status"] == "failed", run.log
     assert "sudo systemctl restart k3s" in run.log
+    assert rig.assert_one_release(run) == "v1"
+    rig.assert_nothing_left(run)
+
+
+def test_lock_held_by_another_deploy_changes_nothing_and_names_it(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+    rig.cluster.seed(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: k3s-deploy-lock\n"
+        "  namespace: kube-system\n  annotations:\n"
+        '    k3s-deploy-action/run-url: "https://github.com/acme/platform/actions/runs/77"\n'
+        f'spec:\n  holderIdentity: "{OTHER}"\n  acquireTime: "{now}"\n  renewTime: "{now}"\n'
+        "  leaseDurationSeconds: 600\n"
+    )
+    run = rig.deploy(**{"lock-timeout": "2"})
+    _note(request, rig, "lock held by another deploy (exit 6)", run.outputs["status"])
+    assert run.outputs["status"] == "failed", run.log
+    assert OTHER in run.log and "actions/runs/77" in run.log
+    assert "raise `lock-timeout`" in run.log
+    assert rig.cluster.get("lease", "kube-system", "k3s-deploy-lock")["spec"]["holderIdentity"] == OTHER
     assert rig.assert_one_release(run) == "v1"
     rig.assert_nothing_left(run)
 
