@@ -9,8 +9,10 @@ any AWS call would fail the run.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +80,7 @@ class Job:
         env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
         return env
 
-    def deploy(self, **inputs: str) -> LocalRun:
+    def start(self, **inputs: str) -> subprocess.Popen[str]:
         inputs = {"transport": "local", "kubeconfig": ".kube/config", "images": f"{API}\n{WORKER}",
                   "image-tag": "v1", **inputs}
         for name in ("output", "summary", "state"):
@@ -87,11 +89,18 @@ class Job:
         assert not any(k.startswith("AWS_") and k not in (
             "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
             "AWS_EC2_METADATA_DISABLED") for k in env)
-        done = subprocess.run([sys.executable, str(ROOT / "entrypoint.py")], cwd=self.workspace,
-                              env=env, capture_output=True, text=True, timeout=240, check=False)
-        return LocalRun(done.returncode, done.stdout + done.stderr,
+        return subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], cwd=self.workspace,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def finished(self, process: subprocess.Popen[str]) -> LocalRun:
+        log, _ = process.communicate(timeout=240)
+        return LocalRun(process.returncode, log,
                         parse_key_values((self.files / "output").read_text()),
                         (self.files / "summary").read_text())
+
+    def deploy(self, **inputs: str) -> LocalRun:
+        return self.finished(self.start(**inputs))
 
 
 @pytest.fixture
@@ -176,3 +185,26 @@ def test_local_arguments_are_the_ones_the_ssm_lines_pass(tmp_path: Path) -> None
     local.pop("--max-diff-bytes")
     ssm["--state-dir"] = "STATE"
     assert ssm == local
+
+
+def test_local_deploy_cancelled_mid_rollout_undoes_what_it_changed(job: Job) -> None:
+    """SIGTERM (the runner's cancel) while the new api rolls out: the script is stopped, and the
+    rollback entry point gets its few seconds to send the undos before the action exits."""
+    job.cluster.seed("---\n".join(platform_manifests().values()).replace(":latest", ":v1"))
+    job.cluster.slow_rollout("deployment", NS, "api", 120)
+    process = job.start(**{"image-tag": "v2"})
+    deadline = time.monotonic() + 60
+    while job.cluster.revision("deployment", NS, "api") != "2":
+        assert process.poll() is None and time.monotonic() < deadline, "the deploy never applied"
+        time.sleep(0.1)
+    job.cluster.slow_rollout("deployment", NS, "api", 0)  # the old release comes back at once
+
+    process.send_signal(signal.SIGTERM)
+    run = job.finished(process)
+
+    assert run.returncode == 1, run.log
+    assert run.outputs["status"] == "cancelled", run.log
+    assert job.cluster.image_of("deployment", NS, "api") == f"{API}:v1", run.log
+    assert job.cluster.image_of("deployment", NS, "worker") == f"{WORKER}:v1", run.log
+    lease = job.cluster.get("lease", "kube-system", "k3s-deploy-lock")
+    assert lease is None or not lease["spec"].get("holderIdentity"), "the lock was left held"

@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from deploykit.simulate.aws import PROJECT_ROOT
+from deploykit.simulate.cluster import Cluster
 from tests.reliability import figures
-from tests.reliability.conftest import Rig, Started
+from tests.reliability.conftest import API, NS, WORKER, WORKLOADS, Rig, Started, manifests, release_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -105,3 +108,56 @@ def test_sigkill_while_waiting_leaves_the_bucket_to_the_post_step(
     assert post.returncode == 0, post.stdout + post.stderr
     assert rig.staged_buckets() == [], post.stdout + post.stderr
     assert rig.assert_one_release(run) == "v2"  # the script finished on its own
+
+
+def test_sigterm_while_a_fleet_deploys_rolls_every_master_back(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    """Fleet mode (one command for every master with the tag): a cancel stops the command on
+    every master and sends each the rollback. Every master ends on one release, none keeps
+    the deploy's state or files, and nothing staged is left."""
+    masters = [rig.master, *(rig.sim.add_master(f"k3s-master-{n}") for n in "bc")]
+    rig.sim.client("ec2").create_tags(
+        Resources=[m.instance_id for m in masters], Tags=[{"Key": "Role", "Value": "k3s"}]
+    )
+    clusters = [Cluster(m.cluster_state_path) for m in masters]
+    for cluster in clusters[1:]:
+        cluster.seed(release_yaml("v1"))
+    rig.write_manifests(manifests(progress_deadline=600))
+    for cluster in clusters:
+        cluster.slow_rollout("deployment", NS, "api", 30)
+    started = rig.start(fleet="true", **{"instance-tag-key": "Role", "instance-tag": "k3s"})
+
+    def cancel_once_every_master_applied() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and started.process.poll() is None:
+            if all(c.revision("deployment", NS, "api") == "2" for c in clusters):
+                for cluster in clusters:  # the old release comes back quickly
+                    cluster.slow_rollout("deployment", NS, "api", 0)
+                started.signal(signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    trigger = threading.Thread(target=cancel_once_every_master_applied, daemon=True)
+    trigger.start()
+    run = started.wait(timeout=120)
+    trigger.join(timeout=5)
+
+    rig.settle()
+    figures.note(
+        request.node,
+        table="cancel",
+        case="SIGTERM while a fleet of 3 masters rolls out",
+        status=run.outputs.get("status"),
+        left=len(rig.staged_buckets()),
+        other_faults=1,
+    )
+    assert run.outputs["status"] == "cancelled", run.log
+    rollbacks = [r for r in rig.sim.commands_run if " rollback --deploy-id " in str(r["script"])]
+    assert sorted(r["instance_id"] for r in rollbacks) == sorted(m.instance_id for m in masters), run.log
+    for master, cluster in zip(masters, clusters, strict=True):
+        images = {cluster.image_of(*workload) for workload in WORKLOADS}
+        assert images == {f"{API}:v1", f"{WORKER}:v1"}, (master.name, images, rig.master_log())
+        assert list(master.state_dir.iterdir()) == [], f"{master.name} kept a deploy's state"
+        assert list(master.tmp_dir.iterdir()) == [], f"{master.name} kept a download folder"
+    assert rig.staged_buckets() == []
