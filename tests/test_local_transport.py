@@ -23,6 +23,7 @@ from deploykit.inputs import parse_settings
 from deploykit.local import script_arguments
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import parse_key_values
+from tests import platform
 from tests.e2e.conftest import API, NS, WORKER, platform_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_local_arguments_are_the_ones_the_ssm_lines_pass(tmp_path: Path) -> None
 def test_local_deploy_cancelled_mid_rollout_undoes_what_it_changed(job: Job) -> None:
     """SIGTERM (the runner's cancel) while the new api rolls out: the script is stopped, and the
     rollback entry point gets its few seconds to send the undos before the action exits."""
-    job.cluster.seed("---\n".join(platform_manifests().values()).replace(":latest", ":v1"))
+    job.cluster.seed(platform.pinned(platform_manifests(), "v1"))
     job.cluster.slow_rollout("deployment", NS, "api", 120)
     process = job.start(**{"image-tag": "v2"})
     deadline = time.monotonic() + 60

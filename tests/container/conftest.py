@@ -24,6 +24,7 @@ import pytest
 
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
+from tests import platform
 from tests.e2e.conftest import API, WORKER, platform_manifests
 
 REPO = Path(__file__).resolve().parents[2]
@@ -414,12 +415,7 @@ class World:
     def seed_v1(self, progress_deadline: int = 3) -> None:
         """The platform as a deploy of v1 left it a while ago (revision history included)."""
         manifests = platform_manifests(progress_deadline)
-        self.cluster.seed(
-            "\n---\n".join(
-                text.replace(f"{API}:latest", f"{API}:v1").replace(f"{WORKER}:latest", f"{WORKER}:v1")
-                for text in manifests.values()
-            )
-        )
+        self.cluster.seed(platform.pinned(manifests, "v1"))
         self.write_manifests(manifests)
 
     def write_manifests(self, files: dict[str, str]) -> None:

@@ -15,60 +15,18 @@ import pytest
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import ActionRun, run_action
-
-API = "docker.io/acme/api"
-WORKER = "docker.io/acme/worker"
-NS = "production-platform"
+from tests import platform
+from tests.platform import API, NS, WORKER  # noqa: F401 - the suites import them from here
 
 
 def platform_manifests(progress_deadline: int = 3) -> dict[str, str]:
     """The original pipeline's platform, small: namespace, config, redis, api x2, worker x1."""
-    def deployment(name: str, image: str, replicas: int) -> str:
-        return f"""apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  replicas: {replicas}
-  progressDeadlineSeconds: {progress_deadline}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-        - name: {name}
-          image: {image}:latest
-"""
-
     return {
-        "namespace.yaml": f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
-        "config.yaml": (
-            f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-config\n  namespace: {NS}\n"
-            "data:\n  LOG_LEVEL: info\n"
-        ),
-        "redis.yaml": f"""apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: redis
-  namespace: {NS}
-spec:
-  replicas: 1
-  serviceName: redis
-  selector:
-    matchLabels: {{app: redis}}
-  template:
-    metadata:
-      labels: {{app: redis}}
-    spec:
-      containers:
-        - name: redis
-          image: redis:7-alpine
-""",
-        "api.yaml": deployment("api", API, 2),
-        "worker.yaml": deployment("worker", WORKER, 1),
+        "namespace.yaml": platform.namespace(),
+        "config.yaml": platform.config_map(),
+        "redis.yaml": platform.redis(),
+        "api.yaml": platform.deployment("api", API, replicas=2, progress_deadline=progress_deadline),
+        "worker.yaml": platform.deployment("worker", WORKER, progress_deadline=progress_deadline),
     }
 
 

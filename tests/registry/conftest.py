@@ -38,12 +38,13 @@ import pytest
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import ActionRun, run_action
+from tests import platform
+from tests.platform import NS  # noqa: F401 - the registry tests import it from here
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "examples" / "production-platform" / "app"
 LOCAL_BASE_IMAGE = "k3s-deploy-base:bookworm"
 CERTS_D = Path("/etc/docker/certs.d")
-NS = "production-platform"
 START_TIMEOUT_S = 30
 SETUP_HINT = "run `bash .ci/run` (it installs docker-registry and starts the engine) or do its steps by hand"
 MANIFEST_TYPES = ", ".join(
@@ -323,31 +324,10 @@ def tls_registry(
 
 def platform_manifests(api: str, worker: str) -> dict[str, str]:
     """The example platform's two apps, with the images the tests build."""
-
-    def deployment(name: str, image: str) -> str:
-        return f"""apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  replicas: 1
-  progressDeadlineSeconds: 5
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-        - name: {name}
-          image: {image}:latest
-"""
-
     return {
-        "namespace.yaml": f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
-        "api.yaml": deployment("api", api),
-        "worker.yaml": deployment("worker", worker),
+        "namespace.yaml": platform.namespace(),
+        "api.yaml": platform.deployment("api", api, progress_deadline=5),
+        "worker.yaml": platform.deployment("worker", worker, progress_deadline=5),
     }
 
 

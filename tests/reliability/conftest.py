@@ -25,11 +25,10 @@ from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.faults import Call, Fault, FaultProxy
 from deploykit.simulate.runner import ENTRYPOINT, ActionRun, parse_key_values, runner_env
+from tests import platform
+from tests.platform import API, NS, WORKER
 from tests.reliability import figures
 
-NS = "production-platform"
-API = "docker.io/acme/api"
-WORKER = "docker.io/acme/worker"
 WORKLOADS = (("deployment", NS, "api"), ("deployment", NS, "worker"))
 # Seconds a test waits at most for commands still running on the master after the action ended
 # (a rollback sent while cancelling, a deploy the action lost track of).
@@ -40,46 +39,20 @@ BACKOFF_SCALE = "0.05"
 SITE = Path(__file__).resolve().parent / "site"
 
 
-def manifests(tag_note: str = "", progress_deadline: int = 3) -> dict[str, str]:
+def manifests(progress_deadline: int = 3) -> dict[str, str]:
     """Small on purpose: a namespace, a config map and two one-replica deployments. A broken
     image fails the rollout after `progress_deadline` seconds."""
-
-    def deployment(name: str, image: str) -> str:
-        return f"""apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  replicas: 1
-  progressDeadlineSeconds: {progress_deadline}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-        - name: {name}
-          image: {image}:latest
-"""
-
     return {
-        "namespace.yaml": f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
-        "config.yaml": (
-            f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-config\n  namespace: {NS}\n"
-            f"data:\n  LOG_LEVEL: info{tag_note}\n"
-        ),
-        "api.yaml": deployment("api", API),
-        "worker.yaml": deployment("worker", WORKER),
+        "namespace.yaml": platform.namespace(),
+        "config.yaml": platform.config_map(),
+        "api.yaml": platform.deployment("api", API, progress_deadline=progress_deadline),
+        "worker.yaml": platform.deployment("worker", WORKER, progress_deadline=progress_deadline),
     }
 
 
 def release_yaml(tag: str) -> str:
     """The platform as release `tag` left it (seeded straight into the cluster: no deploy)."""
-    docs = manifests()
-    text = "---\n".join(docs.values())
-    return text.replace(f"{API}:latest", f"{API}:{tag}").replace(f"{WORKER}:latest", f"{WORKER}:{tag}")
+    return platform.pinned(manifests(), tag)
 
 
 @dataclass
