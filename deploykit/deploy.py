@@ -129,8 +129,12 @@ def deploy(
         outcome.status = "cancelled"
         outcome.message = "The job was cancelled."
         if sent is None and sending:
-            sent = _find_in_flight(settings, aws, gh, master.instance_id, comment)
+            # With HA standbys the send may have failed over: the last server tried comes first.
+            servers = [server.instance_id for server in (master, *master.standby)]
+            sent = _find_in_flight(settings, aws, gh, servers[::-1], comment)
             outcome.command_id = sent.command_id if sent else ""
+            if sent is not None:
+                outcome.instance_id = sent.instance_id
         if sent is not None:
             _abandon_on_cancel(settings, aws, gh, outcome, deploy_id, sent, timed_out=timed_out)
         raise
@@ -320,21 +324,25 @@ def _rollback_comment(deploy_id: str) -> str:
 
 
 def _find_in_flight(
-    settings: Settings, aws: AwsClients, gh: Workflow, instance_id: str, comment: str
+    settings: Settings, aws: AwsClients, gh: Workflow, instance_ids: list[str], comment: str
 ) -> command.SentCommand | None:
-    """Cancelled while SendCommand was on its way: did it go out? (Its comment says.)"""
-    try:
-        found = command.find_sent(aws.ssm, instance_id, comment)
-    except DeployError as exc:
-        gh.warning(
-            f"Cancelled while sending the deploy command; could not check whether it went out "
-            f"({exc.message}). Look for command '{comment}' on {instance_id} in Run Command.",
-            title="Deploy command may be running",
-        )
-        return None
-    if found is None:
-        return None
-    return command.SentCommand(found, instance_id, time.monotonic(), command.execution_timeout(settings))
+    """Cancelled while SendCommand was on its way: did it go out, and to which server? (Its
+    comment says.) The first of `instance_ids` that has it wins."""
+    for instance_id in instance_ids:
+        try:
+            found = command.find_sent(aws.ssm, instance_id, comment)
+        except DeployError as exc:
+            gh.warning(
+                f"Cancelled while sending the deploy command; could not check whether it went out "
+                f"({exc.message}). Look for command '{comment}' on {instance_id} in Run Command.",
+                title="Deploy command may be running",
+            )
+            return None
+        if found is not None:
+            return command.SentCommand(
+                found, instance_id, time.monotonic(), command.execution_timeout(settings)
+            )
+    return None
 
 
 def _abandon_on_cancel(

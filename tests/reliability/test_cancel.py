@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -160,4 +161,52 @@ def test_sigterm_while_a_fleet_deploys_rolls_every_master_back(
         assert images == {f"{API}:v1", f"{WORKER}:v1"}, (master.name, images, rig.master_log())
         assert list(master.state_dir.iterdir()) == [], f"{master.name} kept a deploy's state"
         assert list(master.tmp_dir.iterdir()) == [], f"{master.name} kept a download folder"
+    assert rig.staged_buckets() == []
+
+
+def test_sigterm_while_sending_to_the_next_ha_server_stops_the_deploy_there(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    """HA: the first server never takes the command, the action fails over, and the job is
+    cancelled while that second SendCommand is on its way. The command did go out: the action
+    must find it on the server it went to, stop it there and roll back through that server."""
+    rig.sim.delivery_timeout_scale = 0.05  # SSM's 120 s delivery timeout -> 6 s
+    first = datetime(2024, 1, 1, tzinfo=UTC)
+    wedged, healthy = (
+        rig.sim.add_master(
+            f"prod-k3s-master-{n}", tags={"k3s-cluster": "prod"}, launch_time=first + timedelta(days=n)
+        )
+        for n in range(2)
+    )
+    for server in (wedged, healthy):  # one cluster: the rig's, already on v1
+        server.env["KUBECTL_DOUBLE_STATE"] = str(rig.master.cluster_state_path)
+    wedged.accepts_commands = False  # Online, but its agent never picks a command up
+    rig.slow_api_rollout(30)
+    holder: list[Started] = []
+    rig.on("SendCommand", lambda _call: holder[0].signal(signal.SIGTERM), after=1)
+    holder.append(rig.start(**{"instance-tag": "prod-k3s-master-*"}))
+
+    run = holder[0].wait(timeout=120)
+
+    rig.settle()
+    figures.note(
+        request.node,
+        table="cancel",
+        case="SIGTERM while failing over to the next HA server",
+        status=run.outputs.get("status"),
+        left=len(rig.staged_buckets()),
+        other_faults=1,
+    )
+    assert run.outputs["status"] == "cancelled", run.log
+    deploys = [s for s in rig.sim.sent_commands() if not s["comment"].startswith("k3s-deploy rollback ")]
+    assert [s["instance_ids"] for s in deploys] == [[wedged.instance_id], [healthy.instance_id]], run.log
+    assert run.outputs["instance-id"] == healthy.instance_id, run.log
+    assert run.outputs["command-id"] == deploys[1]["command_id"], run.log
+    stopped = rig.sim.invocation(deploys[1]["command_id"], healthy.instance_id)
+    assert stopped["Status"] == "Cancelled", (stopped["Status"], rig.master_log())
+    assert rig.assert_one_release(run) in ("v1", "v2")
+    assert rig.images()[("deployment", NS, "api")] == f"{API}:v1", rig.master_log()
+    for server in (wedged, healthy):
+        assert list(server.state_dir.iterdir()) == [], f"{server.name} kept a deploy's state"
+        assert list(server.tmp_dir.iterdir()) == [], f"{server.name} kept a download folder"
     assert rig.staged_buckets() == []
