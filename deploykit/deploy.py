@@ -180,7 +180,8 @@ def _stage(
         try:
             stage.create_bucket(aws.s3, settings.aws_region, account, name, deploy_id, clock.utcnow())
         except StagingError:
-            raise  # the name was taken already: never touch that bucket
+            gh.save_state("bucket", "")  # the name was taken already: never touch that bucket
+            raise
         except BaseException as exc:
             # Stopped half-way (a failed call, or a cancel): the bucket may exist, untagged.
             if isinstance(exc, JobCancelled):

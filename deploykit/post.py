@@ -12,7 +12,10 @@ image, with the state the main step saved in GITHUB_STATE as `STATE_<name>` vari
 
 It deletes only a bucket that this action made (tag `k3s-deploy-action`, a `k3s-deploy-` name)
 and that the caller's account owns (ExpectedBucketOwner), or the saved prefix in the user's
-`bucket`. A bucket already gone is clean. It never fails the job: problems are warnings.
+`bucket`. One untagged bucket counts as the action's: an empty one whose name has the exact
+shape the main step generates (UTC time and 8 random hex digits), which is what a kill between
+creating and tagging the bucket leaves. A bucket already gone is clean. It never fails the job:
+problems are warnings.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from deploykit.inputs import read_action_inputs
 
 _PREFIX = re.compile(rf"^{re.escape(stage.PREFIX_ROOT)}/[0-9]{{8}}-[0-9]{{6}}-[0-9a-f]{{8}}/$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
+# The exact shape of stage.new_bucket_name: UTC time, then 8 random hex digits.
+_GENERATED = re.compile(rf"^{re.escape(stage.BUCKET_PREFIX)}[0-9]{{8}}-[0-9]{{6}}-[0-9a-f]{{8}}$")
 
 
 class NotOurs(Exception):
@@ -82,6 +87,11 @@ def _check_tagged_as_ours(s3: Any, bucket: str, account: str) -> bool:
         if code in ("NoSuchBucket", "404", "NotFound"):
             return False
         if code == "NoSuchTagSet":
+            if _GENERATED.fullmatch(bucket) and _is_empty(s3, bucket, account):
+                # The main step was killed between CreateBucket and PutBucketTagging. The name
+                # is the one it generated (random) and saved just before creating the bucket,
+                # the caller's account owns it, and nothing was uploaded yet: it is that run's.
+                return True
             raise NotOurs(f"bucket {bucket} has no tags; this action tags every bucket it makes") from None
         if code in ("AccessDenied", "403", "Forbidden"):
             raise NotOurs(
@@ -93,6 +103,17 @@ def _check_tagged_as_ours(s3: Any, bucket: str, account: str) -> bool:
     if stage.MANAGED_TAG not in keys:
         raise NotOurs(f"bucket {bucket} does not carry the tag {stage.MANAGED_TAG}")
     return True
+
+
+def _is_empty(s3: Any, bucket: str, account: str) -> bool:
+    """No object version and no delete marker in the bucket (False when it cannot be listed)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        listing = s3.list_object_versions(Bucket=bucket, MaxKeys=1, ExpectedBucketOwner=account)
+    except ClientError:
+        return False
+    return not listing.get("Versions") and not listing.get("DeleteMarkers")
 
 
 def backstop(env: Mapping[str, str], gh: Workflow) -> None:

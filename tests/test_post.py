@@ -89,6 +89,31 @@ def test_leaves_a_bucket_without_our_tag_or_name_alone(
     assert s3.get_object(Bucket=name, Key="precious")["Body"].read() == b"y"
 
 
+def test_deletes_the_empty_untagged_bucket_a_kill_before_tagging_leaves(sim: SimulatedAWS) -> None:
+    """Killed between CreateBucket and PutBucketTagging: the bucket has the generated name the
+    state saved, no tags and nothing in it."""
+    make_bucket(sim, OURS, None, [])
+
+    code, log = run_post(STATE_bucket=OURS)
+
+    assert code == 0
+    assert f"Deleted s3://{OURS}" in log and "::warning" not in log
+    assert buckets(sim) == []
+
+
+@pytest.mark.parametrize("name", ["k3s-deploy-20250101-000000-deadbeef0", "k3s-deploy-team-artifacts"])
+def test_an_empty_untagged_bucket_whose_name_was_not_generated_is_left_alone(
+    sim: SimulatedAWS, name: str
+) -> None:
+    make_bucket(sim, name, None, [])
+
+    code, log = run_post(STATE_bucket=name)
+
+    assert code == 0
+    assert "::warning" in log and "Left alone" in log
+    assert buckets(sim) == [name]
+
+
 def test_deletes_only_the_saved_prefix_in_the_users_bucket(sim: SimulatedAWS) -> None:
     s3 = make_bucket(
         sim, "acme-deploys", None, [f"{PREFIX}k3s-deploy.sh", f"{PREFIX}manifests.tar.gz", "other/file"]

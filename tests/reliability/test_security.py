@@ -303,6 +303,8 @@ def test_someone_elses_bucket_is_never_used(rig: Rig, where: str, request: pytes
     ]
     assert touched == [], f"the action went on with the bucket: {touched}"
     assert rig.sim.sent_commands() == []
+    # nor may the post step touch it: the saved name is taken back
+    assert run.state.get("bucket") == "", run.state
     rig.assert_nothing_left(run)
 
 
