@@ -34,8 +34,6 @@ from deploykit.inputs import read_action_inputs
 
 _PREFIX = re.compile(rf"^{re.escape(stage.PREFIX_ROOT)}/[0-9]{{8}}-[0-9]{{6}}-[0-9a-f]{{8}}/$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
-# The exact shape of stage.new_bucket_name: UTC time, then 8 random hex digits.
-_GENERATED = re.compile(rf"^{re.escape(stage.BUCKET_PREFIX)}[0-9]{{8}}-[0-9]{{6}}-[0-9a-f]{{8}}$")
 
 
 class NotOurs(Exception):
@@ -87,7 +85,7 @@ def _check_tagged_as_ours(s3: Any, bucket: str, account: str) -> bool:
         if code in ("NoSuchBucket", "404", "NotFound"):
             return False
         if code == "NoSuchTagSet":
-            if _GENERATED.fullmatch(bucket) and _is_empty(s3, bucket, account):
+            if stage.is_generated_name(bucket) and stage.is_empty_bucket(s3, bucket, account):
                 # The main step was killed between CreateBucket and PutBucketTagging. The name
                 # is the one it generated (random) and saved just before creating the bucket,
                 # the caller's account owns it, and nothing was uploaded yet: it is that run's.
@@ -103,17 +101,6 @@ def _check_tagged_as_ours(s3: Any, bucket: str, account: str) -> bool:
     if stage.MANAGED_TAG not in keys:
         raise NotOurs(f"bucket {bucket} does not carry the tag {stage.MANAGED_TAG}")
     return True
-
-
-def _is_empty(s3: Any, bucket: str, account: str) -> bool:
-    """No object version and no delete marker in the bucket (False when it cannot be listed)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        listing = s3.list_object_versions(Bucket=bucket, MaxKeys=1, ExpectedBucketOwner=account)
-    except ClientError:
-        return False
-    return not listing.get("Versions") and not listing.get("DeleteMarkers")
 
 
 def backstop(env: Mapping[str, str], gh: Workflow) -> None:

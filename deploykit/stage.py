@@ -45,6 +45,25 @@ def bucket_name_problem(name: str) -> str | None:
     return None
 
 
+# The exact shape of new_bucket_name: UTC time, then 8 random hex digits.
+_GENERATED_NAME = re.compile(rf"^{re.escape(BUCKET_PREFIX)}[0-9]{{8}}-[0-9]{{6}}-[0-9a-f]{{8}}$")
+
+
+def is_generated_name(name: str) -> bool:
+    return _GENERATED_NAME.fullmatch(name) is not None
+
+
+def is_empty_bucket(s3: Any, bucket: str, account: str) -> bool:
+    """No object version and no delete marker in the bucket (False when it cannot be listed)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        listing = s3.list_object_versions(Bucket=bucket, MaxKeys=1, ExpectedBucketOwner=account)
+    except ClientError:
+        return False
+    return not listing.get("Versions") and not listing.get("DeleteMarkers")
+
+
 def new_bucket_name(now: datetime, suffix: str | None = None) -> str:
     suffix = suffix or secrets.token_hex(4)
     name = f"{BUCKET_PREFIX}{now.strftime('%Y%m%d-%H%M%S')}-{suffix}"

@@ -7,9 +7,10 @@ mid-deploy, a role that may not delete. A lifecycle rule expires the objects aft
 never the bucket. This command lists those buckets with their age and, only with `--delete`,
 deletes every version in them and then the bucket (stage.delete_staged).
 
-It touches only buckets that carry the tag and that the caller's account owns
-(ExpectedBucketOwner on every call): a `k3s-deploy-` bucket without the tag is listed as not
-ours and left alone.
+It touches only buckets that the caller's account owns (ExpectedBucketOwner on every call) and
+that carry the tag, or, untagged, are empty and have the exact name shape the action generates
+(what a run killed between creating and tagging its bucket leaves). Any other `k3s-deploy-`
+bucket is listed as not ours and left alone.
 """
 
 from __future__ import annotations
@@ -98,9 +99,12 @@ def find_leftovers(
                 continue  # deleted meanwhile
             found.append(Leftover(name, created, age, "", ours=False, error=exc.message))
             continue
-        found.append(
-            Leftover(name, created, age, tags.get("k3s-deploy-id", ""), ours=stage.MANAGED_TAG in tags)
-        )
+        ours = stage.MANAGED_TAG in tags
+        if not tags and stage.is_generated_name(name) and stage.is_empty_bucket(s3, name, account):
+            # A run killed between creating and tagging it (the post step's rule too): the
+            # generated name, empty, in this account.
+            ours = True
+        found.append(Leftover(name, created, age, tags.get("k3s-deploy-id", ""), ours=ours))
     return sorted(found, key=lambda leftover: leftover.created)
 
 

@@ -75,6 +75,21 @@ def test_lists_without_deleting_and_deletes_only_with_delete(sim: SimulatedAWS) 
     assert _names(sim) == ["k3s-deploy-20260101-000000-bbbbbbbb", "someone-elses"]
 
 
+def test_an_empty_untagged_bucket_with_a_generated_name_counts_as_ours(sim: SimulatedAWS) -> None:
+    """What a run killed between CreateBucket and PutBucketTagging leaves."""
+    s3 = sim.client("s3")
+    for name in ("k3s-deploy-20260101-000000-eeeeeeee", "k3s-deploy-keep-me"):
+        s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": sim.region})
+
+    found = sweep.sweep(s3, sim.client("sts"), older_than=0, delete=True, log=lambda _: None)
+
+    assert [(f.bucket, f.ours, f.deleted) for f in found] == [
+        ("k3s-deploy-20260101-000000-eeeeeeee", True, True),
+        ("k3s-deploy-keep-me", False, False),
+    ]
+    assert _names(sim) == ["k3s-deploy-keep-me"]
+
+
 def test_older_than_spares_recent_buckets(sim: SimulatedAWS) -> None:
     _leftover(sim, "k3s-deploy-20260101-000000-cccccccc")
     now = datetime.now(UTC)
