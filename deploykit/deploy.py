@@ -438,7 +438,7 @@ def _fix_for(settings: Settings, invocation: wait.Invocation) -> str:
     if code == command.EXIT_CHECKSUM_MISMATCH:
         return FIX_CHECKSUM
     if code == command.EXIT_DOWNLOAD_FAILED:
-        return fix_download(settings)
+        return _fix_download(settings)
     if "TLS handshake timeout" in text:
         return FIX_TLS_TIMEOUT
     if any(reason in text for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
@@ -446,7 +446,7 @@ def _fix_for(settings: Settings, invocation: wait.Invocation) -> str:
     return FIX_ROLLOUT_STUCK
 
 
-def fix_download(settings: Settings) -> str:
+def _fix_download(settings: Settings) -> str:
     """The master could not fetch the staged files: what it needs depends on the delivery."""
     if settings.delivery == "presigned":
         return (
