@@ -23,7 +23,7 @@ from deploykit.inputs import parse_settings
 from deploykit.local import script_arguments
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import parse_key_values
-from tests import platform
+from tests import sample_platform as platform
 from tests.e2e.conftest import API, NS, WORKER, platform_manifests
 
 ROOT = Path(__file__).resolve().parents[1]

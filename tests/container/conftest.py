@@ -24,7 +24,7 @@ import pytest
 
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
-from tests import platform
+from tests import sample_platform as platform
 from tests.e2e.conftest import API, WORKER, platform_manifests
 
 REPO = Path(__file__).resolve().parents[2]

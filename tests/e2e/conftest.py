@@ -15,8 +15,8 @@ import pytest
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import ActionRun, run_action
-from tests import platform
-from tests.platform import API, NS, WORKER  # noqa: F401 - the suites import them from here
+from tests import sample_platform as platform
+from tests.sample_platform import API, NS, WORKER  # noqa: F401 - the suites import them from here
 
 
 def platform_manifests(progress_deadline: int = 3) -> dict[str, str]:

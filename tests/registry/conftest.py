@@ -38,8 +38,8 @@ import pytest
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import ActionRun, run_action
-from tests import platform
-from tests.platform import NS  # noqa: F401 - the registry tests import it from here
+from tests import sample_platform as platform
+from tests.sample_platform import NS  # noqa: F401 - the registry tests import it from here
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "examples" / "production-platform" / "app"

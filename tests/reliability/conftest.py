@@ -25,9 +25,9 @@ from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.faults import Call, Fault, FaultProxy
 from deploykit.simulate.runner import ENTRYPOINT, ActionRun, parse_key_values, runner_env
-from tests import platform
-from tests.platform import API, NS, WORKER
+from tests import sample_platform as platform
 from tests.reliability import figures
+from tests.sample_platform import API, NS, WORKER
 
 WORKLOADS = (("deployment", NS, "api"), ("deployment", NS, "worker"))
 # Seconds a test waits at most for commands still running on the master after the action ended

@@ -2,7 +2,8 @@
 config, Redis StatefulSet and the api and worker Deployments, as manifest text.
 
 tests/e2e deploys all of it; tests/reliability leaves Redis out (its fault runs stay small);
-tests/registry deploys the api and worker images it builds itself.
+tests/registry deploys the api and worker images it builds itself. (Not `platform`: that is a module
+of the standard library.)
 """
 
 from __future__ import annotations
