@@ -130,8 +130,8 @@ def deploy(
         outcome.message = "The job was cancelled."
         if sent is None and sending:
             # With HA standbys the send may have failed over: the last server tried comes first.
-            servers = [server.instance_id for server in (master, *master.standby)]
-            sent = _find_in_flight(settings, aws, gh, servers[::-1], comment)
+            servers = [server.instance_id for server in reversed(master.failover_order)]
+            sent = _find_in_flight(settings, aws, gh, servers, comment)
             outcome.command_id = sent.command_id if sent else ""
             if sent is not None:
                 outcome.instance_id = sent.instance_id
@@ -367,11 +367,7 @@ def _abandon_on_cancel(
         gh.log(f"Command {sent.command_id} had already ended ({last.status}): nothing to stop")
         return
     if last is None or not last.ended:
-        try:
-            command.cancel(aws.ssm, sent.command_id, sent.instance_id)
-            gh.log(f"Cancelled command {sent.command_id}")
-        except DeployError as exc:
-            gh.warning(f"Could not cancel command {sent.command_id}: {exc.message}")
+        _cancel(aws, gh, sent)
     if not _rolls_back(settings):
         return
     if timed_out:
@@ -399,15 +395,20 @@ def _abandon(
     wait_for_rollback: bool = False,
 ) -> None:
     """Stop the command and, when asked to, undo what it may have changed."""
+    _cancel(aws, gh, sent)
+    if _rolls_back(settings):
+        outcome.rolled_back = _remote_rollback(
+            settings, aws, gh, deploy_id, sent.instance_id, wait_for_it=wait_for_rollback
+        )
+
+
+def _cancel(aws: AwsClients, gh: Workflow, sent: command.SentCommand) -> None:
+    """Cancel the command; a refusal is a warning (the rollback that follows still goes out)."""
     try:
         command.cancel(aws.ssm, sent.command_id, sent.instance_id)
         gh.log(f"Cancelled command {sent.command_id}")
     except DeployError as exc:
         gh.warning(f"Could not cancel command {sent.command_id}: {exc.message}")
-    if _rolls_back(settings):
-        outcome.rolled_back = _remote_rollback(
-            settings, aws, gh, deploy_id, sent.instance_id, wait_for_it=wait_for_rollback
-        )
 
 
 def _show_output(gh: Workflow, invocation: wait.Invocation) -> None:

@@ -76,7 +76,7 @@ def send_with_failover(
 ) -> command.SentCommand:
     """Send the deploy through `master`, or through the next server of its cluster when the
     master does not take it. Without standby servers this is a plain send."""
-    servers = [master, *master.standby]
+    servers = master.failover_order
     for index, server in enumerate(servers):
         last = index == len(servers) - 1
         try:

@@ -28,6 +28,11 @@ class Master:
     cluster: str = ""  # value of tag cluster-tag-key; "" for a server of its own
     standby: tuple[Master, ...] = ()  # Online servers of the same cluster, in failover order
 
+    @property
+    def failover_order(self) -> tuple[Master, ...]:
+        """This server, then its standbys: the order a deploy is sent in (ha.py)."""
+        return (self, *self.standby)
+
 
 def ssm_ping_status(ssm: Any, instance_ids: list[str]) -> dict[str, str]:
     """PingStatus by instance id; instances SSM does not know are left out."""

@@ -203,6 +203,10 @@ class Rig:
         """Deploy commands (not rollbacks) the master really started."""
         return [run for run in self.sim.commands_run if " deploy --bundle " in str(run["script"])]
 
+    def rollback_runs(self) -> list[dict[str, object]]:
+        """Rollback commands the master really started."""
+        return [run for run in self.sim.commands_run if " rollback --deploy-id " in str(run["script"])]
+
     def images(self) -> dict[tuple[str, str, str], str | None]:
         cluster = self.cluster
         return {w: cluster.image_of(*w) for w in WORKLOADS}

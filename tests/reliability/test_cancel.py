@@ -16,6 +16,7 @@ import pytest
 
 from deploykit.simulate.aws import PROJECT_ROOT
 from deploykit.simulate.cluster import Cluster
+from deploykit.simulate.runner import ActionRun
 from tests.reliability import figures
 from tests.reliability.conftest import API, NS, WORKER, WORKLOADS, Rig, Started, manifests, release_yaml
 
@@ -32,6 +33,18 @@ PHASES = {
 }
 
 
+def _note_cancel(request: pytest.FixtureRequest, rig: Rig, run: ActionRun, case: str) -> None:
+    """The row of this test in the cancel table of docs/RELIABILITY.md (the signal: one fault)."""
+    figures.note(
+        request.node,
+        table="cancel",
+        case=case,
+        status=run.outputs.get("status"),
+        left=len(rig.staged_buckets()),
+        other_faults=1,
+    )
+
+
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_sigterm_in_each_phase(rig: Rig, phase: str, request: pytest.FixtureRequest) -> None:
     operation, after = PHASES[phase]
@@ -44,14 +57,7 @@ def test_sigterm_in_each_phase(rig: Rig, phase: str, request: pytest.FixtureRequ
     run = holder[0].wait(timeout=60)
 
     rig.settle()
-    figures.note(
-        request.node,
-        table="cancel",
-        case=f"SIGTERM while {phase}",
-        status=run.outputs.get("status"),
-        left=len(rig.staged_buckets()),
-        other_faults=1,
-    )
+    _note_cancel(request, rig, run, f"SIGTERM while {phase}")
     if phase == "cleaning up":
         # the deploy had finished: the cancel only stops the run after its cleanup
         assert run.outputs["status"] in ("cancelled", "success"), run.log
@@ -145,16 +151,9 @@ def test_sigterm_while_a_fleet_deploys_rolls_every_master_back(
     trigger.join(timeout=5)
 
     rig.settle()
-    figures.note(
-        request.node,
-        table="cancel",
-        case="SIGTERM while a fleet of 3 masters rolls out",
-        status=run.outputs.get("status"),
-        left=len(rig.staged_buckets()),
-        other_faults=1,
-    )
+    _note_cancel(request, rig, run, "SIGTERM while a fleet of 3 masters rolls out")
     assert run.outputs["status"] == "cancelled", run.log
-    rollbacks = [r for r in rig.sim.commands_run if " rollback --deploy-id " in str(r["script"])]
+    rollbacks = rig.rollback_runs()
     assert sorted(r["instance_id"] for r in rollbacks) == sorted(m.instance_id for m in masters), run.log
     for master, cluster in zip(masters, clusters, strict=True):
         images = {cluster.image_of(*workload) for workload in WORKLOADS}
@@ -189,14 +188,7 @@ def test_sigterm_while_sending_to_the_next_ha_server_stops_the_deploy_there(
     run = holder[0].wait(timeout=120)
 
     rig.settle()
-    figures.note(
-        request.node,
-        table="cancel",
-        case="SIGTERM while failing over to the next HA server",
-        status=run.outputs.get("status"),
-        left=len(rig.staged_buckets()),
-        other_faults=1,
-    )
+    _note_cancel(request, rig, run, "SIGTERM while failing over to the next HA server")
     assert run.outputs["status"] == "cancelled", run.log
     deploys = [s for s in rig.sim.sent_commands() if not s["comment"].startswith("k3s-deploy rollback ")]
     assert [s["instance_ids"] for s in deploys] == [[wedged.instance_id], [healthy.instance_id]], run.log
