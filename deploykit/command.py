@@ -205,19 +205,24 @@ def rollback_lines(settings: Settings, deploy_id: str) -> list[str]:
         "set -eu",
         f"id={_q(deploy_id)}",
         # The download folder of a deploy killed outright (see deploy_lines): deleted when the
-        # shell that made it is gone. A deploy whose cancel failed may still run from it.
+        # shell that made it is gone. A deploy whose cancel failed may still run from it. It is
+        # looked for after the rollback: a cancelled deploy may still be undoing its own
+        # changes (holding the lock this rollback waits for) until the agent kills it.
         WORK_TAG,
-        'for work in "${TMPDIR:-/tmp}/k3s-deploy.$tag."*; do',
-        '  [ -d "$work" ] || continue',
-        '  pid=${work##*/k3s-deploy."$tag".}; pid=${pid%%.*}',
-        '  case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then continue; fi ;; esac',
-        '  rm -rf -- "$work"',
-        "done",
+        "sweep() {",
+        '  for work in "${TMPDIR:-/tmp}/k3s-deploy.$tag."*; do',
+        '    [ -d "$work" ] || continue',
+        '    pid=${work##*/k3s-deploy."$tag".}; pid=${pid%%.*}',
+        '    case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then continue; fi ;; esac',
+        '    rm -rf -- "$work"',
+        "  done",
+        "}",
         f'dir={STATE_DIR}/"$id"',
         'if [ ! -f "$dir/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for deploy'
-        ' $id on this master: nothing to roll back"; exit 0; fi',
+        ' $id on this master: nothing to roll back"; sweep; exit 0; fi',
         "rc=0",
         " ".join(run) + " || rc=$?",
+        "sweep",
         f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
         'exit "$rc"',
     ]

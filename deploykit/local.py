@@ -39,9 +39,11 @@ from deploykit.report import Outcome
 LOCAL_MAX_DIFF_BYTES = 2_000_000
 # After SIGTERM the script releases what it holds and exits; then SIGKILL.
 TERMINATE_GRACE = 10
-# On cancel the runner kills the step seconds after its first signal: the rollback gets this
-# long to send its undos before the action lets it be.
-CANCEL_ROLLBACK_WAIT = 3
+# On cancel the runner kills the step about 10 s after its first signal. The script, stopped
+# by SIGTERM, sends the undos of what it changed itself and releases the lock (no second
+# process, no lock hand-over, no rollout wait): it gets this long for that, counted from the
+# signal, before SIGKILL. The temporary folder is removed only once nothing runs from it.
+CANCEL_BUDGET = 7.0
 # The job's environment, minus what the script must never see: the action's inputs (a registry
 # password among them) and the runner's tokens.
 DROPPED_ENV_PREFIXES = ("INPUT_", "ACTIONS_RUNTIME_", "ACTIONS_ID_TOKEN_", "ACTIONS_CACHE_")
@@ -218,9 +220,7 @@ def deploy_local(
         except JobCancelled:
             outcome.status = "cancelled"
             outcome.message = "The job was cancelled."
-            run.stop(grace=2)
-            if settings.rollback and not settings.dry_run:
-                _rollback(settings, gh, deploy_id, state_dir, script_environment, root, wait=False)
+            _cancel(settings, gh, run, deploy_id, state_dir, script_environment, root)
             raise
         if not ended:
             run.stop()
@@ -231,7 +231,7 @@ def deploy_local(
             )
             if settings.rollback and not settings.dry_run:
                 outcome.rolled_back = _rollback(
-                    settings, gh, deploy_id, state_dir, script_environment, root, wait=True
+                    settings, gh, deploy_id, state_dir, script_environment, root
                 )
             raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
         code = run.process.returncode
@@ -247,13 +247,58 @@ def deploy_local(
             outcome.message = f"The deploy script did not report: {meaning}."
             if code not in {2, 3, 4, 5, 6} and settings.rollback and not settings.dry_run:
                 outcome.rolled_back = _rollback(
-                    settings, gh, deploy_id, state_dir, script_environment, root, wait=True
+                    settings, gh, deploy_id, state_dir, script_environment, root
                 )
                 outcome.status = "rolled-back" if outcome.rolled_back else "failed"
             raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
         report.conclude(outcome, found, code)
         if code != 0:
             raise RemoteCommandFailed(outcome.message, fix=_fix(code, "\n".join(run.stdout)))
+
+
+def _cancel(
+    settings: Settings,
+    gh: Workflow,
+    run: ScriptRun,
+    deploy_id: str,
+    state_dir: Path,
+    env: Mapping[str, str],
+    root: Path,
+) -> None:
+    """Stops the script within the cancel budget. Its SIGTERM trap undoes what it changed and
+    releases the lock; the rollback entry point runs only for what the trap could not undo,
+    with the time that is left, and is stopped (releasing the lock) before the folder goes."""
+    started = time.monotonic()
+    run.stop(grace=CANCEL_BUDGET - 1.0)
+    for line in _drain(run):
+        gh.log(line)
+    state = state_dir / deploy_id
+    if not settings.rollback or settings.dry_run or not (state / "revisions.tsv").is_file():
+        if (state / "rolled-back.txt").is_file():
+            gh.log("The deploy script undid its changes before it stopped")
+        return
+    left = CANCEL_BUDGET - (time.monotonic() - started)
+    if left < 1.0:
+        gh.warning(
+            "The deploy was stopped before it could undo its changes, and the job is being "
+            "cancelled: nothing was rolled back. The deploy lock expires by itself.",
+            title="Rollback not done",
+        )
+        return
+    _rollback(settings, gh, deploy_id, state_dir, env, root, limit=left)
+
+
+def _drain(run: ScriptRun) -> list[str]:
+    """The lines the script printed that were not shown yet (it has ended)."""
+    lines = []
+    while True:
+        try:
+            line = run.lines.get_nowait()
+        except queue.Empty:
+            return lines
+        if line is None:
+            return lines
+        lines.append(line)
 
 
 def _rollback(
@@ -264,25 +309,26 @@ def _rollback(
     env: Mapping[str, str],
     root: Path,
     *,
-    wait: bool,
+    limit: float | None = None,
 ) -> bool:
     """The script's rollback entry point, from the copy and the revisions the deploy left in
-    its state dir. True when it undid what changed."""
+    its state dir, within `limit` seconds (default: its whole budget). True when it undid what
+    changed. It is never left running: the caller removes the folder it runs from."""
     kept = state_dir / deploy_id / command.SCRIPT_NAME
     if not kept.is_file():
         gh.log("Nothing recorded by the deploy: nothing to roll back")
         return False
     argv = ["bash", str(kept), *script_arguments(settings, deploy_id, None, state_dir)]
     run = ScriptRun(argv, env, root)
-    limit = command.rollback_execution_timeout(settings) if wait else CANCEL_ROLLBACK_WAIT
+    cancelling = limit is not None
+    if limit is None:
+        limit = command.rollback_execution_timeout(settings)
     with gh.group("Output of the rollback"):
         ended = run.follow(gh.log, time.monotonic() + limit, time.monotonic)
     if not ended:
-        if wait:
-            run.stop()
-            gh.warning("The rollback did not finish in time.", title="Rollback unconfirmed")
-        else:
-            gh.log("Not waiting for the rollback: the job is being cancelled")
+        # SIGTERM: the rollback entry point releases the lock it took over as it exits.
+        run.stop(grace=0.5 if cancelling else TERMINATE_GRACE)
+        gh.warning("The rollback did not finish in time.", title="Rollback unconfirmed")
         return False
     found = report.parse_report(run.stderr)
     return bool(found and found.get("rollback") == "done")

@@ -1,8 +1,8 @@
 """Read the manifests, check them, pin images, and build the deterministic bundle.
 
 The action parses the YAML so the master does not have to: documents are sorted into apply
-phases (Namespaces first: `kubectl apply -f DIR` does not sort by kind) and the workloads to
-watch are listed in `workloads.tsv`. Layout: docs/internals.md.
+phases (Namespaces first: `kubectl apply -f DIR` does not sort by kind), the workloads to
+watch are listed in `workloads.tsv` and every object in `objects.tsv`. Layout: docs/internals.md.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -237,6 +238,20 @@ def phase_of(kind: str) -> str:
     return PHASES[-1][0]
 
 
+def _defined_kind(manifest: Manifest) -> str:
+    """The kind a CustomResourceDefinition defines (empty for other objects)."""
+    if manifest.kind != "CustomResourceDefinition":
+        return ""
+    names = (manifest.body.get("spec") or {}).get("names") or {}
+    kind = names.get("kind") if isinstance(names, dict) else None
+    if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,62}", kind):
+        raise ManifestError(
+            f"{manifest.source}: CustomResourceDefinition {manifest.name} has no valid "
+            "spec.names.kind"
+        )
+    return kind
+
+
 def _dump(documents: list[dict[str, Any]]) -> bytes:
     return "---\n".join(
         yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
@@ -275,5 +290,10 @@ def build_bundle(path: Path, workspace: Path, images: Iterable[ImageRef]) -> Bun
     workloads = tuple(sorted(workloads, key=lambda w: w[0] != "statefulset"))
     files = {f"bundle/{name}.yaml": _dump(docs) for name, docs in phases.items()}
     files["bundle/workloads.tsv"] = "".join(f"{k}\t{ns}\t{n}\n" for k, ns, n in workloads).encode()
+    # Every object, so that the script need not ask kubectl to list the bundle back (a
+    # multi-document file comes back from it as one `List`, and as nothing when one object errs).
+    files["bundle/objects.tsv"] = "".join(
+        f"{m.kind}\t{m.namespace}\t{m.name}\t{_defined_kind(m)}\n" for m in manifests
+    ).encode()
     data = pack(files)
     return Bundle(data, hashlib.sha256(data).hexdigest(), tuple(manifests), workloads)

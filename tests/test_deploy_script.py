@@ -120,7 +120,18 @@ def phase_files(docs: list[dict]) -> dict[str, str]:
                              f"{doc['metadata']['name']}\n")
     files = {name: as_yaml(content) for name, content in sorted(phases.items())}
     files["workloads.tsv"] = "".join(workloads)
+    # A document without a name (a test of kubectl's own refusal) has no line: the action's
+    # renderer would have refused it before building a bundle.
+    files["objects.tsv"] = "".join(
+        f"{doc['kind']}\t{doc['metadata'].get('namespace', '')}\t{doc['metadata']['name']}\t"
+        f"{defined_kind(doc)}\n" for doc in docs if doc["metadata"].get("name"))
     return files
+
+
+def defined_kind(doc: dict) -> str:
+    if doc["kind"] != "CustomResourceDefinition":
+        return ""
+    return (doc.get("spec") or {}).get("names", {}).get("kind", "")
 
 
 def build_bundle(path: Path, docs: list[dict]) -> Path:
@@ -566,11 +577,10 @@ def test_statefulset_with_a_bad_image_fails_fast_and_is_rolled_back(master: Mast
     assert all(p["status"]["containerStatuses"][0]["ready"] for p in master.cluster.pods(NS))
 
 
-def test_terminated_deploy_keeps_its_state_and_the_lock_for_the_rollback(
-        master: Master) -> None:
+def _terminate_mid_rollout(master: Master, deploy_id: str) -> subprocess.CompletedProcess:
     master.cluster.seed(as_yaml(platform()))
     master.cluster.slow_rollout("deployment", NS, "api", 120)
-    argv = master.command("deploy", "deploy-8", "--bundle", str(master.bundle(
+    argv = master.command("deploy", deploy_id, "--bundle", str(master.bundle(
         platform(api_image="api:v2"))), timeout=120)
     process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -578,20 +588,48 @@ def test_terminated_deploy_keeps_its_state_and_the_lock_for_the_rollback(
     while master.cluster.revision("deployment", NS, "api") != "2":
         assert time.monotonic() < deadline, "the deploy never applied"
         time.sleep(0.1)
-
-    # As an SSM cancel does: SIGTERM to the command's process group.
+    master.cluster.slow_rollout("deployment", NS, "api", 0)
+    # As a cancel does: SIGTERM to the command's process group.
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=20)
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
-    assert process.returncode == 143, stdout
+
+def test_terminated_deploy_undoes_its_changes_and_releases_the_lock(master: Master) -> None:
+    """A cancel (SIGTERM) mid-rollout: the script sends the undos itself, at once (the runner
+    kills a cancelled job seconds later), releases the lock, and leaves only the word that it
+    rolled back for the action's rollback command."""
+    run = _terminate_mid_rollout(master, "deploy-8")
+
+    assert run.returncode == 143, run.stdout
     # No report: the action must not take a half-done deploy for a finished one.
-    assert stderr == ""
-    assert "rollback --deploy-id deploy-8" in stdout
-    assert (master.state_root / "deploy-8" / "revisions.tsv").exists()
+    assert run.stderr == ""
+    assert "rollback: done (undos sent, not waited for)" in run.stdout
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+    assert master.lock_holder() == ""
+    state = master.state_root / "deploy-8"
+    assert sorted(p.name for p in state.iterdir()) == ["k3s-deploy.sh", "rolled-back.txt"]
+    rollback = master.rollback("deploy-8")
+    assert rollback.code == 10, rollback.stdout
+    assert "rolled back by its own script when it was interrupted" in rollback.stdout
+    assert not state.exists()
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+
+
+def test_terminated_deploy_whose_undo_fails_keeps_its_state_and_the_lock_for_the_rollback(
+        master: Master) -> None:
+    master.cluster.fail_undo("deployment", "api")
+    run = _terminate_mid_rollout(master, "deploy-9")
+
+    assert run.returncode == 143, run.stdout
+    assert run.stderr == ""
+    assert "rollback --deploy-id deploy-9" in run.stdout
+    assert (master.state_root / "deploy-9" / "revisions.tsv").exists()
     # The lock stays with the deploy until its rollback (no other deploy may change the
     # workloads in between); that rollback takes it over.
-    assert master.lock_holder() == "deploy-8"
-    rollback = master.rollback("deploy-8")
+    assert master.lock_holder() == "deploy-9"
+    master.cluster.fail_undo("deployment", "api", failing=False)
+    rollback = master.rollback("deploy-9")
     assert rollback.code == 10, rollback.stdout
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
     assert master.lock_holder() == ""
@@ -1023,6 +1061,49 @@ def test_an_expired_lock_of_a_dead_deploy_is_taken_over(master: Master) -> None:
     assert master.lock_holder() == ""
 
 
+def test_a_lease_with_no_renew_time_is_never_taken_over(master: Master) -> None:
+    """`date -d ""` succeeds (midnight today): an empty renewTime once made the lease look
+    expired, so another deploy's lock was stolen."""
+    master.cluster.seed(as_yaml([namespace(), {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "k3s-deploy-lock", "namespace": "kube-system"},
+        "spec": {"holderIdentity": "other-deploy", "leaseDurationSeconds": 1}}]))
+
+    run = master.deploy([configmap()], lock_timeout=0)
+
+    assert run.code == 6, run.stdout
+    assert master.lock_holder() == "other-deploy"
+
+
+def test_a_rollback_state_line_without_a_key_is_skipped_not_fatal(master: Master) -> None:
+    """A kill can cut undone.tsv / undoing.tsv short: a line with no key once aborted the
+    rollback (bash refuses an empty subscript) with no report and the lock held."""
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 120)
+    argv = master.command("deploy", "deploy-k", "--bundle", str(master.bundle(
+        platform(api_image="api:v2"))), timeout=120)
+    process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while master.cluster.revision("deployment", NS, "api") != "2":
+            assert time.monotonic() < deadline, "the deploy never applied"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    state = master.state_root / "deploy-k"
+    (state / "undone.tsv").write_text("\t3\n")
+    (state / "undoing.tsv").write_text("\n\t\n")
+
+    run = master.rollback("deploy-k")
+
+    assert run.code == 10, run.stdout
+    assert run.report["rollback"] == "done"
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+    assert master.lock_holder() == ""
+
+
 @pytest.mark.parametrize("code", [4, 5, 7, 9])
 def test_the_lock_is_released_on_every_exit_path(master: Master, code: int) -> None:
     master.cluster.seed(as_yaml(platform()))
@@ -1147,3 +1228,34 @@ def test_dry_run_without_diff_on_the_master_names_it(master: Master) -> None:
 
     assert run.code == 3, run.stdout
     assert "missing: diff" in run.report["message"]
+
+
+# -- hostile cluster content ----------------------------------------------------------------------
+
+
+def test_a_pod_whose_owner_reference_is_crafted_runs_nothing(master: Master, tmp_path: Path) -> None:
+    """Anyone who may create pods in a watched namespace can write any text into a pod's
+    ownerReferences. The rollout watch once split it out of a line, and a shifted field reached
+    bash arithmetic, which runs `$(...)` in an array subscript: root on the master. Pods are
+    now selected by their owner's UID and every field is checked (tests/real has the same test
+    on the real API)."""
+    marker = tmp_path / "pwned"
+    master.cluster.seed(as_yaml(platform()))
+    rs_uid = subprocess.run(
+        ["kubectl", "get", "replicasets", "-n", NS, "-o",
+         "jsonpath={.items[?(@.metadata.labels.app==\"api\")].metadata.uid}"],
+        env=master.env(), capture_output=True, text=True, check=True).stdout.split()[0]
+    payload = (f"ReplicaSet|api-x|2999-01-01T00:00:00Z|x||Running|false|"
+               f"BASH_VERSINFO[$(touch${{IFS}}{marker})]|")
+    master.cluster.seed(as_yaml([{
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "planted", "namespace": NS, "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": payload, "name": "api-x", "uid": rs_uid,
+            "controller": False}]},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}]))
+    master.cluster.slow_rollout("deployment", NS, "api", 8)
+
+    run = master.deploy(platform(api_image="api:v2"))
+
+    assert not marker.exists(), "a pod's metadata ran a command on the master"
+    assert run.code == 0, run.stdout

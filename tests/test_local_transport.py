@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit import command
+from deploykit import command, local
 from deploykit.inputs import parse_settings
 from deploykit.local import script_arguments
 from deploykit.simulate.cluster import Cluster
@@ -200,11 +200,17 @@ def test_local_deploy_cancelled_mid_rollout_undoes_what_it_changed(job: Job) -> 
         time.sleep(0.1)
     job.cluster.slow_rollout("deployment", NS, "api", 0)  # the old release comes back at once
 
+    signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     run = job.finished(process)
+    took = time.monotonic() - signalled
 
     assert run.returncode == 1, run.log
     assert run.outputs["status"] == "cancelled", run.log
+    # The runner kills the step about 10 s after its first signal: the undos and the lock's
+    # release are done, and the action gone, well before that.
+    assert took < local.CANCEL_BUDGET + 2, f"the action took {took:.1f} s to stop\n{run.log}"
+    assert "undos sent, not waited for" in run.log, run.log
     assert job.cluster.image_of("deployment", NS, "api") == f"{API}:v1", run.log
     assert job.cluster.image_of("deployment", NS, "worker") == f"{WORKER}:v1", run.log
     lease = job.cluster.get("lease", "kube-system", "k3s-deploy-lock")

@@ -147,6 +147,7 @@ def test_phase_files_apply_namespace_config_service_statefulset_then_deployments
         "bundle/3-services.yaml",
         "bundle/4-statefulsets.yaml",
         "bundle/5-workloads.yaml",
+        "bundle/objects.tsv",
         "bundle/workloads.tsv",
     ]
     order = [
@@ -167,7 +168,21 @@ def test_phase_files_apply_namespace_config_service_statefulset_then_deployments
 
 def test_phase_files_without_documents_are_left_out(workspace):
     files = members(bundle(workspace, path="k8s/a-api.yaml").data)
-    assert sorted(files) == ["bundle/5-workloads.yaml", "bundle/workloads.tsv"]
+    assert sorted(files) == ["bundle/5-workloads.yaml", "bundle/objects.tsv", "bundle/workloads.tsv"]
+
+
+def test_objects_tsv_indexes_every_object_with_the_kind_a_crd_defines(workspace):
+    (workspace / "k8s" / "crd.yaml").write_text(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n"
+        "metadata: {name: widgets.example.com}\n"
+        "spec: {group: example.com, scope: Namespaced, names: {kind: Widget, plural: widgets}}\n"
+    )
+    tsv = members(bundle(workspace).data)["bundle/objects.tsv"].decode()
+    lines = tsv.splitlines()
+    assert "CustomResourceDefinition\t\twidgets.example.com\tWidget" in lines
+    assert "Namespace\t\tproduction-platform\t" in lines
+    assert "Deployment\t\tworker\t" in lines
+    assert len(lines) == 7
 
 
 def test_workloads_tsv_lists_statefulsets_then_deployments_with_an_empty_namespace_when_none(workspace):

@@ -72,8 +72,10 @@
 #   10 timed out, changed workloads rolled back (rollback: changed workloads undone)
 #   11 timed out, rollback failed               (rollback: an undo failed)
 #   12 timed out, nothing rolled back           (rollback: nothing to undo)
-# A run stopped by a signal exits 128+N (143 for SIGTERM) and keeps STATE/ID (and, when it has
-# something to undo, the lock) for `rollback`.
+# A run stopped by a signal (SIGINT, SIGTERM, SIGHUP) exits 128+N (143 for SIGTERM). A deploy
+# with rollback on first sends the undos of what it changed (without waiting for their
+# rollouts), releases the lock and leaves only STATE/ID/rolled-back.txt and its copy of this
+# script; when an undo fails it keeps STATE/ID and the lock for `rollback`.
 set -euo pipefail
 
 # Byte-wise string operations: the report limit is counted in bytes (never fewer than SSM's
@@ -114,7 +116,12 @@ readonly CRD_ESTABLISHED_SECONDS=60
 readonly LOCK_NAMESPACE=kube-system
 readonly LOCK_NAME=k3s-deploy-lock
 readonly LOCK_POLL_SECONDS=2
+# A Lease's MicroTime as the API server writes it (2026-12-01T12:00:00.000000Z).
+readonly LEASE_TIME_PATTERN='^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$'
+
 readonly LOCK_MARGIN_SECONDS=300
+# Left in the state dir by a deploy that undid its own changes when a signal stopped it.
+readonly ROLLED_BACK_FILE=rolled-back.txt
 # Annotations written to each workload (and the lock), under the action's own prefix.
 readonly ANNOTATION_PREFIX=k3s-deploy-action
 readonly TRACE_KEYS=(commit-sha run-url deployed-at deploy-id)
@@ -123,11 +130,13 @@ readonly DNS_LABEL_PATTERN='^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'
 readonly DNS_NAME_PATTERN='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
 readonly DEPLOY_ID_PATTERN='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
 readonly NO_HISTORY_MESSAGES=("no rollout history found" "no last revision to roll back to")
-# One line per object the bundle would apply (kubectl defaults the namespace of namespaced
-# objects, so an empty namespace means a cluster-scoped object); the last field is the kind a
-# CustomResourceDefinition defines.
-readonly OBJECT_LIST_TEMPLATE='{.kind}|{.metadata.namespace}|{.metadata.name}|{.spec.names.kind}{"\n"}'
-readonly POD_LIST_TEMPLATE='{range .items[*]}{.metadata.name}|{.metadata.ownerReferences[0].kind}|{.metadata.ownerReferences[0].name}|{.metadata.creationTimestamp}|{.metadata.labels.controller-revision-hash}|{.metadata.deletionTimestamp}|{.status.phase}|{.status.containerStatuses[*].ready}|{.status.containerStatuses[*].restartCount}|{.status.initContainerStatuses[*].state.waiting.reason} {.status.containerStatuses[*].state.waiting.reason}{"\n"}{end}'
+# One line per pod (workload_pods selects the pods by their owner's UID), only fields the API
+# server types or validates and the kubelet's status words; checked by POD_LINE_PATTERN.
+readonly POD_LINE_TEMPLATE='{.metadata.name}|{.metadata.creationTimestamp}|{.metadata.labels.controller-revision-hash}|{.metadata.deletionTimestamp}|{.status.phase}|{.status.containerStatuses[*].ready}|{.status.containerStatuses[*].restartCount}|{.status.initContainerStatuses[*].state.waiting.reason} {.status.containerStatuses[*].state.waiting.reason}{"\n"}'
+readonly POD_LINE_PATTERN='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\|[0-9TZ:.-]*\|[A-Za-z0-9._-]*\|[0-9TZ:.-]*\|(Pending|Running|Succeeded|Failed|Unknown)?\|((true|false)( (true|false))*)?\|([0-9]{1,9}( [0-9]{1,9})*)?\|[A-Za-z ]*$'
+# A kubectl log line (klog's header: level, date, time, thread, file:line]).
+readonly KLOG_PATTERN='^[IWEF][0-9]{4} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] '
+readonly UID_PATTERN='^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
 # One line per container of one pod (init containers first); the message last: it may hold "|".
 readonly CONTAINER_TEMPLATE='{range .status.initContainerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.waiting.message}{"\n"}{end}{range .status.containerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.waiting.message}{"\n"}{end}'
 readonly LOCK_TEMPLATE='{.metadata.resourceVersion}|{.spec.holderIdentity}|{.spec.acquireTime}|{.spec.renewTime}|{.spec.leaseDurationSeconds}|{.metadata.annotations.k3s-deploy-action/holder-process}|{.metadata.annotations.k3s-deploy-action/run-url}'
@@ -164,8 +173,11 @@ report_printed=false
 interrupted=false
 state_dir=""
 work_dir=""
+kube_err_file=/dev/null
+KUBE_ERR=""
 lock_held=false
 lock_keep=false
+rollback_wait=true # false: undo and go, no wait for the undone rollouts (on a signal)
 lock_version=""
 lock_duration=0
 deadline=0
@@ -189,6 +201,7 @@ wl_after=()
 wl_desired=()
 wl_ready=()
 wl_updated=()
+wl_uid=()     # the workload's metadata.uid, once read (its pods are selected by it)
 wl_since=()   # pods created since then are this deploy's ("" when it did not change the workload)
 wl_trace=()   # the workload's traceability annotations before this deploy, tab-separated
 wl_outcome=() # ready | failed | timed-out | "" (not waited for)
@@ -221,9 +234,6 @@ cleanup() {
     build_report || true
     printf '%s\n%s\n%s\n' "$REPORT_BEGIN" "$REPLY" "$REPORT_END" >&3 || true
   fi
-  if [[ -n "$work_dir" ]]; then
-    rm -rf -- "$work_dir" || true
-  fi
   if [[ "$lock_held" == true ]]; then
     if [[ "$lock_keep" == true ]]; then
       log "keeping the deploy lock for the rollback of $deploy_id (it takes the lock over); it expires ${lock_duration}s after it was taken otherwise" || true
@@ -231,18 +241,36 @@ cleanup() {
       release_lock || true
     fi
   fi
+  if [[ -n "$work_dir" ]]; then
+    rm -rf -- "$work_dir" || true
+  fi
 }
 trap cleanup EXIT
 
 # shellcheck disable=SC2329 # called by the signal traps
 on_signal() {
-  # Killed mid-deploy: keep the state dir so `rollback --deploy-id` can undo what changed, and
-  # the lock with it, so that no other deploy changes the workloads before that rollback.
-  log "interrupted by SIG$1; the action can undo this deploy with: rollback --deploy-id $deploy_id"
+  # Stopped mid-deploy (the job was cancelled): undo what changed at once, from this process,
+  # which already knows the revisions; no second process, lock hand-over or rollout wait,
+  # because the runner kills the job seconds after its first signal. Only when an undo
+  # fails, or the undos themselves are cut short, are the state dir and the lock kept for
+  # `rollback --deploy-id`.
+  trap '' INT TERM HUP
+  log "interrupted by SIG$1"
   interrupted=true
   if [[ "$command" == deploy && "$rollback_enabled" == true && -n "$state_dir" &&
     -f "$state_dir/revisions.tsv" ]]; then
     lock_keep=true
+    rollback_wait=false
+    if roll_back_changed 0 && [[ "$rollback_status" != failed ]]; then
+      # What is left for `rollback --deploy-id` (the action sends it after a cancel through
+      # SSM, and it runs this copy of the script): the word that this rollback is done, so it
+      # neither undoes again nor says "nothing undone".
+      find "$state_dir" -mindepth 1 ! -name k3s-deploy.sh -delete 2>/dev/null || true
+      printf '%s\n' "$(rollback_summary)" >"$state_dir/$ROLLED_BACK_FILE" 2>/dev/null || true
+      lock_keep=false
+    else
+      log "the action can finish this rollback with: rollback --deploy-id $deploy_id"
+    fi
   fi
   exit "$2"
 }
@@ -667,6 +695,24 @@ kube() {
   "${kubectl_cmd[@]}" "$@"
 }
 
+# Runs kubectl and keeps its standard output (the data) apart from its standard error: REPLY
+# gets the output, KUBE_ERR the errors. kubectl's own log lines (klog: "E1201 12:00:00.000000
+# 123 memcache.go:265] couldn't get resource list ...", written on every call that maps
+# resources while an aggregated API is down) are logged, never taken for data or for the error.
+kube_capture() {
+  local rc=0 line
+  REPLY=$(kube "$@" 2>"$kube_err_file") || rc=$?
+  KUBE_ERR=""
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    if [[ "$line" =~ $KLOG_PATTERN ]]; then
+      log "kubectl: $line"
+    else
+      KUBE_ERR+="${KUBE_ERR:+$'\n'}$line"
+    fi
+  done <"$kube_err_file"
+  return "$rc"
+}
+
 # Runs kubectl within what is left of the deploy budget; exit 124 when the budget runs out.
 # --foreground keeps kubectl in this process group, so a kill of the group stops it too.
 kube_within_budget() {
@@ -751,11 +797,12 @@ lock_process=""
 lock_run_url=""
 read_lock() {
   local output
-  if ! output=$(kube get lease "$LOCK_NAME" -n "$LOCK_NAMESPACE" --ignore-not-found \
-    --request-timeout="$request_timeout" -o "jsonpath=$LOCK_TEMPLATE" 2>&1); then
-    REPLY=$output
+  if ! kube_capture get lease "$LOCK_NAME" -n "$LOCK_NAMESPACE" --ignore-not-found \
+    --request-timeout="$request_timeout" -o "jsonpath=$LOCK_TEMPLATE"; then
+    REPLY=$KUBE_ERR
     return 2
   fi
+  output=$REPLY
   if [[ -z "$output" ]]; then
     return 1
   fi
@@ -774,8 +821,9 @@ lock_is_free() {
   if [[ "$lock_holder" == "$deploy_id" ]] && ! holder_process_alive; then
     return 0
   fi
-  if ! renewed_at=$(date -u -d "$lock_renewed" +%s 2>/dev/null) ||
-    [[ ! "$lock_seconds" =~ ^[0-9]+$ ]]; then
+  # `date -d ""` succeeds (midnight today): only a time that is there counts.
+  if [[ ! "$lock_renewed" =~ $LEASE_TIME_PATTERN || ! "$lock_seconds" =~ ^[0-9]{1,9}$ ]] ||
+    ! renewed_at=$(date -u -d "$lock_renewed" +%s 2>/dev/null); then
     return 1 # no expiry to go by: never steal it
   fi
   now=$(date +%s)
@@ -804,7 +852,8 @@ holder_process_alive() {
 # Describes the holder of the lock read last.
 lock_holder_text() {
   local expires="unknown" renewed_at
-  if renewed_at=$(date -u -d "$lock_renewed" +%s 2>/dev/null) && [[ "$lock_seconds" =~ ^[0-9]+$ ]]; then
+  if [[ "$lock_renewed" =~ $LEASE_TIME_PATTERN && "$lock_seconds" =~ ^[0-9]{1,9}$ ]] &&
+    renewed_at=$(date -u -d "$lock_renewed" +%s 2>/dev/null); then
     expires=$(date -u -d "@$((renewed_at + lock_seconds))" +%Y-%m-%dT%H:%M:%SZ)
   fi
   printf 'deploy %s%s since %s (lease expires %s)' "${lock_holder:-?}" \
@@ -819,14 +868,17 @@ acquire_lock() {
   while :; do
     lease_manifest "$deploy_id" ""
     rc=0
-    output=$(printf '%s\n' "$REPLY" | kube create -f - --request-timeout="$request_timeout" \
-      -o 'jsonpath={.metadata.resourceVersion}' 2>&1) || rc=$?
-    if ((rc == 0)); then
+    printf '%s\n' "$REPLY" >"$work_dir/lease.yaml"
+    kube_capture create -f "$work_dir/lease.yaml" --request-timeout="$request_timeout" \
+      -o 'jsonpath={.metadata.resourceVersion}' || rc=$?
+    output=$REPLY
+    if ((rc == 0)) && [[ "$output" =~ ^[0-9]+$ ]]; then
       lock_version=$output
       lock_held=true
       log "lock taken: holder $deploy_id, lease ${lock_duration}s"
       return 0
     fi
+    output=${KUBE_ERR:-$output}
     if [[ "$output" != *AlreadyExists* ]]; then
       fail_early 4 lock "could not create the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME): $(first_line "$output")"
     fi
@@ -869,13 +921,15 @@ take_over_lock() {
     previous="held by $(lock_holder_text), expired"
   fi
   lease_manifest "$deploy_id" "$lock_version_seen"
-  if output=$(printf '%s\n' "$REPLY" | kube replace -f - --request-timeout="$request_timeout" \
-    -o 'jsonpath={.metadata.resourceVersion}' 2>&1); then
-    lock_version=$output
+  printf '%s\n' "$REPLY" >"$work_dir/lease.yaml"
+  if kube_capture replace -f "$work_dir/lease.yaml" --request-timeout="$request_timeout" \
+    -o 'jsonpath={.metadata.resourceVersion}' && [[ "$REPLY" =~ ^[0-9]+$ ]]; then
+    lock_version=$REPLY
     lock_held=true
     log "lock taken over (it was $previous): holder $deploy_id, lease ${lock_duration}s"
     return 0
   fi
+  output=${KUBE_ERR:-$REPLY}
   if [[ "$output" == *Conflict* || "$output" == *NotFound* ]]; then
     log "the lock changed while it was being taken over; looking again"
     return 1
@@ -889,9 +943,13 @@ release_lock() {
   lock_held=false
   lease_manifest "" "$lock_version"
   # A short request timeout: this may run while the job is being cancelled.
-  if output=$(printf '%s\n' "$REPLY" | kube replace -f - --request-timeout=10s -o name 2>&1); then
+  printf '%s\n' "$REPLY" >"$work_dir/lease.yaml"
+  if kube_capture replace -f "$work_dir/lease.yaml" --request-timeout=10s -o name; then
     log "deploy lock released"
-  elif [[ "$output" == *Conflict* || "$output" == *NotFound* ]]; then
+    return 0
+  fi
+  output=${KUBE_ERR:-$REPLY}
+  if [[ "$output" == *Conflict* || "$output" == *NotFound* ]]; then
     log "warning: the deploy lock changed hands during this run (its lease ran out); left as it is"
   else
     log "warning: could not release the deploy lock ($(first_line "$output")); it expires by itself ${lock_duration}s after it was taken"
@@ -971,7 +1029,7 @@ order_workloads() {
   local kinds=("${wl_kind[@]}") nss=("${wl_ns[@]}") names=("${wl_name[@]}") befores=("${wl_before[@]}")
   local traces=("${wl_trace[@]}") wanted i
   wl_kind=() wl_ns=() wl_name=() wl_before=() wl_trace=() wl_after=() wl_desired=() wl_ready=()
-  wl_updated=() wl_since=() wl_outcome=() wl_undo=()
+  wl_updated=() wl_since=() wl_outcome=() wl_undo=() wl_uid=()
   for wanted in statefulset deployment; do
     for i in "${!kinds[@]}"; do
       if [[ "${kinds[i]}" == "$wanted" ]]; then
@@ -985,19 +1043,41 @@ order_workloads() {
 # be found before the first apply: every document must parse and map to a known kind (client
 # dry run), and every namespace an object needs must exist or be in the bundle.
 check_bundle() {
-  local name file listing errors kind ns object_name defined_kind rc
+  local name file errors kind ns object_name defined_kind rc line rest
   local -A needed_by=()
   step=check
   errors="$work_dir/dry-run.err"
   log "==> checking the bundle (kubectl apply --dry-run=client)"
+  # What the bundle holds comes from its index (the action wrote it from the manifests), not
+  # from kubectl: it lists a multi-document file back as one List, or not at all on an error.
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    # Split by hand: read with IFS=tab would merge an empty NAMESPACE field away.
+    kind=${line%%$'\t'*} rest=${line#*$'\t'}
+    ns=${rest%%$'\t'*} rest=${rest#*$'\t'}
+    object_name=${rest%%$'\t'*} defined_kind=${rest#*$'\t'}
+    if [[ "$line" != *$'\t'*$'\t'*$'\t'* || "$defined_kind" == *$'\t'* ]] ||
+      [[ ! "$kind" =~ ^[A-Za-z][A-Za-z0-9]*$ || ! "$object_name" =~ $DNS_NAME_PATTERN ]] ||
+      [[ -n "$ns" && ! "$ns" =~ $DNS_LABEL_PATTERN ]]; then
+      fail_early 5 check "bundle/objects.tsv has a line that is not KIND, NAMESPACE, NAME: the bundle is damaged"
+    fi
+    if [[ "$kind" == Namespace ]]; then
+      bundle_namespaces[$object_name]=1
+    elif [[ "$kind" == CustomResourceDefinition ]]; then
+      bundle_crds+=("$object_name")
+      if [[ "$defined_kind" =~ ^[A-Za-z][A-Za-z0-9]*$ ]]; then
+        bundle_crd_kinds[$defined_kind]=1
+      fi
+    elif [[ -n "$ns" ]]; then
+      needed_by[$ns]+="${needed_by[$ns]:+, }${kind,,}/$object_name"
+    fi
+  done <"$work_dir/bundle/objects.tsv"
   for name in "${bundle_phase_files[@]}"; do
     file="$work_dir/bundle/$name"
     rc=0
-    listing=$(kube_within_budget apply --dry-run=client --validate="$validate" \
-      --request-timeout="$request_timeout" -f "$file" -o "jsonpath=$OBJECT_LIST_TEMPLATE" \
-      2>"$errors") || rc=$?
+    kube_within_budget apply --dry-run=client --validate="$validate" \
+      --request-timeout="$request_timeout" -f "$file" -o name >/dev/null 2>"$errors" || rc=$?
     if ((rc != 0)); then
-      log "$(<"$errors")"
+      log_real_errors "$errors"
       if ((rc == 124)); then
         timed_out_before_changes
       fi
@@ -1005,26 +1085,16 @@ check_bundle() {
         # kubectl cannot map them before their CustomResourceDefinitions exist.
         log "bundle/$name: objects of kinds this bundle defines are checked when applied"
       else
-        fail_early 5 check "bundle/$name was rejected by kubectl: $(first_line "$(<"$errors")")"
+        fail_early 5 check "bundle/$name was rejected by kubectl: $(first_real_error "$errors")"
       fi
     fi
-    while IFS='|' read -r kind ns object_name defined_kind; do
-      if [[ "$kind" == Namespace ]]; then
-        bundle_namespaces[$object_name]=1
-      elif [[ "$kind" == CustomResourceDefinition ]]; then
-        bundle_crds+=("$object_name")
-        bundle_crd_kinds[$defined_kind]=1
-      elif [[ -n "$ns" ]]; then
-        needed_by[$ns]+="${needed_by[$ns]:+, }${kind,,}/$object_name"
-      fi
-    done <<<"$listing"
   done
   for ns in "${!needed_by[@]}"; do
-    if ! listing=$(kube_within_budget get namespace "$ns" --ignore-not-found \
-      --request-timeout="$request_timeout" -o name 2>&1); then
-      fail_early 4 api "could not check that namespace $ns exists: $(first_line "$listing")"
+    if ! kube_capture get namespace "$ns" --ignore-not-found \
+      --request-timeout="$request_timeout" -o name; then
+      fail_early 4 api "could not check that namespace $ns exists: $(first_line "$KUBE_ERR")"
     fi
-    if [[ -n "$listing" ]]; then
+    if [[ -n "$REPLY" ]]; then
       continue
     fi
     if [[ -z "${bundle_namespaces[$ns]:-}" ]]; then
@@ -1039,10 +1109,25 @@ check_bundle() {
 # a kind that a CustomResourceDefinition of this bundle defines and, when $2 is true, the API
 # server refusing an object whose namespace this bundle creates (it does not exist yet, so the
 # server cannot dry-run anything in it). Warnings are not errors.
+# Prints kubectl's errors in file $1 one per line. When one call fails for several objects,
+# kubectl may print them as one aggregate, "[error 1, error 2\nensure CRDs are installed
+# first]" (seen with apply --dry-run=server): that is taken apart here.
+error_lines() {
+  local text line
+  text=$(<"$1") || return 0
+  text=${text//"ensure CRDs are installed first, "/$'ensure CRDs are installed first\n'}
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    line=${line#\[}
+    line=${line%\]}
+    printf '%s\n' "$line"
+  done <<<"$text"
+}
+
 only_ignorable_errors() {
   local line allow_new_namespaces=$2
   while IFS= read -r line; do
-    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" || "$line" == Warning:* ]]; then
+    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" || "$line" == Warning:* ||
+      "$line" =~ $KLOG_PATTERN ]]; then
       continue
     fi
     if [[ "$line" =~ no\ matches\ for\ kind\ \"([^\"]+)\" ]] &&
@@ -1054,7 +1139,7 @@ only_ignorable_errors() {
       continue
     fi
     return 1
-  done <"$1"
+  done < <(error_lines "$1")
   return 0
 }
 
@@ -1062,7 +1147,8 @@ only_ignorable_errors() {
 first_real_error() {
   local line
   while IFS= read -r line; do
-    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" || "$line" == Warning:* ]]; then
+    if [[ -z "$line" || "$line" == "ensure CRDs are installed first" || "$line" == Warning:* ||
+      "$line" =~ $KLOG_PATTERN ]]; then
       continue
     fi
     if [[ "$line" =~ no\ matches\ for\ kind\ \"([^\"]+)\" ]] &&
@@ -1075,7 +1161,7 @@ first_real_error() {
     fi
     printf '%s' "$line"
     return 0
-  done <"$1"
+  done < <(error_lines "$1")
 }
 
 # The API server checks every object as a real apply would (admission, validation, immutable
@@ -1123,7 +1209,7 @@ log_real_errors() {
       continue
     fi
     log "$line"
-  done <"$1"
+  done < <(error_lines "$1")
 }
 
 # dry-run: `kubectl diff` of each phase file into $work_dir/diff.txt, and diff_changes.
@@ -1457,33 +1543,65 @@ restore_trace() {
 
 # -- waiting for rollouts, failing fast -------------------------------------------------------
 
-owned_by() {
-  local i=$1 owner_kind=$2 owner_name=$3
-  if [[ "${wl_kind[i]}" == statefulset ]]; then
-    [[ "$owner_kind" == StatefulSet && "$owner_name" == "${wl_name[i]}" ]]
-  else
-    # A Deployment's pods belong to its ReplicaSets, named NAME-<pod-template-hash>.
-    [[ "$owner_kind" == ReplicaSet && "$owner_name" =~ ^"${wl_name[i]}"-[a-z0-9]+$ ]]
+# Prints the UIDs of the controllers that own workload $1's pods: the StatefulSet's own, or
+# those of the Deployment's ReplicaSets. UIDs are the API server's own (immutable, made by it),
+# so pods are selected by them and never by parsing who they say owns them.
+workload_owner_uids() {
+  local i=$1 uid listing line
+  workload_ns_args "$i"
+  uid=${wl_uid[i]:-}
+  if [[ -z "$uid" ]]; then
+    uid=$(kube get "${wl_kind[i]}" "${wl_name[i]}" "${ns_args[@]}" --ignore-not-found \
+      --request-timeout="$request_timeout" -o 'jsonpath={.metadata.uid}' 2>/dev/null) || return 0
+    if [[ ! "$uid" =~ $UID_PATTERN ]]; then
+      return 0
+    fi
+    wl_uid[i]=$uid
   fi
+  if [[ "${wl_kind[i]}" != deployment ]]; then
+    printf '%s\n' "$uid"
+    return 0
+  fi
+  listing=$(kube get replicasets "${ns_args[@]}" --request-timeout="$request_timeout" \
+    -o "jsonpath={range .items[?(@.metadata.ownerReferences[0].uid==\"$uid\")]}{.metadata.uid}{\"\\n\"}{end}" \
+    2>/dev/null) || return 0
+  while IFS= read -r line; do
+    if [[ "$line" =~ $UID_PATTERN ]]; then
+      printf '%s\n' "$line"
+    fi
+  done <<<"$listing"
 }
 
-# Prints the pods of workload $1 in the namespace, one "POD|CREATED|REVISION|DELETING|PHASE|
-# READINESS|RESTARTS|REASONS" line each (REASONS: init containers' then containers' waiting
-# reasons, space-separated).
-pods_cache_key=""
-pods_cache=""
+# Prints the pods of workload $1, one "POD|CREATED|REVISION|DELETING|PHASE|READINESS|RESTARTS|
+# REASONS" line each (REASONS: init containers' then containers' waiting reasons, space-
+# separated). Every field is checked against what it must be; a pod whose line does not pass
+# (status text no kubelet writes) is printed as "POD?|" when its name can be told, else "?|":
+# the callers count such a pod as unhealthy, never as data.
 workload_pods() {
-  local i=$1 listing pod owner_kind owner_name rest
-  workload_ns_args "$i"
-  if [[ -n "$pods_cache_key" && "$pods_cache_key" == "ns:${wl_ns[i]}" ]]; then
-    listing=$pods_cache
-  else
-    listing=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
-      -o "jsonpath=$POD_LIST_TEMPLATE" 2>/dev/null) || return 0
+  local i=$1 uid template="" listing line pod
+  while IFS= read -r uid; do
+    if [[ -n "$uid" ]]; then
+      template+="{range .items[?(@.metadata.ownerReferences[0].uid==\"$uid\")]}$POD_LINE_TEMPLATE{end}"
+    fi
+  done < <(workload_owner_uids "$i")
+  if [[ -z "$template" ]]; then
+    return 0
   fi
-  while IFS='|' read -r pod owner_kind owner_name rest; do
-    if [[ -n "$pod" ]] && owned_by "$i" "$owner_kind" "$owner_name"; then
-      printf '%s|%s\n' "$pod" "$rest"
+  workload_ns_args "$i"
+  listing=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
+    -o "jsonpath=$template" 2>/dev/null) || return 0
+  while IFS= read -r line; do
+    if [[ -z "$line" ]]; then
+      continue
+    fi
+    if [[ "$line" =~ $POD_LINE_PATTERN ]]; then
+      printf '%s\n' "$line"
+    else
+      pod=${line%%|*}
+      if [[ ! "$pod" =~ $DNS_NAME_PATTERN ]]; then
+        pod=""
+      fi
+      printf '%s?|\n' "$pod"
     fi
   done <<<"$listing"
 }
@@ -1494,8 +1612,9 @@ stuck_pods() {
   local i=$1 since=$2 pod created revision deleting phase readiness restarts reasons
   local reason reason_list restart_list max_restarts count
   while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
-    if [[ -n "$deleting" ]] || { [[ -n "$since" ]] && [[ "$created" < "$since" ]]; }; then
-      continue
+    if [[ "$pod" == *\? || -n "$deleting" ]] ||
+      { [[ -n "$since" ]] && [[ "$created" < "$since" ]]; }; then
+      continue # an unreadable pod is for the health check; a leaving one does not count
     fi
     read -r -a restart_list <<<"$restarts"
     max_restarts=0
@@ -1519,11 +1638,17 @@ stuck_pods() {
 }
 
 # Prints "POD WHAT" for each pod of workload $1 that is not healthy: not Running, not Ready,
-# or with a container waiting in a back-off. Pods on their way out do not count.
+# or with a container waiting in a back-off. Pods on their way out do not count, nor pods that
+# have ended (phase Failed or Succeeded: evicted, or stopped with their node; they stay until
+# pod garbage collection, and their controller has already replaced them).
 unhealthy_pods() {
   local i=$1 pod created revision deleting phase readiness restarts reasons reason
   while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
-    if [[ -n "$deleting" ]]; then
+    if [[ "$pod" == *\? || "$pod" == "" ]]; then
+      printf '%s has a status this script cannot read\n' "${pod:-a pod}"
+      continue
+    fi
+    if [[ -n "$deleting" || "$phase" == Failed || "$phase" == Succeeded ]]; then
       continue
     fi
     for reason in $reasons; do
@@ -1545,6 +1670,9 @@ unhealthy_pods() {
 first_unready_pod() {
   local i=$1 since=$2 pod created revision deleting phase readiness restarts reasons
   while IFS='|' read -r pod created revision deleting phase readiness restarts reasons; do
+    if [[ "$pod" == *\? || -z "$pod" || "$phase" == Failed || "$phase" == Succeeded ]]; then
+      continue
+    fi
     if [[ -z "$deleting" ]] && { [[ -z "$since" ]] || [[ ! "$created" < "$since" ]]; } &&
       [[ " $readiness " == *" false "* || -z "$readiness" ]]; then
       printf '%s' "$pod"
@@ -1564,7 +1692,8 @@ describe_failure() {
   listing=$(kube get pod "$pod" "${ns_args[@]}" --request-timeout="$request_timeout" \
     -o "jsonpath=$CONTAINER_TEMPLATE" 2>/dev/null) || listing=""
   while IFS='|' read -r name restarts reason msg; do
-    if [[ -z "$name" || ! "$restarts" =~ ^[0-9]+$ ]]; then
+    if [[ ! "$name" =~ $DNS_LABEL_PATTERN || ! "$restarts" =~ ^[0-9]{1,9}$ ||
+      ! "$reason" =~ ^[A-Za-z]*$ ]]; then
       continue # a continuation line of a message with newlines
     fi
     # The container waiting with the reason asked for, else with a fatal reason, else with
@@ -1603,7 +1732,8 @@ describe_failure() {
     logs_args+=(--previous)
     which=" (the container that crashed)"
   fi
-  if output=$(kube logs "${logs_args[@]}" 2>&1); then
+  if kube_capture logs "${logs_args[@]}"; then
+    output=$REPLY
     if [[ -z "$output" ]]; then
       log "its log$which is empty"
       return 0
@@ -1614,8 +1744,8 @@ describe_failure() {
       log "  | $line"
     done <<<"$output"
   else
-    failure_log=("(no log: $(first_line "$output"))")
-    log "no log: $(first_line "$output")"
+    failure_log=("(no log: $(first_line "$KUBE_ERR"))")
+    log "no log: $(first_line "$KUBE_ERR")"
   fi
 }
 
@@ -1656,7 +1786,10 @@ wait_for_rollout() {
     fi
     slice=$((left < FAIL_FAST_CHECK_SECONDS ? left : FAIL_FAST_CHECK_SECONDS))
     rc=0
-    output=$(kube rollout status "$target" "${ns_args[@]}" --timeout="${slice}s" 2>&1) || rc=$?
+    # --timeout bounds the wait, not a request to a stalled API server: `timeout` bounds both.
+    output=$(timeout --foreground --kill-after=5 "$((slice + 10))" "${kubectl_cmd[@]}" \
+      rollout status "$target" "${ns_args[@]}" --timeout="${slice}s" \
+      --request-timeout="$request_timeout" 2>&1) || rc=$?
     while IFS= read -r line; do
       # Each slice ends with kubectl's timeout message: it means "not yet", not a failure.
       # Progress lines repeat from slice to slice; print each once.
@@ -1746,16 +1879,8 @@ verify_health() {
   for ((try = 1; ; try++)); do
     problem=""
     pod=""
-    pods_cache_key=""
     for i in "${!wl_name[@]}"; do
       problem_at=$i
-      # One pod listing per namespace and check (workloads usually share one).
-      if [[ "$pods_cache_key" != "ns:${wl_ns[i]}" ]]; then
-        workload_ns_args "$i"
-        pods_cache=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
-          -o "jsonpath=$POD_LIST_TEMPLATE" 2>/dev/null) || pods_cache=""
-        pods_cache_key="ns:${wl_ns[i]}"
-      fi
       if ! read_workload "$i" >/dev/null; then
         problem="$(workload_text "$i") could not be read"
         break
@@ -1770,7 +1895,6 @@ verify_health() {
         break
       fi
     done
-    pods_cache_key=""
     if [[ -z "$problem" ]]; then
       for i in "${!wl_name[@]}"; do
         log "$(workload_text "$i"): healthy, ${wl_ready[i]:-0}/${wl_desired[i]:-0} ready, ${wl_updated[i]:-0} updated"
@@ -1823,14 +1947,20 @@ roll_back_changed() {
   # would bring the failed template back. undone.tsv has the revision each undo left;
   # undoing.tsv the revision each undo started from, written before the undo, for a kill
   # that lands between the undo and its line in undone.tsv.
+  # A line cut short by a kill (or an empty one) has no key: skipped, as a key of nothing
+  # would abort the script (bash refuses an empty subscript) before it could report.
   if [[ -f "$undone_file" ]]; then
     while IFS=$'\t' read -r line current; do
-      already_undone[$line]=$current
+      if [[ -n "$line" ]]; then
+        already_undone[$line]=$current
+      fi
     done <"$undone_file"
   fi
   if [[ -f "$undoing_file" ]]; then
     while IFS=$'\t' read -r line current; do
-      undoing[$line]=$current
+      if [[ -n "$line" ]]; then
+        undoing[$line]=$current
+      fi
     done <"$undoing_file"
   fi
   log "==> rolling back what this deploy changed"
@@ -1879,10 +2009,14 @@ roll_back_changed() {
       log "$output"
       wl_undo[i]="done"
       undone+=("$i")
-      if read_workload "$i"; then
-        printf '%s\t%s\n' "$key" "$REPLY" >>"$undone_file" || true
+      # Without a wait (a signal), each call counts: undoing.tsv already guards against a
+      # second undo, and the traceability annotations stay as this deploy wrote them.
+      if [[ "$rollback_wait" == true ]]; then
+        if read_workload "$i"; then
+          printf '%s\t%s\n' "$key" "$REPLY" >>"$undone_file" || true
+        fi
+        restore_trace "$i"
       fi
-      restore_trace "$i"
     elif [[ "$output" == *"${NO_HISTORY_MESSAGES[0]}"* || "$output" == *"${NO_HISTORY_MESSAGES[1]}"* ]]; then
       # New in this deploy: there is no earlier revision to go back to. Reported, not fatal.
       log "$output"
@@ -1895,6 +2029,17 @@ roll_back_changed() {
       failed=$((failed + 1))
     fi
   done
+  if [[ "$rollback_wait" != true ]]; then
+    if ((failed > 0)); then
+      rollback_status=failed
+    elif ((${#undone[@]} > 0)); then
+      rollback_status="done"
+    else
+      rollback_status=nothing-changed
+    fi
+    log "rollback: $rollback_status (undos sent, not waited for)"
+    return 0
+  fi
   for i in "${undone[@]}"; do
     if [[ "${wl_kind[i]}" == statefulset ]]; then
       release_stuck_statefulset_pods "$i"
@@ -1962,9 +2107,10 @@ collect_pods_and_events() {
       fi
     done <<<"$output"
     log "==> warning events in $ns"
-    output=$(kube get events -n "$ns" --field-selector type=Warning \
-      --sort-by=.metadata.creationTimestamp --request-timeout="$request_timeout" 2>&1) || true
-    log "$output"
+    kube_capture get events -n "$ns" --field-selector type=Warning \
+      --sort-by=.metadata.creationTimestamp --request-timeout="$request_timeout" || true
+    output=$REPLY
+    log "$output${KUBE_ERR:+$'\n'}$KUBE_ERR"
     while IFS= read -r line; do
       if [[ -n "$line" && "$line" != "LAST SEEN"* && "$line" != "No resources found"* ]]; then
         report_events+=("${line%"${line##*[! ]}"}")
@@ -2126,6 +2272,13 @@ run_rollback() {
   result=timed-out
   check_tools
   step=rollback
+  if [[ -f "$state_dir/$ROLLED_BACK_FILE" ]]; then
+    rollback_status="done"
+    message="deploy $deploy_id was rolled back by its own script when it was interrupted: $(head -c 1000 -- "$state_dir/$ROLLED_BACK_FILE")"
+    rm -rf -- "$state_dir"
+    log "$message"
+    finish 10
+  fi
   if [[ ! -d "$state_dir" ]]; then
     rollback_status=nothing-changed
     message="no unfinished deploy $deploy_id in $state_root (it finished, or never started applying); nothing undone"
@@ -2152,6 +2305,8 @@ run_rollback() {
 
 main() {
   parse_arguments "$@"
+  make_work_dir
+  kube_err_file="$work_dir/kubectl.err"
   case "$command" in
   deploy) run_deploy ;;
   dry-run) run_dry_run ;;

@@ -88,11 +88,17 @@ class Cluster:
             key = "failing_applies" if on_dry_run else "failing_real_applies"
             state.setdefault(key, []).append(f"{canonical}/{name}")
 
-    def fail_undo(self, kind: str, name: str) -> None:
-        """`kubectl rollout undo` of this workload fails (as if RBAC or a webhook refused it)."""
+    def fail_undo(self, kind: str, name: str, *, failing: bool = True) -> None:
+        """`kubectl rollout undo` of this workload fails (as if RBAC or a webhook refused it),
+        or works again with `failing=False`."""
         with double.open_state(self.path, write=True) as state:
             canonical = double.kind_for_name(state, kind).kind
-            state.setdefault("failing_undos", []).append(f"{canonical}/{name}")
+            undos = state.setdefault("failing_undos", [])
+            key = f"{canonical}/{name}"
+            if failing:
+                undos.append(key)
+            else:
+                state["failing_undos"] = [u for u in undos if u != key]
 
     def seed(self, yaml_text: str) -> None:
         """Applies manifests as a deploy that finished a while ago would have left them."""

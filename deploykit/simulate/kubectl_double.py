@@ -383,6 +383,11 @@ def broken_reason(state: dict, template: dict) -> str | None:
     return None
 
 
+def replica_set_uid(deployment_uid: str, hash_: str) -> str:
+    digest = hashlib.sha256(f"{deployment_uid}/{hash_}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}"
+
+
 def current_revision(record: dict) -> dict:
     return max(record["workload"]["history"], key=lambda entry: entry["revision"])
 
@@ -516,6 +521,43 @@ class WorkloadView:
 
     def replica_set(self, hash_: str) -> str:
         return f"{self.name}-{hash_}"
+
+    def owner_uid(self, hash_: str) -> str:
+        """The UID of what owns the pods of revision `hash_`: the Deployment's ReplicaSet for
+        it (a UID of its own, as the API server gives one to every object), or the
+        StatefulSet."""
+        uid = self.record["object"]["metadata"]["uid"]
+        if self.kind != "Deployment":
+            return uid
+        return replica_set_uid(uid, hash_)
+
+    def replica_sets(self) -> list[dict]:
+        """The Deployment's ReplicaSets, one per revision, as `kubectl get rs` shows them."""
+        counts: dict[str, int] = {}
+        for pod in self.pods():
+            counts[pod.hash] = counts.get(pod.hash, 0) + 1
+        owner = self.record["object"]["metadata"]
+        items = []
+        for entry in self.record["workload"]["history"]:
+            hash_ = entry["hash"]
+            labels = dict((entry["template"].get("metadata") or {}).get("labels") or {})
+            labels["pod-template-hash"] = hash_
+            items.append({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {
+                    "name": self.replica_set(hash_), "namespace": self.namespace,
+                    "uid": self.owner_uid(hash_), "labels": labels,
+                    "annotations": {"deployment.kubernetes.io/revision": str(entry["revision"])},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                         "name": self.name, "uid": owner["uid"],
+                                         "controller": True, "blockOwnerDeletion": True}],
+                },
+                "spec": {"replicas": counts.get(hash_, 0), "template": entry["template"]},
+                "status": {"replicas": counts.get(hash_, 0),
+                           "readyReplicas": sum(p.ready for p in self.pods()
+                                                if p.hash == hash_)},
+            })
+        return items
 
     def revision_name(self, hash_: str) -> str:
         return f"{self.name}-{hash_}"
@@ -770,7 +812,7 @@ def pod_object(view: WorkloadView, pod: Pod, index: int) -> dict:
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": pod.owner_kind,
                                  "name": pod.owner_name, "controller": True,
                                  "blockOwnerDeletion": True,
-                                 "uid": view.record["object"]["metadata"]["uid"]}],
+                                 "uid": view.owner_uid(pod.hash)}],
         },
         "spec": {**(template.get("spec") or {}), "nodeName": NODE_NAME},
         "status": status,
@@ -859,12 +901,21 @@ def _parse_path(expr: str, template: str) -> _Path:
             name = "".join(key)
             steps.append(("wildcard", None) if name == "*" else ("field", name))
         elif text[i] == "[":
-            end = text.find("]", i)
+            end = _closing_bracket(text, i)
             if end < 0:
                 raise JsonPathError(f"error: error parsing jsonpath {template}, unterminated "
                                     "array")
             inner = text[i + 1:end].strip()
-            if inner == "*":
+            filter_ = re.fullmatch(r"\?\(\s*@(\S*?)\s*(?:(==|!=)\s*(\"[^\"]*\"|'[^']*'|-?\d+))?\s*\)",
+                                   inner)
+            if filter_:
+                left = _parse_path(filter_.group(1), template)
+                operator, literal = filter_.group(2), filter_.group(3)
+                right: Any = None
+                if literal is not None:
+                    right = literal[1:-1] if literal[0] in "\"'" else int(literal)
+                steps.append(("filter", (left, operator, right)))
+            elif inner == "*":
                 steps.append(("wildcard", None))
             elif re.fullmatch(r"-?\d+", inner):
                 steps.append(("index", int(inner)))
@@ -878,6 +929,26 @@ def _parse_path(expr: str, template: str) -> _Path:
             raise JsonPathError(f"error: error parsing jsonpath {template}, unrecognized "
                                 f"character in action: {text[i]!r}")
     return _Path(steps)
+
+
+def _closing_bracket(text: str, start: int) -> int:
+    """The index of the "]" that closes the "[" at `start` (nested brackets and quoted
+    strings skipped), or -1."""
+    depth, quote = 0, None
+    for j in range(start, len(text)):
+        ch = text[j]
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
 
 
 def _unquote(literal: str, template: str) -> str:
@@ -949,7 +1020,9 @@ def parse_jsonpath(template: str) -> list:
     return nodes
 
 
-def _walk(path: _Path, root: Any, template: str) -> list:
+def _walk(path: _Path, root: Any, template: str, *, lenient: bool = False) -> list:
+    """The values `path` selects from `root`. `lenient` (a filter's left side): an index out of
+    range selects nothing, as kubectl's filters treat a missing value."""
     values = [root]
     for kind, arg in path.steps:
         found = []
@@ -957,6 +1030,28 @@ def _walk(path: _Path, root: Any, template: str) -> list:
             if kind == "field":
                 if isinstance(value, dict) and arg in value:
                     found.append(value[arg])
+            elif kind == "filter":
+                # kubectl: filters apply to arrays; each element whose left side gives one
+                # value that compares true (or, with no operator, that has it) is kept.
+                if not isinstance(value, list):
+                    raise JsonPathError(f'error: error executing jsonpath "{template}": Error '
+                                        f"executing template: {_format(value)} is not array "
+                                        "or slice and cannot be filtered")
+                left, operator, right = arg
+                for element in value:
+                    lefts = _walk(left, element, template, lenient=True)
+                    if operator is None:
+                        if lefts:
+                            found.append(element)
+                        continue
+                    if not lefts:
+                        continue
+                    if len(lefts) > 1:
+                        raise JsonPathError(f'error: error executing jsonpath "{template}": '
+                                            "Error executing template: can only compare one "
+                                            "element at a time")
+                    if (lefts[0] == right) == (operator == "=="):
+                        found.append(element)
             elif kind == "wildcard":
                 if isinstance(value, list):
                     found.extend(value)
@@ -964,6 +1059,8 @@ def _walk(path: _Path, root: Any, template: str) -> list:
                     found.extend(value[k] for k in sorted(value))
             elif isinstance(value, list):
                 index = arg + len(value) if arg < 0 else arg
+                if not 0 <= index < len(value) and lenient:
+                    continue
                 if not 0 <= index < len(value):
                     raise JsonPathError(
                         f'error: error executing jsonpath "{template}": Error executing '
@@ -1472,6 +1569,13 @@ def list_objects(state: dict, kind: Kind, namespace: str, now: float) -> list[di
         return list_pods(state, namespace, now)
     if kind.kind == "Event":
         return list_events(state, namespace)
+    if kind.kind == "ReplicaSet":
+        return sorted(
+            (rs for record in state["objects"].values()
+             if record["object"]["kind"] == "Deployment"
+             and record["object"]["metadata"].get("namespace") == namespace
+             for rs in WorkloadView(state, record, now).replica_sets()),
+            key=lambda o: o["metadata"]["name"])
     items = []
     for record in state["objects"].values():
         obj = record["object"]
