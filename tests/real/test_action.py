@@ -1,0 +1,166 @@
+"""The action, start to end, against the real API: the example platform's first deploy into its
+new namespace, an update, and a crash-looping release rolled back within the fail-fast bound.
+
+Twice: through SSM (the simulated AWS account sends the staged command lines to a simulated
+master, whose AWS CLI fetches the bundle and whose kubectl is the real one) and through
+`transport: local` (the script on the runner, against a kubeconfig)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploykit.simulate.aws import SimulatedAWS
+from deploykit.simulate.runner import ActionRun, parse_key_values, run_action
+from tests.real.plane import (
+    API_IMAGE,
+    WORKER_IMAGE,
+    ControlPlane,
+    platform_docs,
+    redis_volume,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+# The kubelet restarts a crashing container after 10 s; the script calls it a loop at its
+# second restart and checks every 3 s.
+FAIL_FAST_BOUND_S = 40
+IMAGES = f"{API_IMAGE}\n{WORKER_IMAGE}"
+
+
+def write_workspace(workspace: Path, ns: str) -> None:
+    """The example platform's manifests, moved to the test's namespace (tags as in the example:
+    the action pins them)."""
+    folder = workspace / "k8s" / "base"
+    folder.mkdir(parents=True, exist_ok=True)
+    for doc in platform_docs(ns, "latest"):
+        name = f"{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
+        (folder / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def watch_image(plane: ControlPlane, ns: str, image: str) -> Callable[[], tuple[float, float]]:
+    """Watches deployment/api in the background; the returned call gives when it got `image`
+    and when it lost it again (monotonic seconds)."""
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            current = plane.image_of("deployment", ns, "api")
+            now = time.monotonic()
+            if "applied" not in seen and current == image:
+                seen["applied"] = now
+            elif "applied" in seen and current != image:
+                seen["undone"] = now
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def result() -> tuple[float, float]:
+        thread.join(timeout=30)
+        stop.set()
+        assert "undone" in seen, f"deployment/api never went to {image} and back: {seen}"
+        return seen["applied"], seen["undone"]
+
+    return result
+
+
+def check_three_deploys(plane: ControlPlane, ns: str, deploy: Callable[[str], ActionRun]) -> None:
+    first = deploy("v1")
+    assert first.returncode == 0, first.log
+    assert first.outputs["status"] == "success", first.log
+    assert plane.image_of("deployment", ns, "api") == f"{API_IMAGE}:v1"
+    assert plane.get("namespace", "", ns) is not None
+
+    update = deploy("v2")
+    assert update.outputs["status"] == "success", update.log
+    assert plane.image_of("deployment", ns, "worker") == f"{WORKER_IMAGE}:v2"
+
+    timing = watch_image(plane, ns, f"{API_IMAGE}:crashloop")
+    crash = deploy("crashloop")
+    applied, undone = timing()
+    assert crash.returncode == 1, crash.log
+    assert crash.outputs["status"] == "rolled-back", crash.log
+    assert "CrashLoopBackOff" in crash.summary, crash.summary
+    assert plane.image_of("deployment", ns, "api") == f"{API_IMAGE}:v2"
+    assert plane.image_of("deployment", ns, "worker") == f"{WORKER_IMAGE}:v2"
+    assert plane.lock_holder() == ""
+    print(f"crash loop: applied -> undone in {undone - applied:.1f} s")
+    assert undone - applied < FAIL_FAST_BOUND_S, crash.log
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimulatedAWS]:
+    with SimulatedAWS(root=tmp_path / "aws") as account:
+        yield account
+
+
+def test_example_platform_through_ssm_on_the_real_api(
+    control_plane: ControlPlane, sim: SimulatedAWS, ns: str, tmp_path: Path
+) -> None:
+    master = sim.add_master("k3s-master")
+    # The master's kubectl is the real one, and its kubeconfig the control plane's.
+    (master.bin_dir / "kubectl").unlink()
+    (master.bin_dir / "kubectl").symlink_to(control_plane.kubectl_path)
+    master.env.pop("KUBECTL_DOUBLE_STATE", None)
+    master.env["KUBECONFIG"] = str(control_plane.kubeconfig)
+    workspace = tmp_path / "workspace"
+    write_workspace(workspace, ns)
+    redis_volume(control_plane, ns)
+
+    def deploy(tag: str) -> ActionRun:
+        inputs = {"aws-region": sim.region, "images": IMAGES, "image-tag": tag,
+                  "timeout": "180", "manifests": "k8s/base"}
+        return run_action(sim, inputs, workspace, tmp_path / "files", timeout=400)
+
+    check_three_deploys(control_plane, ns, deploy)
+    assert [b["Name"] for b in sim.client("s3").list_buckets().get("Buckets", [])] == []
+
+
+def test_example_platform_through_transport_local_on_the_real_api(
+    control_plane: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "workspace"
+    write_workspace(workspace, ns)
+    (workspace / ".kube").mkdir()
+    shutil.copy(control_plane.kubeconfig, workspace / ".kube" / "config")
+    files = tmp_path / "files"
+    files.mkdir()
+    redis_volume(control_plane, ns)
+
+    def deploy(tag: str) -> ActionRun:
+        env = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "TMPDIR")}
+        env.update(
+            PATH=f"{control_plane.kubectl_path.parent}:{os.environ['PATH']}",
+            PYTHONPATH=str(REPO), GITHUB_ACTIONS="true", GITHUB_WORKSPACE=str(workspace),
+            GITHUB_SHA="0123456789abcdef0123456789abcdef01234567",
+            GITHUB_SERVER_URL="https://github.com", GITHUB_REPOSITORY="acme/production-platform",
+            GITHUB_RUN_ID="77", GITHUB_OUTPUT=str(files / "output"),
+            GITHUB_STEP_SUMMARY=str(files / "summary"), GITHUB_STATE=str(files / "state"),
+            # Any AWS call would fail: nowhere to connect, nothing to sign with.
+            AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_EC2_METADATA_DISABLED="true",
+            AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        )
+        inputs = {"transport": "local", "kubeconfig": ".kube/config", "images": IMAGES,
+                  "image-tag": tag, "timeout": "180", "manifests": "k8s/base"}
+        env.update({f"INPUT_{k.upper()}": v for k, v in inputs.items()})
+        for name in ("output", "summary", "state"):
+            (files / name).write_text("")
+        done = subprocess.run([sys.executable, str(REPO / "entrypoint.py")], cwd=workspace,
+                              env=env, capture_output=True, text=True, timeout=400, check=False)
+        return ActionRun(done.returncode, done.stdout + done.stderr,
+                         parse_key_values((files / "output").read_text()),
+                         (files / "summary").read_text(),
+                         parse_key_values((files / "state").read_text()))
+
+    check_three_deploys(control_plane, ns, deploy)

@@ -1,0 +1,84 @@
+"""The kubectl double held to the real API: each scenario runs the deploy script against both,
+and the outcomes must agree (exit code, result, rollback, each workload's result). The double
+stays the fast embedded default (the demo, the e2e and reliability tiers); this is what keeps it
+honest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploykit.simulate.cluster import Cluster
+from tests.real.plane import API_IMAGE, WORKER_IMAGE, ControlPlane, platform_docs, redis_volume
+from tests.real.script import ScriptHost
+from tests.test_deploy_script import Run
+
+# Each scenario: the steps (tag, the entry point), all on one namespace.
+SCENARIOS: dict[str, list[tuple[str, str]]] = {
+    "first deploy, then an update": [("v1", "deploy"), ("v2", "deploy")],
+    "a crash loop is rolled back": [("v1", "deploy"), ("crashloop", "deploy")],
+    "an image that cannot be pulled is rolled back": [("v1", "deploy"), ("missing", "deploy")],
+    "a config-only change": [("v1", "deploy"), ("v1-config", "deploy")],
+    "a dry run changes nothing": [("v1", "deploy"), ("v2", "dry-run")],
+    "a crash loop in a first deploy": [("crashloop", "deploy")],
+}
+BROKEN = {"crashloop": "CrashLoopBackOff", "missing": "ImagePullBackOff"}
+
+
+def outcome(run: Run) -> dict[str, Any]:
+    report = run.report
+    return {
+        "exit": run.code,
+        "result": report["result"],
+        "rollback": report.get("rollback"),
+        "workloads": {w["name"]: w["result"] for w in report.get("workloads", [])},
+    }
+
+
+def docs_for(ns: str, step: str) -> list[dict[str, Any]]:
+    tag, _, change = step.partition("-")
+    docs = platform_docs(ns, tag)
+    if change == "config":
+        for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                doc["data"]["LOG_LEVEL"] = "debug"
+    return docs
+
+
+def run_steps(host: ScriptHost, ns: str, steps: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    outcomes = []
+    for number, (step, entry) in enumerate(steps):
+        docs = docs_for(ns, step)
+        if entry == "dry-run":
+            outcomes.append(outcome(host.dry_run(docs, f"dry-{number}")))
+        else:
+            outcomes.append(outcome(host.deploy(docs, f"deploy-{number}")))
+    return outcomes
+
+
+def double_host(root: Path) -> ScriptHost:
+    root.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(root / "cluster.json")
+    bin_dir = root / "bin"
+    cluster.install_kubectl(bin_dir)
+    for tag, reason in BROKEN.items():
+        for image in (API_IMAGE, WORKER_IMAGE):
+            cluster.break_image(f"{image}:{tag}", reason)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBECTL_DOUBLE")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", KUBECTL_DOUBLE_STATE=str(cluster.path))
+    return ScriptHost(root / "host", env)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_the_double_and_the_real_api_agree(
+    scenario: str, control_plane: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    steps = SCENARIOS[scenario]
+    redis_volume(control_plane, ns)
+    real = run_steps(ScriptHost(tmp_path / "real", control_plane.env()), ns, steps)
+    double = run_steps(double_host(tmp_path / "double"), ns, steps)
+
+    assert double == real, f"{scenario}: the double says {double}, the real API {real}"
