@@ -49,7 +49,7 @@ test-reliability: setup
 
 # The real-cluster tier (tests/real): the deploy script against a real Kubernetes API server
 # built from upstream Go modules (tests/cluster/README.md). Needs Go 1.26+; the first build takes
-# about 11 minutes on 2 cores and is cached, then the control plane starts in about 25 s. Its
+# about 11 minutes on 2 cores and is cached, then the control plane starts in under 30 s. Its
 # tests run one after the other on one shared control plane (the deploy lock is cluster-wide).
 test-real: setup
 	@rc=0; $(PY) -m pytest tests/real || rc=$$?; \
