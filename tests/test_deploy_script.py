@@ -1259,3 +1259,14 @@ def test_a_pod_whose_owner_reference_is_crafted_runs_nothing(master: Master, tmp
 
     assert not marker.exists(), "a pod's metadata ran a command on the master"
     assert run.code == 0, run.stdout
+
+
+def test_objects_whose_names_are_not_dns_names_pass_the_check(master: Master) -> None:
+    """RBAC names may hold colons and capitals (system:..., acme:Reader): the bundle's index
+    carries them as they are."""
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "acme:Reader"}, "rules": []}
+
+    run = master.deploy([namespace(), role, configmap()])
+
+    assert run.code == 0, run.stdout

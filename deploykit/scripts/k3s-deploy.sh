@@ -1056,7 +1056,7 @@ check_bundle() {
     ns=${rest%%$'\t'*} rest=${rest#*$'\t'}
     object_name=${rest%%$'\t'*} defined_kind=${rest#*$'\t'}
     if [[ "$line" != *$'\t'*$'\t'*$'\t'* || "$defined_kind" == *$'\t'* ]] ||
-      [[ ! "$kind" =~ ^[A-Za-z][A-Za-z0-9]*$ || ! "$object_name" =~ $DNS_NAME_PATTERN ]] ||
+      [[ ! "$kind" =~ ^[A-Za-z][A-Za-z0-9]*$ || ! "$object_name" =~ ^[[:graph:]]+$ ]] ||
       [[ -n "$ns" && ! "$ns" =~ $DNS_LABEL_PATTERN ]]; then
       fail_early 5 check "bundle/objects.tsv has a line that is not KIND, NAMESPACE, NAME: the bundle is damaged"
     fi
@@ -1105,10 +1105,6 @@ check_bundle() {
   log "bundle ok: ${bundle_phase_files[*]}"
 }
 
-# True when every error line in file $1 is one a dry run must put up with: kubectl not knowing
-# a kind that a CustomResourceDefinition of this bundle defines and, when $2 is true, the API
-# server refusing an object whose namespace this bundle creates (it does not exist yet, so the
-# server cannot dry-run anything in it). Warnings are not errors.
 # Prints kubectl's errors in file $1 one per line. When one call fails for several objects,
 # kubectl may print them as one aggregate, "[error 1, error 2\nensure CRDs are installed
 # first]" (seen with apply --dry-run=server): that is taken apart here.
@@ -1123,6 +1119,10 @@ error_lines() {
   done <<<"$text"
 }
 
+# True when every error line in file $1 is one a dry run must put up with: kubectl not knowing
+# a kind that a CustomResourceDefinition of this bundle defines and, when $2 is true, the API
+# server refusing an object whose namespace this bundle creates (it does not exist yet, so the
+# server cannot dry-run anything in it). Warnings are not errors.
 only_ignorable_errors() {
   local line allow_new_namespaces=$2
   while IFS= read -r line; do
