@@ -635,22 +635,27 @@ def test_terminated_deploy_whose_undo_fails_keeps_its_state_and_the_lock_for_the
     assert master.lock_holder() == ""
 
 
-def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Master) -> None:
-    master.cluster.seed(as_yaml(platform()))
-    master.cluster.slow_rollout("deployment", NS, "worker", 120)
-    argv = master.command("deploy", "deploy-7", "--bundle", str(master.bundle(
-        platform(api_image="api:v2", worker_image="worker:v2"))), timeout=120)
+def _kill_once_applied(master: Master, deploy_id: str, workload: str, docs: list[dict]) -> None:
+    """Starts a deploy whose `workload` rolls out slowly and SIGKILLs its process group once
+    that Deployment took the new revision, as SSM's executionTimeout does: no trap runs."""
+    master.cluster.slow_rollout("deployment", NS, workload, 120)
+    argv = master.command("deploy", deploy_id, "--bundle", str(master.bundle(docs)), timeout=120)
     process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
-        while master.cluster.revision("deployment", NS, "worker") != "2":
+        while master.cluster.revision("deployment", NS, workload) != "2":
             assert time.monotonic() < deadline, "the deploy never applied"
             time.sleep(0.1)
     finally:
-        # As SSM's executionTimeout does: SIGKILL, no trap runs.
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    _kill_once_applied(master, "deploy-7", "worker",
+                       platform(api_image="api:v2", worker_image="worker:v2"))
     assert (master.state_root / "deploy-7" / "revisions.tsv").exists()
     assert (master.state_root / "deploy-7" / "k3s-deploy.sh").exists()
 
@@ -1079,19 +1084,7 @@ def test_a_rollback_state_line_without_a_key_is_skipped_not_fatal(master: Master
     """A kill can cut undone.tsv / undoing.tsv short: a line with no key once aborted the
     rollback (bash refuses an empty subscript) with no report and the lock held."""
     master.cluster.seed(as_yaml(platform()))
-    master.cluster.slow_rollout("deployment", NS, "api", 120)
-    argv = master.command("deploy", "deploy-k", "--bundle", str(master.bundle(
-        platform(api_image="api:v2"))), timeout=120)
-    process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while master.cluster.revision("deployment", NS, "api") != "2":
-            assert time.monotonic() < deadline, "the deploy never applied"
-            time.sleep(0.1)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    _kill_once_applied(master, "deploy-k", "api", platform(api_image="api:v2"))
     state = master.state_root / "deploy-k"
     (state / "undone.tsv").write_text("\t3\n")
     (state / "undoing.tsv").write_text("\n\t\n")
