@@ -256,31 +256,33 @@ def _build(client: Any, spec: BuildSpec, build_args: dict[str, str], cache: list
     step = "the start of the build"
     step_output: list[str] = []
     image_id = ""
-    try:
-        chunks = client.api.build(
-            path=str(spec.context),
-            dockerfile=str(spec.dockerfile),
-            tag=str(spec.image),
-            buildargs=build_args or None,
-            cache_from=cache or None,
-            rm=True,
-            forcerm=True,
-            decode=True,
-        )
-        for line, chunk in _lines(chunks):
-            if line is not None:
-                if _STEP.match(line):
-                    step, step_output = line, []
-                else:
-                    step_output.append(line)
-                gh.log(line)
-            elif "error" in chunk:
-                detail = chunk.get("errorDetail") or {}
-                _build_failed(spec, step, step_output, str(detail.get("message") or chunk["error"]))
-            elif isinstance(chunk.get("aux"), dict) and chunk["aux"].get("ID"):
-                image_id = chunk["aux"]["ID"]
-    except docker.errors.DockerException as exc:
-        _build_failed(spec, step, step_output, str(getattr(exc, "explanation", None) or exc))
+    # Untrusted: whoever wrote the Dockerfile or the build context decides what it prints.
+    with gh.untrusted():
+        try:
+            chunks = client.api.build(
+                path=str(spec.context),
+                dockerfile=str(spec.dockerfile),
+                tag=str(spec.image),
+                buildargs=build_args or None,
+                cache_from=cache or None,
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            for line, chunk in _lines(chunks):
+                if line is not None:
+                    if _STEP.match(line):
+                        step, step_output = line, []
+                    else:
+                        step_output.append(line)
+                    gh.log(line)
+                elif "error" in chunk:
+                    detail = chunk.get("errorDetail") or {}
+                    _build_failed(spec, step, step_output, str(detail.get("message") or chunk["error"]))
+                elif isinstance(chunk.get("aux"), dict) and chunk["aux"].get("ID"):
+                    image_id = chunk["aux"]["ID"]
+        except docker.errors.DockerException as exc:
+            _build_failed(spec, step, step_output, str(getattr(exc, "explanation", None) or exc))
     if not image_id:
         _build_failed(spec, step, step_output, "the engine reported no image")
     return image_id
@@ -300,25 +302,27 @@ def _push(client: Any, ref: ImageRef, auth: dict[str, str] | None, gh: Workflow)
     import docker
 
     digest = ""
-    try:
-        for chunk in client.api.push(ref.repository, tag=ref.tag, stream=True, decode=True, auth_config=auth):
-            if "error" in chunk:
-                reason = (chunk.get("errorDetail") or {}).get("message") or chunk["error"]
-                raise PushFailed(
-                    f"could not push {ref} to {image_registry(ref)}: {reason}",
-                    fix=FIX_PUSH,
-                )
-            aux = chunk.get("aux")
-            if isinstance(aux, dict) and aux.get("Digest"):
-                digest = str(aux["Digest"])
-            status = chunk.get("status")
-            if isinstance(status, str) and status not in _NOISY_PUSH_STATUSES:
-                gh.log(f"{chunk['id']}: {status}" if chunk.get("id") else status)
-    except docker.errors.DockerException as exc:
-        raise PushFailed(
-            f"could not push {ref} to {image_registry(ref)}: {getattr(exc, 'explanation', None) or exc}",
-            fix=FIX_PUSH,
-        ) from None
+    with gh.untrusted():  # the registry's messages
+        try:
+            chunks = client.api.push(ref.repository, tag=ref.tag, stream=True, decode=True, auth_config=auth)
+            for chunk in chunks:
+                if "error" in chunk:
+                    reason = (chunk.get("errorDetail") or {}).get("message") or chunk["error"]
+                    raise PushFailed(
+                        f"could not push {ref} to {image_registry(ref)}: {reason}",
+                        fix=FIX_PUSH,
+                    )
+                aux = chunk.get("aux")
+                if isinstance(aux, dict) and aux.get("Digest"):
+                    digest = str(aux["Digest"])
+                status = chunk.get("status")
+                if isinstance(status, str) and status not in _NOISY_PUSH_STATUSES:
+                    gh.log(f"{chunk['id']}: {status}" if chunk.get("id") else status)
+        except docker.errors.DockerException as exc:
+            raise PushFailed(
+                f"could not push {ref} to {image_registry(ref)}: {getattr(exc, 'explanation', None) or exc}",
+                fix=FIX_PUSH,
+            ) from None
     if not digest:
         raise PushFailed(
             f"could not push {ref} to {image_registry(ref)}: the engine reported no digest", fix=FIX_PUSH

@@ -26,9 +26,20 @@ def escape_property(text: str) -> str:
     return escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def neutralise(line: str) -> str:
-    """Make one line of untrusted text unable to issue a workflow command: `::name::` at the
-    start of a line, or the older `##[name]` form, which the runner still honours."""
+def neutralise(text: str) -> str:
+    """Make untrusted text unable to issue a workflow command.
+
+    The runner reads a step's output line by line, ending a line at LF, CR or CRLF, and takes a
+    line as a command when it starts with `::` after leading white space, or when it holds the
+    older `##[name]` form anywhere. So the text is cut at every line break (Python's, a
+    superset of the runner's), and each piece is defused on its own; the pieces are joined with
+    LF. A zero-width space goes between the colons and into `##[`, so the text still reads the
+    same.
+    """
+    return "\n".join(_neutralise_line(line) for line in text.splitlines())
+
+
+def _neutralise_line(line: str) -> str:
     line = line.replace("##[", "#\u200b#[")
     return line.replace("::", ":\u200b:") if line.lstrip().startswith("::") else line
 
@@ -81,13 +92,24 @@ class Workflow:
         finally:
             print("::endgroup::", file=self._out, flush=True)
 
+    @contextlib.contextmanager
+    def untrusted(self) -> Iterator[None]:
+        """A stretch of output that someone else wrote (the master's, the deploy script's, the
+        image build's): the runner is told to stop taking commands until it ends, under a
+        token nobody can guess, and each line is neutralised as well. Print no workflow
+        command of our own inside it: the runner would ignore it."""
+        token = secrets.token_hex(16)
+        print(f"::stop-commands::{token}", file=self._out, flush=True)
+        try:
+            yield
+        finally:
+            print(f"::{token}::", file=self._out, flush=True)
+
     def echo_untrusted(self, text: str) -> None:
         """Print remote output so that nothing in it can issue a workflow command."""
-        token = secrets.token_hex(16)
-        print(f"::stop-commands::{token}", file=self._out)
-        for line in text.splitlines():
-            print(neutralise(line), file=self._out)
-        print(f"::{token}::", file=self._out, flush=True)
+        with self.untrusted():
+            if body := neutralise(text):
+                print(body, file=self._out)
 
     # files
     def set_output(self, name: str, value: str) -> None:

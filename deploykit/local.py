@@ -215,7 +215,7 @@ def deploy_local(
         deadline = clock() + command.execution_timeout(settings)
         run = ScriptRun(argv, script_environment, root)
         try:
-            with gh.group("Output of the deploy script"):
+            with gh.group("Output of the deploy script"), gh.untrusted():
                 ended = run.follow(gh.log, deadline, clock)
         except JobCancelled:
             outcome.status = "cancelled"

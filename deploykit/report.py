@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +115,31 @@ def was_truncated(stdout: str, stderr: str) -> list[str]:
     return cut
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+# Every ASCII punctuation character: CommonMark lets a backslash escape any of them.
+_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]")
+_BACKTICKS = re.compile(r"`+")
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).splitlines())
+
+
+def _text(value: Any) -> str:
+    """Untrusted text (a message, a name from the cluster) as inline Markdown that shows as
+    itself: every ASCII punctuation character is backslash-escaped, so no link, image, HTML
+    tag, emphasis, table cell or autolink can form from it, and line breaks become spaces so
+    it stays in its table row or paragraph. GitHub's parser still links an e-mail address
+    whose `@` is escaped, so a word joiner (U+2060, invisible) goes before each `@`."""
+    return _PUNCTUATION.sub(lambda m: "\\" + m[0], _one_line(value)).replace("\\@", "\u2060\\@")
+
+
+def _code(value: Any) -> str:
+    """Untrusted text as a code span (nothing renders inside one), fenced by more backticks
+    than it holds; `|` stays escaped, which a table cell needs even inside code."""
+    text = _one_line(value).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in _BACKTICKS.findall(text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _fence(lines: list[str]) -> str:
@@ -152,12 +176,12 @@ def results_table(results: list[dict[str, Any]], region: str) -> list[str]:
         link = f"[`{command_id[:8]}`]({console_url(region, command_id)})" if command_id else "-"
         seconds = r.get("seconds")
         lines.append(
-            f"| `{_cell(r.get('instance-id', ''))}` | {_cell(r.get('name') or '-')} "
-            f"| {_cell(r.get('cluster') or '-')} "
-            f"| {RESULT_ICONS.get(r.get('status', ''), '')} {_cell(r.get('status', ''))} "
+            f"| {_code(r.get('instance-id', ''))} | {_text(r.get('name') or '-')} "
+            f"| {_text(r.get('cluster') or '-')} "
+            f"| {RESULT_ICONS.get(r.get('status', ''), '')} {_text(r.get('status', ''))} "
             f"| {str(bool(r.get('rolled-back'))).lower()} "
-            f"| {_cell('-' if r.get('exit-code') is None else r['exit-code'])} "
-            f"| {'-' if seconds is None else _cell(seconds)} | {link} | {_cell(r.get('message', ''))} |"
+            f"| {_text('-' if r.get('exit-code') is None else r['exit-code'])} "
+            f"| {'-' if seconds is None else _text(seconds)} | {link} | {_text(r.get('message', ''))} |"
         )
     return [*lines, ""]
 
@@ -170,12 +194,12 @@ def failure_section(failure: dict[str, Any]) -> list[str]:
     lines = [
         "### What failed",
         "",
-        f"Pod `{_cell(failure.get('pod', ''))}`, container `{_cell(failure.get('container') or '?')}` "
-        f"of {_cell(where)}: **{_cell(failure.get('reason', ''))}**",
+        f"Pod {_code(failure.get('pod', ''))}, container {_code(failure.get('container') or '?')} "
+        f"of {_text(where)}: **{_text(failure.get('reason', ''))}**",
         "",
     ]
     if failure.get("message"):
-        lines += [f"> {_cell(failure['message'])}", ""]
+        lines += [f"> {_text(failure['message'])}", ""]
     log = [str(line) for line in failure.get("log") or []]
     if log:
         lines += ["Last lines of its log:", "", _fence(log)]
@@ -204,9 +228,9 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
         )
     lines = [f"## {headline}", ""]
     if outcome.message:
-        lines += [_cell(outcome.message), ""]
-    if outcome.fix:
-        lines += [f"**How to fix:** {_cell(outcome.fix)}", ""]
+        lines += [_text(outcome.message), ""]
+    if outcome.fix:  # the action's own advice (errors.py), Markdown it wrote itself
+        lines += [f"**How to fix:** {_one_line(outcome.fix)}", ""]
     lines += ["| | |", "|---|---|"]
     if outcome.results is not None:  # fleet mode: the instances have their own table below
         lines.append(f"| Instances | {len(outcome.results)} |")
@@ -216,13 +240,13 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
             lines.append(f"| Commands | {links} |")
     else:
         if outcome.instance_id:
-            lines.append(f"| Instance | `{outcome.instance_id}` |")
+            lines.append(f"| Instance | {_code(outcome.instance_id)} |")
         if outcome.command_id:
             lines.append(f"| Command | [`{outcome.command_id}`]({console_url(region, outcome.command_id)}) |")
     lines.append(f"| Status | `{outcome.status}` (rolled back: {str(outcome.rolled_back).lower()}) |")
     lines.append(f"| Duration | {outcome.duration} s |")
     if outcome.images:
-        lines.append("| Images | " + "<br>".join(f"`{_cell(image)}`" for image in outcome.images) + " |")
+        lines.append("| Images | " + "<br>".join(_code(image) for image in outcome.images) + " |")
     lines.append("")
     if outcome.results is not None:
         lines += results_table(outcome.results, region)
@@ -239,8 +263,8 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
                 name = f"{w['namespace']}/{name}"
             revision = f"{w.get('revision_before') or '-'} → {w.get('revision_after') or '-'}"
             lines.append(
-                f"| {_cell(name)} | {_cell(w.get('ready', '?'))}/{_cell(w.get('desired', '?'))} "
-                f"| {_cell(w.get('updated', '?'))} | {_cell(revision)} | {_cell(w.get('result', ''))} |"
+                f"| {_text(name)} | {_text(w.get('ready', '?'))}/{_text(w.get('desired', '?'))} "
+                f"| {_text(w.get('updated', '?'))} | {_text(revision)} | {_text(w.get('result', ''))} |"
             )
         lines.append("")
     failure = report.get("failure") if report else None

@@ -7,8 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deploykit.github import SUMMARY_LIMIT, Workflow, escape_data, escape_property, neutralise
+from tests.runner import commands, issued_by
 
 
 def workflow(tmp_path: Path) -> tuple[Workflow, io.StringIO]:
@@ -217,3 +220,57 @@ def test_a_small_summary_is_written_whole(tmp_path):
 def test_neutralise_defuses_the_old_hash_bracket_command_form_anywhere_in_a_line():
     line = "progress ##[set-output name=status;]success"
     assert "##[" not in neutralise(line)
+
+
+# the runner's own reading of the output (tests/runner.py)
+
+# What a build step, a container log or a kubectl error can print: each carries PWNED, so a
+# command it manages to issue is found by its line.
+HOSTILE = [
+    "10%\r::warning::PWNED progress bar",
+    "a\n::error::PWNED after a line feed",
+    "a\r\n::add-mask::PWNED",
+    "\r\n  ::set-output name=status::PWNED",
+    "x ##[error]PWNED old form mid-line",
+    "::stop-commands::PWNED-token",
+    "\x1b[31m\r::group::PWNED behind an ANSI escape and a CR",
+    "\u2028::notice::PWNED after a Unicode line separator",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_log_leaves_the_runner_no_command_on_any_line_break(tmp_path, text):
+    gh, out = workflow(tmp_path)
+    gh.log(text)
+    assert issued_by(out.getvalue(), "PWNED") == [], repr(out.getvalue())
+    assert "PWNED" in out.getvalue()  # shown, defused
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_untrusted_output_issues_nothing_even_unfenced(tmp_path, text):
+    gh, out = workflow(tmp_path)
+    gh.echo_untrusted(text)
+    assert issued_by(out.getvalue(), "PWNED") == []
+    # The fence alone would stop them; each line is defused as well, in case it is left open.
+    fenced = out.getvalue().splitlines()
+    assert issued_by("\n".join(fenced[1:-1]), "PWNED") == []
+
+
+@given(st.lists(st.sampled_from(["::", "##[", "]", "\r", "\n", "\r\n", " ", "\t", "error", "x",
+                                 "PWNED", "\u2028", "\x85", "%", "\x1b["]), max_size=24))
+def test_no_mix_of_separators_and_colons_makes_a_command(parts):
+    text = "".join(parts)
+    assert issued_by(neutralise(text), "PWNED") == []
+    assert commands(neutralise(text)) == []
+
+
+def test_untrusted_stretch_resumes_commands_even_when_it_raises(tmp_path):
+    gh, out = workflow(tmp_path)
+    with pytest.raises(RuntimeError), gh.untrusted():
+        gh.log("::error::PWNED inside")
+        raise RuntimeError("build failed")
+    gh.error("Build failed", "ours")
+    found = commands(out.getvalue())
+    assert [c.name for c in found] == ["stop-commands", found[1].name, "error"]
+    assert found[1].name == found[0].data  # the resume token closes the stretch
+    assert found[2].data == "ours"

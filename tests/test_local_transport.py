@@ -23,8 +23,10 @@ from deploykit.inputs import parse_settings
 from deploykit.local import script_arguments
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import parse_key_values
+from tests import markdown
 from tests import sample_platform as platform
 from tests.e2e.conftest import API, NS, WORKER, platform_manifests
+from tests.runner import named
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -118,7 +120,7 @@ def test_local_deploy_succeeds_with_no_aws_at_all(job: Job) -> None:
         "", "", "")
     assert "Transport local" in run.log and "no AWS call" in run.log
     assert job.cluster.image_of("deployment", NS, "api") == f"{API}:v1"
-    assert "2/2" in run.summary and "all 3 workload(s) ready and healthy" in run.summary
+    assert "2/2" in run.summary and "all 3 workload(s) ready and healthy" in markdown.shown(run.summary)
     api = job.cluster.get("deployment", NS, "api")["metadata"]["annotations"]
     assert api["k3s-deploy-action/commit-sha"] == SHA
     assert api["k3s-deploy-action/run-url"] == "https://github.com/acme/production-platform/actions/runs/77"
@@ -150,7 +152,7 @@ def test_local_dry_run_puts_the_diff_in_the_summary_and_changes_nothing(job: Job
     assert "Dry run: nothing was changed" in run.summary
     assert "### Diff" in run.summary and "```diff" in run.summary
     assert f"+      - image: {API}:v2" in run.summary
-    assert "1 object(s) would change" in run.summary
+    assert "1 object(s) would change" in markdown.shown(run.summary)
     assert job.cluster.objects() == before
 
 
@@ -215,3 +217,20 @@ def test_local_deploy_cancelled_mid_rollout_undoes_what_it_changed(job: Job) -> 
     assert job.cluster.image_of("deployment", NS, "worker") == f"{WORKER}:v1", run.log
     lease = job.cluster.get("lease", "kube-system", "k3s-deploy-lock")
     assert lease is None or not lease["spec"].get("holderIdentity"), "the lock was left held"
+
+
+def test_a_container_log_cannot_issue_workflow_commands_through_the_script_output(job: Job) -> None:
+    """The script prints the failing container's log; under transport local that output goes
+    to the runner as it comes, so it is fenced and each line defused (#15, finding 3)."""
+    assert job.deploy().outputs["status"] == "success"
+    job.cluster.break_image(
+        f"{API}:v2", "CrashLoopBackOff",
+        log="10%\r::pwned::by a CR\nok\r\n::pwned title=x::by a CRLF\n##[pwned name=status;]old form",
+    )
+
+    run = job.deploy(images=f"{API}:v2\n{WORKER}:v1", timeout="600")
+
+    assert run.outputs["status"] == "rolled-back", run.log
+    assert "by a CRLF" in run.log  # the log is shown...
+    assert named(run.log, "pwned") == []  # ...and issues nothing
+    assert named(run.log, "error"), "the action's own error is kept"

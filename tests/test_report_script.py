@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from deploykit import report
 from deploykit.report import Outcome, conclude, parse_diff, summary_markdown
+from tests import markdown
 
 FAILURE = {"workload": "deployment/api", "namespace": "production-platform", "pod": "api-7d9c-x2x",
            "container": "api", "reason": "CrashLoopBackOff",
@@ -41,12 +44,12 @@ def test_conclude_maps_the_report_to_the_status(code, found, status, rolled_back
 def test_the_summary_shows_the_failed_container_and_its_log() -> None:
     outcome = Outcome(status="rolled-back", rolled_back=True, message="m",
                       report={"failure": FAILURE, "workloads": []})
-    text = summary_markdown(outcome, "eu-west-1")
-    assert "### What failed" in text
-    assert "Pod `api-7d9c-x2x`, container `api` of production-platform/deployment/api: " \
-           "**CrashLoopBackOff**" in text
-    assert "> back-off 10s restarting failed container=api" in text
-    assert "```\nstart\npanic: boom\n```" in text
+    rendered = markdown.render(summary_markdown(outcome, "eu-west-1"))
+    assert "<h3>What failed</h3>" in rendered
+    assert ("<p>Pod <code>api-7d9c-x2x</code>, container <code>api</code> of "
+            "production-platform/deployment/api: <strong>CrashLoopBackOff</strong></p>") in rendered
+    assert "<blockquote>\n<p>back-off 10s restarting failed container=api</p>" in rendered
+    assert "<pre><code>start\npanic: boom\n</code></pre>" in rendered
 
 
 def test_the_dry_run_summary_fences_the_diff_and_cuts_it_to_fit() -> None:
@@ -65,3 +68,51 @@ def test_the_dry_run_summary_fences_the_diff_and_cuts_it_to_fit() -> None:
 def test_a_failed_dry_run_says_nothing_was_changed() -> None:
     text = summary_markdown(Outcome(status="failed", dry_run=True), "eu-west-1")
     assert text.startswith("## ❌ Deploy failed (dry run: nothing was changed)")
+
+
+# What a crashing container, a pod's name or a Name tag may hold: none of it may render as
+# anything but itself in the summary (#15, finding 4).
+HOSTILE = [
+    "[click](https://evil.example/x)",
+    "![pixel](https://evil.example/p.png)",
+    "<img src=https://evil.example/i.png>",
+    "<a href='https://evil.example'>x</a>",
+    "https://evil.example/bare www.evil.example mail@evil.example",
+    "**bold** _em_ ~~strike~~",
+    "`code` ``double`` ```",
+    "| a cell | break",
+    "line1\nline2\r# heading",
+    "<details><summary>x</summary>y</details>",
+    "&lt;script&gt; &amp;",
+    "\\[escaped\\](https://evil.example/e)",
+]
+ALLOWED_TAGS = {"h2", "h3", "p", "table", "thead", "tbody", "tr", "th", "td", "strong", "code",
+                "pre", "br", "blockquote", "a"}
+
+
+def hostile_outcome(value: str) -> Outcome:
+    failure = {"workload": value, "namespace": value, "pod": value, "container": value,
+               "reason": value, "message": value, "log": [value, "panic"]}
+    workload = {"kind": value, "name": value, "namespace": value, "ready": value, "desired": "2",
+                "updated": value, "revision_before": value, "revision_after": "2", "result": value}
+    instance = {"instance-id": value, "name": value, "cluster": value, "status": value,
+                "exit-code": value, "seconds": value, "command-id": "c-1", "message": value}
+    return Outcome(status="rolled-back", rolled_back=True, message=value, images=[value, "b:1"],
+                   instance_id=value, diff=value, results=[instance],
+                   report={"failure": failure, "workloads": [workload], "pods": [value],
+                           "events": [value]})
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_nothing_untrusted_renders_as_markup_in_the_summary(value: str) -> None:
+    rendered = markdown.render(summary_markdown(hostile_outcome(value), "eu-west-1"))
+    assert markdown.tags(rendered) <= ALLOWED_TAGS, rendered
+    links = re.findall(r'<a href="([^"]*)"', rendered)
+    assert links and all(
+        link.startswith("https://eu-west-1.console.aws.amazon.com/systems-manager/run-command/c-1?")
+        for link in links), links
+    assert rendered.count("<strong>") == 1  # the failure's reason, ours
+    shown = markdown.text(rendered)
+    flat = " ".join(value.splitlines())
+    shown = shown.replace("\u2060", "")  # the word joiner that keeps an address from linking
+    assert shown.count(flat) >= 8, shown  # message, failure, workload, instance... all shown as is

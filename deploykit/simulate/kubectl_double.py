@@ -2022,7 +2022,11 @@ def command_logs(positional: list[str], flags: dict) -> int:
                   else waiting.get("reason"))
         raise KubectlError(f'Error from server (BadRequest): container "{container}" in pod '
                            f'"{pod_name}" is waiting to start: {detail}')
-    lines = text.splitlines()
+    # Lines end at LF only, as the kubelet's log lines do: a CR stays inside its line, as real
+    # kubectl passes it through (a progress bar's, or a hostile one's).
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
     tail = int(tail_text)
     if tail >= 0:
         lines = lines[-tail:] if tail else []

@@ -13,6 +13,7 @@ import pytest
 
 from deploykit.simulate import kubectl_double
 from deploykit.simulate.cluster import Cluster
+from tests import markdown
 from tests.e2e.conftest import API, NS, WORKER, platform_manifests
 
 from .conftest import WORKSPACE, RunAction, docker
@@ -77,7 +78,7 @@ def test_local_deploy_runs_the_script_in_the_container_with_no_aws(
     assert run.outputs["status"] == "success"
     assert run.outputs["instance-id"] == run.outputs["bucket"] == ""
     assert cluster.image_of("deployment", NS, "api") == f"{API}:v1"
-    assert "all 3 workload(s) ready and healthy" in run.summary
+    assert "all 3 workload(s) ready and healthy" in markdown.shown(run.summary)
     lease = cluster.get("lease", "kube-system", "k3s-deploy-lock")
     assert lease is not None and lease["spec"]["holderIdentity"] == ""
 

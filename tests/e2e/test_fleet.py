@@ -14,6 +14,7 @@ import pytest
 
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
+from tests import markdown
 from tests.e2e.conftest import API, NS, World, platform_manifests
 
 pytestmark = pytest.mark.e2e
@@ -225,4 +226,4 @@ def test_a_dry_run_checks_every_cluster_and_changes_none(fleet: World) -> None:
     assert len(found) == 3
     assert all(entry["message"] == "dry run passed; nothing changed" for entry in found.values())
     assert all(api_image(m) is None for m in masters(fleet))
-    assert "Dry run on all 3 instance(s)" in run.summary
+    assert "Dry run on all 3 instance(s)" in markdown.shown(run.summary)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from deploykit.simulate.runner import ActionRun, run_action
+from tests import markdown
 from tests.e2e.conftest import API, NS, WORKER, World, platform_manifests
 
 pytestmark = pytest.mark.e2e
@@ -90,7 +91,7 @@ def test_dry_run_through_ssm_puts_the_diff_in_the_summary_and_changes_nothing(
     assert run.outputs["status"] == "success"
     assert "```diff" in run.summary
     assert f"-      - image: {API}:v1" in run.summary and f"+      - image: {API}:v2" in run.summary
-    assert "2 object(s) would change" in run.summary
+    assert "2 object(s) would change" in markdown.shown(run.summary)
     assert world.cluster.objects() == before
     assert len(world.sim.sent_commands()) == sent_before + 1  # the dry run, no rollback
     assert world.buckets() == []

@@ -12,6 +12,7 @@ import pytest
 
 from tests.registry.conftest import NS, Registry, log_without_masks, open_world
 from tests.registry.test_build_and_deploy import TAG, build_inputs
+from tests.runner import named
 
 pytestmark = pytest.mark.registry
 
@@ -104,3 +105,23 @@ def test_a_login_over_tls_builds_pushes_and_deploys(
         ]
         assert tls_registry.password not in log_without_masks(run.log) + run.summary
         assert world.cluster.image_of("deployment", NS, "api") == f"{world.api}:{TAG}"
+
+
+def test_build_output_cannot_issue_workflow_commands(
+    plain_registry: Registry, base_image: str, tmp_path: Path
+) -> None:
+    """What a build step prints is the build context's to decide: a progress bar's CR or a line
+    feed in it must not start a workflow command (#15, finding 3)."""
+    with open_world(tmp_path, plain_registry) as world:
+        (world.workspace / "app" / "api" / "Dockerfile").write_text(
+            "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n"
+            r"RUN printf '10%%\r::pwned::by a CR\nok\r\n::pwned title=x::by a CRLF\n'"
+            r" && printf 'x ##[pwned]old form\n' && exit 3" "\n"
+        )
+        run = world.deploy(**build_inputs(world, base_image))
+
+        assert run.outputs["status"] == "failed"
+        assert "by a CRLF" in run.log  # shown...
+        assert named(run.log, "pwned") == []  # ...and issuing nothing
+        assert any("failed at Step 3/3" in c.data for c in named(run.log, "error"))
+        assert world.untouched()
