@@ -14,6 +14,9 @@ import cmarkgfm
 from cmarkgfm.cmark import Options
 
 EXTENSIONS = ["table", "autolink", "strikethrough", "tagfilter"]
+# The elements the action's summary is made of; anything else came from untrusted text.
+SUMMARY_TAGS = {"h2", "h3", "p", "table", "thead", "tbody", "tr", "th", "td", "strong", "code",
+                "pre", "br", "blockquote", "a"}
 TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9]*)")
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from deploykit.simulate.aws import SimulatedAWS
 from deploykit.simulate.runner import ActionRun, parse_key_values, run_action
+from tests import markdown
 from tests.real.plane import (
     API_IMAGE,
     WORKER_IMAGE,
@@ -28,6 +29,7 @@ from tests.real.plane import (
     platform_docs,
     redis_volume,
 )
+from tests.runner import named
 
 REPO = Path(__file__).resolve().parents[2]
 # The kubelet restarts a crashing container after 10 s; the script calls it a loop at its
@@ -127,40 +129,108 @@ def test_example_platform_through_ssm_on_the_real_api(
     assert [b["Name"] for b in sim.client("s3").list_buckets().get("Buckets", [])] == []
 
 
+def run_local(plane: ControlPlane, workspace: Path, files: Path, inputs: dict[str, str]) -> ActionRun:
+    """The action as the runner starts it, with `transport: local` against the control plane's
+    kubeconfig (copied into the workspace) and no AWS at all."""
+    if not (workspace / ".kube" / "config").exists():
+        (workspace / ".kube").mkdir(parents=True, exist_ok=True)
+        shutil.copy(plane.kubeconfig, workspace / ".kube" / "config")
+    files.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "TMPDIR")}
+    env.update(
+        PATH=f"{plane.kubectl_path.parent}:{os.environ['PATH']}",
+        PYTHONPATH=str(REPO), GITHUB_ACTIONS="true", GITHUB_WORKSPACE=str(workspace),
+        GITHUB_SHA="0123456789abcdef0123456789abcdef01234567",
+        GITHUB_SERVER_URL="https://github.com", GITHUB_REPOSITORY="acme/production-platform",
+        GITHUB_RUN_ID="77", GITHUB_OUTPUT=str(files / "output"),
+        GITHUB_STEP_SUMMARY=str(files / "summary"), GITHUB_STATE=str(files / "state"),
+        # Any AWS call would fail: nowhere to connect, nothing to sign with.
+        AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(files / "none"), AWS_SHARED_CREDENTIALS_FILE=str(files / "none"),
+    )
+    inputs = {"transport": "local", "kubeconfig": ".kube/config", **inputs}
+    env.update({f"INPUT_{k.upper()}": v for k, v in inputs.items()})
+    for name in ("output", "summary", "state"):
+        (files / name).write_text("")
+    done = subprocess.run([sys.executable, str(REPO / "entrypoint.py")], cwd=workspace,
+                          env=env, capture_output=True, text=True, timeout=400, check=False)
+    return ActionRun(done.returncode, done.stdout + done.stderr,
+                     parse_key_values((files / "output").read_text()),
+                     (files / "summary").read_text(),
+                     parse_key_values((files / "state").read_text()))
+
+
 def test_example_platform_through_transport_local_on_the_real_api(
     control_plane: ControlPlane, ns: str, tmp_path: Path
 ) -> None:
     workspace = tmp_path / "workspace"
     write_workspace(workspace, ns)
-    (workspace / ".kube").mkdir()
-    shutil.copy(control_plane.kubeconfig, workspace / ".kube" / "config")
-    files = tmp_path / "files"
-    files.mkdir()
     redis_volume(control_plane, ns)
 
     def deploy(tag: str) -> ActionRun:
-        env = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "TMPDIR")}
-        env.update(
-            PATH=f"{control_plane.kubectl_path.parent}:{os.environ['PATH']}",
-            PYTHONPATH=str(REPO), GITHUB_ACTIONS="true", GITHUB_WORKSPACE=str(workspace),
-            GITHUB_SHA="0123456789abcdef0123456789abcdef01234567",
-            GITHUB_SERVER_URL="https://github.com", GITHUB_REPOSITORY="acme/production-platform",
-            GITHUB_RUN_ID="77", GITHUB_OUTPUT=str(files / "output"),
-            GITHUB_STEP_SUMMARY=str(files / "summary"), GITHUB_STATE=str(files / "state"),
-            # Any AWS call would fail: nowhere to connect, nothing to sign with.
-            AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_EC2_METADATA_DISABLED="true",
-            AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-        )
-        inputs = {"transport": "local", "kubeconfig": ".kube/config", "images": IMAGES,
-                  "image-tag": tag, "timeout": "180", "manifests": "k8s/base"}
-        env.update({f"INPUT_{k.upper()}": v for k, v in inputs.items()})
-        for name in ("output", "summary", "state"):
-            (files / name).write_text("")
-        done = subprocess.run([sys.executable, str(REPO / "entrypoint.py")], cwd=workspace,
-                              env=env, capture_output=True, text=True, timeout=400, check=False)
-        return ActionRun(done.returncode, done.stdout + done.stderr,
-                         parse_key_values((files / "output").read_text()),
-                         (files / "summary").read_text(),
-                         parse_key_values((files / "state").read_text()))
+        inputs = {"images": IMAGES, "image-tag": tag, "timeout": "180", "manifests": "k8s/base"}
+        return run_local(control_plane, workspace, tmp_path / "files", inputs)
 
     check_three_deploys(control_plane, ns, deploy)
+
+
+HOSTILE_NS = "k3s-deploy-hostile"  # tests/cluster/kwok.yaml serves pod hostile-0 a hostile log
+HOSTILE_TEXT = (
+    "line one\n::pwned::by a LF\r::pwned::by a CR $(touch {marker}) `touch {marker}` "
+    "\x1b[31m::pwned::after an ANSI escape | [click](https://evil.example/x) "
+    "![i](https://evil.example/i.png) <img src=x> **bold** ##[pwned]old form"
+)
+
+
+def test_hostile_logs_and_events_run_nothing_issue_nothing_and_render_nothing(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """#15: what the cluster says is data. A crash-looping pod whose log and whose warning
+    events hold CR, LF, ANSI escapes, workflow commands, shell syntax and Markdown: the deploy
+    shows them, and nothing runs, no workflow command is issued, nothing renders."""
+    marker = control_plane.kubeconfig.parent / "pwned"
+    marker.unlink(missing_ok=True)
+    control_plane.kubectl("delete", "namespace", HOSTILE_NS, "--ignore-not-found", "--timeout=60s",
+                          check=False)
+    control_plane.kubectl("create", "namespace", HOSTILE_NS)
+    hostile = HOSTILE_TEXT.format(marker=marker)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    control_plane.apply([{
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"hostile.{i}", "namespace": HOSTILE_NS},
+        "involvedObject": {"kind": "Pod", "name": "hostile-0", "namespace": HOSTILE_NS},
+        "reason": reason, "message": hostile, "type": "Warning", "count": 1,
+        "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "kubelet"},
+    } for i, reason in enumerate(["Pwned$(id)|x", "Pwned`id`"])])
+    workspace = tmp_path / "workspace"
+    (workspace / "k8s").mkdir(parents=True)
+    (workspace / "k8s" / "hostile.yaml").write_text(yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HOSTILE_NS}},
+        {"apiVersion": "apps/v1", "kind": "StatefulSet",
+         "metadata": {"name": "hostile", "namespace": HOSTILE_NS},
+         "spec": {"serviceName": "hostile", "replicas": 1,
+                  "selector": {"matchLabels": {"app": "hostile"}},
+                  "template": {"metadata": {"labels": {"app": "hostile"}},
+                               "spec": {"containers": [
+                                   {"name": "app", "image": "docker.io/acme/hostile:v1"}]}}}},
+    ]))
+    try:
+        run = run_local(control_plane, workspace, tmp_path / "files", {
+            "images": "docker.io/acme/hostile", "image-tag": "crashloop", "timeout": "120",
+            "manifests": "k8s", "namespace": HOSTILE_NS})
+    finally:
+        control_plane.release_lock()
+
+    assert run.outputs["status"] in ("failed", "rolled-back"), run.log
+    assert "CrashLoopBackOff" in run.log
+    assert "by a CR" in run.log and "after an ANSI escape" in run.log  # the log was shown...
+    assert "Pwned$(id)|x" in run.log and "Pwned`id`" in run.log  # ...and the events
+    assert named(run.log, "pwned") == [], "the cluster's text issued a workflow command"
+    assert not marker.exists(), "the cluster's text ran a command"
+    rendered = markdown.render(run.summary)
+    assert markdown.tags(rendered) <= markdown.SUMMARY_TAGS, rendered
+    assert "<a " not in rendered, rendered
+    shown = markdown.text(rendered)
+    assert "[click](https://evil.example/x)" in shown and "CrashLoopBackOff" in shown
+    assert "Pwned$(id)|x" in shown  # the events, in the summary too
+    control_plane.kubectl("delete", "namespace", HOSTILE_NS, "--wait=false", check=False)
