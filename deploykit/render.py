@@ -75,10 +75,25 @@ class Bundle:
     workloads: tuple[tuple[str, str, str], ...]  # (kind, namespace, name)
 
 
+FIX_LINK = (
+    "Copy the file or folder into the manifests folder instead of linking to it: a link could "
+    "make the deploy read (and quote, in an error) any file the job can see."
+)
+
+
+def _refuse_links(path: Path, workspace: Path) -> None:
+    """No symbolic link under the manifests folder, to a file or a folder, wherever it leads:
+    the folder is what the deploy applies, and nothing else. The target is not named."""
+    for link in (p for p in path.rglob("*") if p.is_symlink()):
+        where = link.relative_to(workspace) if link.is_relative_to(workspace) else link
+        raise ManifestError(f"{where} is a symbolic link; refusing to follow it", fix=FIX_LINK)
+
+
 def find_manifest_files(path: Path, workspace: Path) -> list[Path]:
     if path.is_file():
         files = [path]
     else:
+        _refuse_links(path, workspace)
         files = sorted(
             (p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()),
             key=lambda p: p.relative_to(path).as_posix(),
@@ -277,8 +292,20 @@ def pack(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
+# The deploy script's lock (LOCK_NAMESPACE/LOCK_NAME in scripts/k3s-deploy.sh, which refuses it
+# too): a bundle that held it would overwrite the holder of a running deploy.
+LOCK_LEASE = ("Lease", "kube-system", "k3s-deploy-lock")
+
+
 def build_bundle(path: Path, workspace: Path, images: Iterable[ImageRef]) -> Bundle:
     manifests = read_manifests(path, workspace)
+    for m in manifests:
+        if (m.kind, m.namespace, m.name) == LOCK_LEASE:
+            raise ManifestError(
+                f"{m.source}: Lease kube-system/k3s-deploy-lock is the deploy lock itself; "
+                "applying it would break the lock of a deploy that holds it",
+                fix="Remove that Lease from the manifests: the deploy takes and releases it.",
+            )
     apply_pins(manifests, images)
     phases: dict[str, list[dict[str, Any]]] = {}
     for manifest in manifests:

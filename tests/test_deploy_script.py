@@ -411,6 +411,24 @@ def test_namespaced_object_without_its_namespace_is_rejected_before_anything_cha
     assert master.cluster.get("namespace", "", "monitoring") is None
 
 
+def test_a_bundle_holding_the_deploy_lock_is_rejected_before_anything_changes(
+        master: Master) -> None:
+    """#15: applying the lock's own Lease would hand it to whoever the manifest names."""
+    master.cluster.seed(as_yaml([namespace()]))
+    before = master.objects()
+    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+             "metadata": {"name": "k3s-deploy-lock", "namespace": "kube-system"},
+             "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 1}}
+
+    run = master.deploy([configmap(), lease, deployment("api", "api:v1")])
+
+    assert run.code == 5, run.stdout
+    assert (run.report["step"], run.report["rollback"]) == ("check", "not-needed")
+    assert "Lease kube-system/k3s-deploy-lock, the deploy lock itself" in run.report["message"]
+    assert master.objects() == before
+    assert master.lock_holder() in (None, "")
+
+
 def test_malformed_manifest_is_rejected_before_anything_changes(master: Master) -> None:
     master.cluster.seed(as_yaml([namespace()]))
     before = master.objects()

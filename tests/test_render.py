@@ -303,13 +303,23 @@ def test_a_symlinked_manifest_leading_outside_the_workspace_is_refused(workspace
     (workspace / "k8s" / "linked.yaml").symlink_to(secret)
     with pytest.raises(ManifestError) as caught:
         bundle(workspace)
-    assert caught.value.message.startswith("k8s/linked.yaml is a link leading outside the workspace")
+    assert caught.value.message == "k8s/linked.yaml is a symbolic link; refusing to follow it"
+    assert str(secret) not in caught.value.message
 
 
-def test_a_symlinked_manifest_inside_the_workspace_is_read(workspace):
+@pytest.mark.parametrize("target", ["shared.yaml", "not-yaml.txt", "folder"])
+def test_a_symbolic_link_in_the_manifests_folder_is_refused_wherever_it_leads(workspace, target):
+    """#15: a link inside the workspace could still lead to any file of it (a .env, a key),
+    whose content a parse error would quote."""
     (workspace / "shared.yaml").write_text(CONFIG.replace("api-config", "shared"))
-    (workspace / "k8s" / "shared.yaml").symlink_to(workspace / "shared.yaml")
-    assert "shared" in [m.name for m in bundle(workspace).manifests]
+    (workspace / "not-yaml.txt").write_text("API_KEY=secret-value: [\n")
+    (workspace / "folder").mkdir()
+    (workspace / "k8s" / "sub").mkdir()
+    (workspace / "k8s" / "sub" / "link.yaml").symlink_to(workspace / target)
+    with pytest.raises(ManifestError) as caught:
+        bundle(workspace)
+    assert caught.value.message == "k8s/sub/link.yaml is a symbolic link; refusing to follow it"
+    assert "secret-value" not in caught.value.message and "Copy the file" in (caught.value.fix or "")
 
 
 def test_an_empty_folder_is_refused_with_a_fix(workspace):
@@ -330,3 +340,17 @@ def test_a_name_with_a_tab_is_refused_since_it_would_break_workloads_tsv(workspa
     write(workspace, {"k8s/tab.yaml": 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: "a\\tb"}\n'})
     with pytest.raises(ManifestError, match=r"k8s/tab\.yaml, document 1: metadata\.name contains a tab"):
         bundle(workspace)
+
+
+def test_the_deploy_lock_lease_in_the_manifests_is_refused(workspace):
+    """#15: the lock's Lease in the bundle would overwrite a running deploy's hold on it."""
+    (workspace / "k8s" / "lease.yaml").write_text(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\n"
+        "metadata: {name: k3s-deploy-lock, namespace: kube-system}\nspec: {holderIdentity: me}\n")
+    with pytest.raises(ManifestError) as caught:
+        bundle(workspace)
+    assert caught.value.message.startswith("k8s/lease.yaml, document 1: Lease kube-system/k3s-deploy-lock")
+    (workspace / "k8s" / "lease.yaml").write_text(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\n"
+        "metadata: {name: my-app-leader, namespace: kube-system}\n")
+    assert "my-app-leader" in [m.name for m in bundle(workspace).manifests]

@@ -1060,6 +1060,9 @@ check_bundle() {
       [[ -n "$ns" && ! "$ns" =~ $DNS_LABEL_PATTERN ]]; then
       fail_early 5 check "bundle/objects.tsv has a line that is not KIND, NAMESPACE, NAME: the bundle is damaged"
     fi
+    if [[ "$kind" == Lease && "$ns" == "$LOCK_NAMESPACE" && "$object_name" == "$LOCK_NAME" ]]; then
+      fail_early 5 check "the bundle holds Lease $LOCK_NAMESPACE/$LOCK_NAME, the deploy lock itself: applying it would break the lock; remove it from the manifests"
+    fi
     if [[ "$kind" == Namespace ]]; then
       bundle_namespaces[$object_name]=1
     elif [[ "$kind" == CustomResourceDefinition ]]; then
