@@ -698,6 +698,61 @@ def test_rollback_entry_point_undoes_a_killed_deploy_and_forgets_it(master: Mast
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
 
 
+def _kill_once_recorded(master: Master, deploy_id: str, kind: str, name: str,
+                       docs: list[dict]) -> None:
+    """Starts a deploy whose `kind/name` rolls out slowly and SIGKILLs its process group once
+    the deploy recorded the revisions it applied (STATE/ID/applied.tsv)."""
+    master.cluster.slow_rollout(kind, NS, name, 120)
+    argv = master.command("deploy", deploy_id, "--bundle", str(master.bundle(docs)), timeout=120)
+    process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (master.state_root / deploy_id / "applied.tsv").exists():
+            assert time.monotonic() < deadline, "the deploy never recorded what it applied"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    master.cluster.slow_rollout(kind, NS, name, 0)
+
+
+def test_a_rollback_leaves_alone_a_workload_someone_else_changed_since(master: Master) -> None:
+    """#15 finding 2: a deploy killed after its apply leaves its state; before its rollback
+    runs, another deploy changes the same Deployment. The rollback must not undo that change
+    (an undo to "previous" would bring the killed deploy's own template back)."""
+    master.cluster.seed(as_yaml(platform()))
+    _kill_once_recorded(master, "deploy-a", "deployment", "api", platform(api_image="api:v2"))
+    applied = master.state_root / "deploy-a" / "applied.tsv"
+    assert applied.read_text() == f"deployment/{NS}/api\t2\n"
+    # Someone else's deploy, after the lease ran out: api moves on to v3 (revision 3).
+    master.cluster.seed(as_yaml([deployment("api", "api:v3", replicas=2)]))
+    assert master.cluster.revision("deployment", NS, "api") == "3"
+
+    run = master.rollback("deploy-a")
+
+    assert run.code == 12, run.stdout
+    assert "changed by someone else since this deploy applied it (revision 2, now 3)" in run.stdout
+    assert {w["name"]: w["result"] for w in run.report["workloads"]}["api"] == "changed-by-another"
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v3"
+
+
+def test_a_statefulset_goes_back_to_the_exact_revision_recorded_before(master: Master) -> None:
+    """#15 finding 2: between a killed deploy and its rollback, someone moved redis to 7.6 and
+    back to this deploy's 7.4 (same template, same ControllerRevision, renumbered). `rollout
+    undo` to "previous" would now give 7.6; the rollback must give the 7.2 it recorded."""
+    master.cluster.seed(as_yaml(platform()))
+    _kill_once_recorded(master, "deploy-s", "statefulset", "redis", platform(redis_image="redis:7.4"))
+    master.cluster.seed(as_yaml([statefulset(image="redis:7.6")]))
+    master.cluster.seed(as_yaml([statefulset(image="redis:7.4")]))
+
+    run = master.rollback("deploy-s")
+
+    assert run.code == 10, run.stdout
+    assert {w["name"]: w["result"] for w in run.report["workloads"]}["redis"] == "rolled-back"
+    assert master.cluster.image_of("statefulset", NS, "redis") == "redis:7.2"
+
+
 def test_a_rollback_killed_right_after_an_undo_does_not_undo_it_twice(master: Master) -> None:
     """SIGKILL (SSM's executionTimeout) lands between `rollout undo` and the line that records
     it: the rollback entry point must see that the undo happened. A second undo of a

@@ -25,7 +25,9 @@
 #                        image, config error) or a Deployment past its progress deadline
 #             7 verify   every workload ready == desired, its pods Running and Ready, no
 #                        container waiting in a back-off
-#             on failure: undoes only the workloads whose revision changed (rollback)
+#             on failure: undoes only the workloads whose revision changed (rollback),
+#                        each only while it still holds the revision this deploy made
+#                        (STATE/ID/applied.tsv), a Deployment to the exact revision recorded
 #   dry-run   steps 1, 2 and 4, then `kubectl diff` of the whole bundle; changes nothing and
 #             takes no lock. The diff goes to stdout between ===K3S-DEPLOY-DIFF-BEGIN=== and
 #             ===K3S-DEPLOY-DIFF-END===.
@@ -205,7 +207,7 @@ wl_uid=()     # the workload's metadata.uid, once read (its pods are selected by
 wl_since=()   # pods created since then are this deploy's ("" when it did not change the workload)
 wl_trace=()   # the workload's traceability annotations before this deploy, tab-separated
 wl_outcome=() # ready | failed | timed-out | "" (not waited for)
-wl_undo=()    # done | no-history | failed | "" (not undone)
+wl_undo=()    # done | no-history | superseded | failed | "" (not undone)
 # The container that made the deploy fail, when one did.
 failure_workload=""
 failure_namespace=""
@@ -348,6 +350,8 @@ workload_result() {
   local i=$1
   if [[ "${wl_undo[i]}" == "done" ]]; then
     REPLY=rolled-back
+  elif [[ "${wl_undo[i]}" == superseded ]]; then
+    REPLY=changed-by-another
   elif [[ "${wl_outcome[i]}" == failed || "${wl_outcome[i]}" == timed-out ]]; then
     REPLY=failed
   elif [[ "${wl_outcome[i]}" == ready ]] || { [[ -z "${wl_outcome[i]}" ]] && is_ready "$i"; }; then
@@ -1480,18 +1484,30 @@ first_error_line() {
 
 # After apply: which workloads this deploy changed (their new pods are the ones to watch; an
 # unchanged workload's pods all count), and the traceability annotations on each.
+# The revision each changed workload holds after the apply goes to STATE/ID/applied.tsv: a
+# rollback (this run's, or the action's rollback command later) undoes a workload only while
+# it still holds it, so a change someone else made since is never undone.
 after_apply() {
-  local i
+  local i lines=""
   for i in "${!wl_name[@]}"; do
     if read_workload "$i"; then
       wl_after[i]=$REPLY
     fi
     if [[ "${wl_after[i]}" != "${wl_before[i]}" ]]; then
       wl_since[i]=$rollout_started_at
+      if [[ -n "${wl_after[i]}" ]]; then
+        lines+="${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}"$'\t'"${wl_after[i]}"$'\n'
+      fi
     else
       wl_since[i]=""
     fi
   done
+  # Written whole then renamed. Without it (a kill before this line) a rollback undoes every
+  # workload whose revision moved, as it did before this file existed.
+  if ! { printf '%s' "$lines" >"$state_dir/applied.tsv.tmp" &&
+    mv -- "$state_dir/applied.tsv.tmp" "$state_dir/applied.tsv"; }; then
+    log "warning: could not write $state_dir/applied.tsv: a rollback will undo every workload whose revision moved"
+  fi
   annotate_workloads
 }
 
@@ -1955,7 +1971,8 @@ release_stuck_statefulset_pods() {
 roll_back_changed() {
   local until=$1 i output current undone=() failed=0 done_count=0
   local undone_file="$state_dir/undone.tsv" undoing_file="$state_dir/undoing.tsv" line key
-  local -A already_undone=() undoing=()
+  local applied_file="$state_dir/applied.tsv" to_revision
+  local -A already_undone=() undoing=() applied=()
   # Pods the undo creates are the new ones the fail-fast check looks at.
   rollout_started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   # A rollback interrupted earlier: its undos created new revisions, and undoing those again
@@ -1977,6 +1994,13 @@ roll_back_changed() {
         undoing[$line]=$current
       fi
     done <"$undoing_file"
+  fi
+  if [[ -f "$applied_file" ]]; then
+    while IFS=$'\t' read -r line current; do
+      if [[ -n "$line" ]]; then
+        applied[$line]=$current
+      fi
+    done <"$applied_file"
   fi
   log "==> rolling back what this deploy changed"
   for i in "${!wl_name[@]}"; do
@@ -2015,11 +2039,39 @@ roll_back_changed() {
       undone+=("$i")
       continue
     fi
+    if [[ -n "${applied[$key]:-}" && "$current" != "${applied[$key]}" ]]; then
+      # Not this deploy's revision any more: another deploy (or a person) changed it since,
+      # and undoing it would revert their change, or bring back this deploy's template.
+      log "warning: ${wl_kind[i]}/${wl_name[i]}: changed by someone else since this deploy applied it (revision ${applied[$key]}, now $current): left alone"
+      wl_undo[i]=superseded
+      continue
+    fi
+    # Back to the exact revision recorded before the deploy, never to what `rollout undo`
+    # calls previous (the highest other number, which another deploy's change in between
+    # would be). A Deployment's revision is its number. A StatefulSet's is the name of a
+    # ControllerRevision, whose number is read now: going back to a template renumbers its
+    # ControllerRevision, so a number recorded earlier could name nothing by now.
+    workload_ns_args "$i"
+    to_revision=()
+    if [[ "${wl_kind[i]}" == deployment && "${wl_before[i]}" =~ ^[0-9]+$ ]]; then
+      to_revision=(--to-revision="${wl_before[i]}")
+    elif [[ "${wl_kind[i]}" == statefulset && -n "${wl_before[i]}" ]]; then
+      if kube_capture get controllerrevision "${wl_before[i]}" "${ns_args[@]}" \
+        --request-timeout="$request_timeout" -o 'jsonpath={.revision}' &&
+        [[ "$REPLY" =~ ^[0-9]+$ ]]; then
+        to_revision=(--to-revision="$REPLY")
+      else
+        log "${wl_kind[i]}/${wl_name[i]}: its revision before the deploy (${wl_before[i]}) is no longer in its history${KUBE_ERR:+: $(first_line "$KUBE_ERR")}; undo failed (roll it back by hand: kubectl rollout history)"
+        wl_undo[i]=failed
+        failed=$((failed + 1))
+        continue
+      fi
+    fi
     if ! printf '%s\t%s\n' "$key" "$current" >>"$undoing_file"; then
       log "warning: could not record the undo of ${wl_kind[i]}/${wl_name[i]} in $undoing_file; a rollback run after a kill may undo it twice"
     fi
     workload_ns_args "$i"
-    if output=$(kube rollout undo "${wl_kind[i]}/${wl_name[i]}" "${ns_args[@]}" \
+    if output=$(kube rollout undo "${wl_kind[i]}/${wl_name[i]}" "${ns_args[@]}" "${to_revision[@]}" \
       --request-timeout="$request_timeout" 2>&1); then
       log "$output"
       wl_undo[i]="done"

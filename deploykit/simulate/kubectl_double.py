@@ -148,6 +148,7 @@ BUILTIN_KINDS = (
     Kind("StatefulSet", "apps", ("v1",), "statefulsets", True, ("sts",)),
     Kind("DaemonSet", "apps", ("v1",), "daemonsets", True, ("ds",)),
     Kind("ReplicaSet", "apps", ("v1",), "replicasets", True, ("rs",)),
+    Kind("ControllerRevision", "apps", ("v1",), "controllerrevisions", True),
     Kind("Job", "batch", ("v1",), "jobs", True),
     Kind("CronJob", "batch", ("v1",), "cronjobs", True, ("cj",)),
     Kind("Role", "rbac.authorization.k8s.io", ("v1",), "roles", True),
@@ -561,6 +562,22 @@ class WorkloadView:
 
     def revision_name(self, hash_: str) -> str:
         return f"{self.name}-{hash_}"
+
+    def controller_revisions(self) -> list[dict]:
+        """The StatefulSet's ControllerRevisions, one per template, numbered as its history."""
+        owner = self.record["object"]["metadata"]
+        return [{
+            "apiVersion": "apps/v1", "kind": "ControllerRevision",
+            "metadata": {
+                "name": self.revision_name(entry["hash"]), "namespace": self.namespace,
+                "labels": {"controller-revision-hash": self.revision_name(entry["hash"])},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                     "name": self.name, "uid": owner["uid"],
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "data": {"spec": {"template": entry["template"]}},
+            "revision": entry["revision"],
+        } for entry in self.record["workload"]["history"]]
 
     def _pod(self, name: str, hash_: str, created: float, ready: bool) -> Pod:
         template = template_of(self.record, hash_)
@@ -1120,7 +1137,7 @@ COMMAND_FLAGS = {
     "apply": (Flag("filename", "f", repeatable=True), Flag("dry-run"), Flag("validate"),
               Flag("output", "o")),
     "rollout status": (Flag("timeout"),),
-    "rollout undo": (),
+    "rollout undo": (Flag("to-revision"),),
     "delete": (Flag("wait", boolean=True), Flag("ignore-not-found", boolean=True)),
     "wait": (Flag("for"), Flag("timeout")),
     "create": (Flag("filename", "f", repeatable=True), Flag("output", "o")),
@@ -1576,6 +1593,13 @@ def list_objects(state: dict, kind: Kind, namespace: str, now: float) -> list[di
              and record["object"]["metadata"].get("namespace") == namespace
              for rs in WorkloadView(state, record, now).replica_sets()),
             key=lambda o: o["metadata"]["name"])
+    if kind.kind == "ControllerRevision":
+        return sorted(
+            (cr for record in state["objects"].values()
+             if record["object"]["kind"] == "StatefulSet"
+             and record["object"]["metadata"].get("namespace") == namespace
+             for cr in WorkloadView(state, record, now).controller_revisions()),
+            key=lambda o: o["metadata"]["name"])
     items = []
     for record in state["objects"].values():
         obj = record["object"]
@@ -1717,6 +1741,16 @@ def command_rollout_undo(positional: list[str], flags: dict) -> int:
         history = sorted(record["workload"]["history"], key=lambda e: e["revision"])
         current = history[-1]
         earlier = [e for e in history[:-1] if e["hash"] != current["hash"]]
+        to_revision = int(flags.get("to-revision") or 0)
+        if to_revision:
+            # kubectl's rollback.go: the revision must be in the workload's history.
+            earlier = [e for e in history if e["revision"] == to_revision]
+            if not earlier:
+                raise KubectlError(f"error: unable to find specified revision {to_revision} in history")
+            if earlier[0]["hash"] == current["hash"]:
+                print(f"{kind.qualified}/{name} skipped rollback (current template already "
+                      f"matches revision {to_revision})")
+                return 0
         if not earlier:
             if kind.kind == "Deployment":
                 raise KubectlError(f'error: no rollout history found for deployment "{name}"')

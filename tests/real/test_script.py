@@ -348,3 +348,94 @@ def test_a_dry_run_shows_the_diff_and_changes_nothing(
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert control_plane.get(*("lease", "kube-system", "k3s-deploy-lock")) is None or (
         control_plane.lock_holder() == "")
+
+
+def _kill_once_recorded(host: ScriptHost, docs: list[dict[str, Any]], deploy_id: str) -> None:
+    """Starts a deploy and SIGKILLs its process group (SSM's executionTimeout: no trap runs)
+    once it recorded the revisions it applied."""
+    process = host.start(docs, deploy_id)
+    applied = host.state_root / deploy_id / "applied.tsv"
+    try:
+        deadline = time.monotonic() + 60
+        while not applied.exists():
+            assert time.monotonic() < deadline, "the deploy never recorded what it applied"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+
+
+def _with(docs: list[dict[str, Any]], kind: str, name: str, image: str | None = None,
+          min_ready: int | None = None) -> list[dict[str, Any]]:
+    for doc in docs:
+        if (doc["kind"], doc["metadata"]["name"]) == (kind, name):
+            if image:
+                doc["spec"]["template"]["spec"]["containers"][0]["image"] = image
+            if min_ready is not None:
+                doc["spec"]["minReadySeconds"] = min_ready
+    return docs
+
+
+def _someone_sets(plane: ControlPlane, ns: str, kind: str, name: str, image: str) -> None:
+    """Another deploy's change, made after the first one's lease ran out (its own spec: no
+    minReadySeconds)."""
+    current = plane.get(kind, ns, name)
+    assert current is not None
+    container = current["spec"]["template"]["spec"]["containers"][0]["name"]
+    patch = {"spec": {"minReadySeconds": 0, "template": {"spec": {"containers": [
+        {"name": container, "image": image}]}}}}
+    plane.kubectl("patch", kind, name, "-n", ns, "--type=strategic", "-p", json.dumps(patch))
+
+
+def test_a_rollback_leaves_alone_a_deployment_someone_else_changed_since(
+    control_plane: ControlPlane, host: ScriptHost, ns: str
+) -> None:
+    """#15 finding 2 on the real API: deploy A is killed after its apply; deploy B moves api on
+    before A's rollback runs. A's rollback must leave B's api as it is."""
+    redis_volume(control_plane, ns)
+    assert host.deploy(platform_docs(ns, "v1"), "before").code == 0
+    docs = _with(platform_docs(ns, "v1"), "Deployment", "api", f"{API_IMAGE}:v2", min_ready=60)
+    _kill_once_recorded(host, docs, "deploy-a")
+    _someone_sets(control_plane, ns, "deployment", "api", f"{API_IMAGE}:v3")
+    control_plane.wait_for("api's revision 3",
+                           lambda: control_plane.revision("deployment", ns, "api") == "3")
+
+    run = host.rollback("deploy-a")
+
+    assert run.code == 12, run.stdout
+    assert "changed by someone else since this deploy applied it (revision 2, now 3)" in run.stdout
+    assert workload_results(run)["api"] == "changed-by-another"
+    assert control_plane.image_of("deployment", ns, "api") == f"{API_IMAGE}:v3"
+    assert control_plane.lock_holder() == ""
+
+
+def test_a_statefulset_goes_back_to_the_exact_revision_recorded_before(
+    control_plane: ControlPlane, host: ScriptHost, ns: str
+) -> None:
+    """#15 finding 2 on the real API: between deploy S (killed) and its rollback, someone moves
+    redis to r3 and back to S's r2: the same template, so the same ControllerRevision, given
+    the next number by the controller. `rollout undo` to "previous" gives r3; the rollback
+    must give back r1, the revision it recorded."""
+    redis_volume(control_plane, ns)
+    images = {tag: f"docker.io/library/redis:{tag}" for tag in ("r1", "r2", "r3")}
+    assert host.deploy(_with(platform_docs(ns, "v1"), "StatefulSet", "redis", images["r1"]),
+                       "before").code == 0
+    docs = _with(platform_docs(ns, "v1"), "StatefulSet", "redis", images["r2"], min_ready=60)
+    _kill_once_recorded(host, docs, "deploy-s")
+    applied = (host.state_root / "deploy-s" / "applied.tsv").read_text()
+    ours = control_plane.revision("statefulset", ns, "redis")
+    assert f"statefulset/{ns}/redis\t{ours}\n" in applied, applied
+    # Each change seen by the controller (a ControllerRevision each) before the next one.
+    _someone_sets(control_plane, ns, "statefulset", "redis", images["r3"])
+    control_plane.wait_for("r3's revision",
+                           lambda: control_plane.revision("statefulset", ns, "redis") != ours)
+    _someone_sets(control_plane, ns, "statefulset", "redis", images["r2"])
+    control_plane.wait_for("r2's revision again",
+                           lambda: control_plane.revision("statefulset", ns, "redis") == ours)
+
+    run = host.rollback("deploy-s")
+
+    assert run.code == 10, run.stdout
+    assert workload_results(run)["redis"] == "rolled-back"
+    assert control_plane.image_of("statefulset", ns, "redis") == images["r1"]
+    assert control_plane.lock_holder() == ""
