@@ -46,6 +46,7 @@ honesty test replays them through the real kubectl).
 
 from __future__ import annotations
 
+import base64
 import calendar
 import contextlib
 import copy
@@ -1388,6 +1389,12 @@ def apply_one(state: dict, path: str, manifest: dict, dry_run: bool, now: float,
                            "empty")
     manifest = copy.deepcopy(manifest)
     manifest.setdefault("metadata", {})
+    if kind.kind == "Secret" and isinstance(manifest.get("stringData"), dict):
+        # The API server writes stringData into data (base64) and never stores stringData.
+        data = manifest.setdefault("data", {}) or {}
+        for field, value in manifest.pop("stringData").items():
+            data[field] = base64.b64encode(str(value).encode()).decode()
+        manifest["data"] = data
     if kind.namespaced:
         manifest["metadata"]["namespace"] = namespace
     else:
@@ -2088,6 +2095,25 @@ def diff_yaml(obj: dict | None) -> list[str]:
     return yaml.safe_dump(obj, default_flow_style=False, sort_keys=True).splitlines(keepends=True)
 
 
+def mask_secret_data(live: dict | None, merged: dict) -> tuple[dict | None, dict]:
+    """kubectl diff's Masker: a Secret's data values become `***`, or `*** (before)` and
+    `*** (after)` where they differ, so that a diff shows which keys changed and no value."""
+    live, merged = copy.deepcopy(live), copy.deepcopy(merged)
+    before = (live or {}).get("data") or {}
+    after = merged.get("data") or {}
+    for key in list(before):
+        if key in after and before[key] != after[key]:
+            before[key], after[key] = "*** (before)", "*** (after)"
+            continue
+        if key in after:
+            after[key] = "***"
+        before[key] = "***"
+    for key in after:
+        if key not in before:
+            after[key] = "***"
+    return live, merged
+
+
 def command_diff(positional: list[str], flags: dict) -> int:
     """`kubectl diff -f`: each object as it is (LIVE) and as a server-side dry run of the apply
     would leave it (MERGED), compared with `diff -u -N`. Exit 0: no differences, 1: some, 2: an
@@ -2130,6 +2156,8 @@ def command_diff(positional: list[str], flags: dict) -> int:
                         merged["status"] = live["status"]
                 elif kind.kind != "Namespace":
                     merged.pop("status", None)
+                if kind.kind == "Secret":
+                    live, merged = mask_secret_data(live, merged)
                 pairs.append((diff_file_name(kind, merged), live, merged))
     except KubectlError as exc:
         print(str(exc), file=sys.stderr)

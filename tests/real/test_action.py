@@ -7,6 +7,7 @@ master, whose AWS CLI fetches the bundle and whose kubectl is the real one) and 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -234,3 +235,37 @@ def test_hostile_logs_and_events_run_nothing_issue_nothing_and_render_nothing(
     assert "[click](https://evil.example/x)" in shown and "CrashLoopBackOff" in shown
     assert "Pwned$(id)|x" in shown  # the events, in the summary too
     control_plane.kubectl("delete", "namespace", HOSTILE_NS, "--wait=false", check=False)
+
+
+def test_a_dry_run_never_shows_secret_data(control_plane: ControlPlane, ns: str,
+                                           tmp_path: Path) -> None:
+    """#15: the dry run's diff goes to the log and the summary; a Secret's values, old and new,
+    must be in neither (real kubectl masks them: this holds it to that)."""
+    old_value, new_value = "old-password-4f1d", "new-password-9c2e"
+    workspace = tmp_path / "workspace"
+    (workspace / "k8s").mkdir(parents=True)
+
+    def write(value: str) -> None:
+        (workspace / "k8s" / "app.yaml").write_text(yaml.safe_dump_all([
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns},
+             "stringData": {"password": value}},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api", "namespace": ns},
+             "data": {"token": base64.b64encode(value.encode()).decode()}},
+        ]))
+
+    inputs = {"timeout": "60", "manifests": "k8s", "namespace": ns}
+    write(old_value)
+    first = run_local(control_plane, workspace, tmp_path / "files", inputs)
+    assert first.outputs["status"] == "success", first.log
+    write(new_value)
+
+    dry = run_local(control_plane, workspace, tmp_path / "files", {**inputs, "dry-run": "true"})
+
+    assert dry.outputs["status"] == "success", dry.log
+    assert "### Diff" in dry.summary and "Secret" in dry.log
+    for value in (old_value, new_value):
+        encoded = base64.b64encode(value.encode()).decode()
+        for where, text in (("log", dry.log), ("summary", dry.summary)):
+            assert value not in text and encoded not in text, f"{value} in the {where}"
+    assert "***" in dry.summary  # the diff is there, masked

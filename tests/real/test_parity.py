@@ -82,3 +82,34 @@ def test_the_double_and_the_real_api_agree(
     double = run_steps(double_host(tmp_path / "double"), ns, steps)
 
     assert double == real, f"{scenario}: the double says {double}, the real API {real}"
+
+
+def secret_lines(diff: str) -> list[str]:
+    """The changed lines of a Secret's diff that carry its data: kubectl shows `***` there."""
+    return sorted(line for line in diff.splitlines()
+                  if line[:1] in "+-" and line[1:].strip().startswith(("password:", "token:")))
+
+
+def test_the_double_masks_secret_data_in_a_diff_as_kubectl_does(
+    control_plane: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    """#15: a dry run's diff never shows a Secret's values. Real kubectl masks them; the
+    double (the demo's and the fast tests' cluster) must too, the same way: a changed value as
+    `*** (before)` / `*** (after)`, a new key as `***`. stringData is written into data."""
+    def secret(**data: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns},
+                "stringData": data}
+
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+    seen = {}
+    for name, host in (("real", ScriptHost(tmp_path / "real", control_plane.env())),
+                       ("double", double_host(tmp_path / "double"))):
+        assert host.deploy([namespace, secret(password="old-9f2")], "secret-1").code == 0
+        dry = host.dry_run([namespace, secret(password="new-4c1", token="tok-7e3")], "dry-1")
+        assert dry.code == 0, dry.stdout
+        assert not any(value in dry.stdout for value in ("old-9f2", "new-4c1", "tok-7e3")), name
+        seen[name] = secret_lines(dry.diff)
+
+    assert seen["real"] == ["+  password: '*** (after)'", "+  token: '***'",
+                            "-  password: '*** (before)'"], seen["real"]
+    assert seen["double"] == seen["real"]
