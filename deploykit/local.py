@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
+import yaml
+
 from deploykit import command, report
 from deploykit.errors import (
     FIX_IMAGE_PULL,
@@ -44,9 +46,18 @@ TERMINATE_GRACE = 10
 # process, no lock hand-over, no rollout wait): it gets this long for that, counted from the
 # signal, before SIGKILL. The temporary folder is removed only once nothing runs from it.
 CANCEL_BUDGET = 7.0
-# The job's environment, minus what the script must never see: the action's inputs (a registry
-# password among them) and the runner's tokens.
-DROPPED_ENV_PREFIXES = ("INPUT_", "ACTIONS_RUNTIME_", "ACTIONS_ID_TOKEN_", "ACTIONS_CACHE_")
+# What the script and kubectl need of the job's environment, and nothing more: not the
+# action's inputs (a registry password among them), the runner's tokens, the job's AWS
+# credentials or the GITHUB_* file paths, which would let what runs there write the job's
+# outputs and summary.
+SCRIPT_ENV_KEEP = frozenset({
+    "PATH", "HOME", "USER", "LANG", "LANGUAGE", "TZ", "KUBECONFIG", "KUBECACHEDIR",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+})
+SCRIPT_ENV_KEEP_PREFIXES = ("LC_",)
+# A kubeconfig whose user runs a credential plugin (`exec`: `aws eks get-token`,
+# gke-gcloud-auth-plugin, kubelogin) needs its cloud's credentials: they pass only then.
+EXEC_PLUGIN_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "CLOUDSDK_", "KUBELOGIN_")
 FIX_KUBE_API = (
     "The cluster's API did not answer: check the kubeconfig (`kubectl --kubeconfig FILE get "
     "--raw=/readyz`), and that its server address is reachable from the action's container."
@@ -98,8 +109,35 @@ def script_arguments(
     ]
 
 
+def kubeconfig_files(settings: Settings, base: Mapping[str, str]) -> list[Path]:
+    """The kubeconfig files kubectl will read: the input's, else KUBECONFIG's, else the
+    default one."""
+    if settings.kubeconfig is not None:
+        return [Path(settings.kubeconfig)]
+    if base.get("KUBECONFIG"):
+        return [Path(p) for p in base["KUBECONFIG"].split(os.pathsep) if p]
+    return [Path(base.get("HOME") or "~").expanduser() / ".kube" / "config"]
+
+
+def uses_exec_plugin(files: list[Path]) -> bool:
+    for file in files:
+        try:
+            config = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # kubectl will say what is wrong with it
+        users = config.get("users") if isinstance(config, dict) else None
+        for entry in users if isinstance(users, list) else []:
+            user = entry.get("user") if isinstance(entry, dict) else None
+            if isinstance(user, dict) and user.get("exec"):
+                return True
+    return False
+
+
 def script_env(settings: Settings, root: Path, base: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in base.items() if not k.startswith(DROPPED_ENV_PREFIXES)}
+    keep_prefixes = SCRIPT_ENV_KEEP_PREFIXES
+    if uses_exec_plugin(kubeconfig_files(settings, base)):
+        keep_prefixes += EXEC_PLUGIN_ENV_PREFIXES
+    env = {k: v for k, v in base.items() if k in SCRIPT_ENV_KEEP or k.startswith(keep_prefixes)}
     tmp = root / "tmp"
     tmp.mkdir(exist_ok=True)
     env.update(TMPDIR=str(tmp), K3S_DEPLOY_STATE_DIR=str(root / "state"))

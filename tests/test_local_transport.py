@@ -234,3 +234,46 @@ def test_a_container_log_cannot_issue_workflow_commands_through_the_script_outpu
     assert "by a CRLF" in run.log  # the log is shown...
     assert named(run.log, "pwned") == []  # ...and issues nothing
     assert named(run.log, "error"), "the action's own error is kept"
+
+
+def test_the_script_sees_none_of_the_jobs_credentials_or_file_commands(job: Job) -> None:
+    """#15 finding 6: under transport local the script (and every kubectl it runs) gets the
+    environment kubectl needs, not the job's AWS credentials, tokens or GITHUB_* files."""
+    seen = job.root / "seen-env"
+    spy = job.bin / "kubectl-spy"
+    spy.write_text(f'#!/bin/sh\nenv >> {seen}\nexec "{job.bin}/kubectl" "$@"\n')
+    spy.chmod(0o755)
+
+    run = job.deploy(kubectl=str(spy))
+
+    assert run.outputs["status"] == "success", run.log
+    names = {line.split("=", 1)[0] for line in seen.read_text().splitlines() if "=" in line}
+    leaked = {n for n in names if n.startswith(("AWS_", "GITHUB_", "INPUT_", "ACTIONS_"))}
+    assert leaked == set(), leaked
+    assert {"PATH", "HOME", "KUBECONFIG", "TMPDIR"} <= names
+
+
+def test_a_kubeconfig_with_a_credential_plugin_gets_the_cloud_credentials(tmp_path: Path) -> None:
+    """`aws eks get-token` and its kin need their cloud's variables: they pass only when a
+    user of the kubeconfig runs such a plugin; GITHUB_* files never do."""
+    base = {"PATH": "/usr/bin", "HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+            "AWS_SESSION_TOKEN": "tok", "GITHUB_OUTPUT": "/runner/output",
+            "GITHUB_TOKEN": "ghs_x", "INPUT_REGISTRY-PASSWORD": "pw", "ACTIONS_RUNTIME_TOKEN": "t",
+            "HTTPS_PROXY": "http://proxy:3128", "LC_ALL": "C.UTF-8"}
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user: {token: x}\n")
+    eks = tmp_path / "eks.yaml"
+    eks.write_text("apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user:\n    exec:\n"
+                   "      apiVersion: client.authentication.k8s.io/v1beta1\n      command: aws\n"
+                   "      args: [eks, get-token, --cluster-name, prod]\n")
+    (tmp_path / "k8s").mkdir()
+    for kubeconfig, cloud in ((plain, False), (eks, True)):
+        settings = parse_settings({"transport": "local", "kubeconfig": kubeconfig.name,
+                                   "manifests": "k8s"},
+                                  {"GITHUB_WORKSPACE": str(tmp_path), "GITHUB_SHA": SHA})
+        (tmp_path / kubeconfig.stem).mkdir()
+        got = local.script_env(settings, tmp_path / kubeconfig.stem, base)
+        assert ("AWS_ACCESS_KEY_ID" in got) is cloud and ("AWS_SESSION_TOKEN" in got) is cloud
+        assert not any(k.startswith(("GITHUB_", "INPUT_", "ACTIONS_")) for k in got), got
+        assert got["HTTPS_PROXY"] == "http://proxy:3128" and got["LC_ALL"] == "C.UTF-8"
+        assert got["KUBECONFIG"] == str(kubeconfig)
