@@ -5,11 +5,10 @@ The fleet is every running, SSM-online instance matching `instance-tag` (or ever
 cluster). One staged bundle serves them all. SSM does the fan-out, with the `max-concurrency`
 and `max-errors` inputs passed as MaxConcurrency / MaxErrors:
 
-- by tag (`Targets`), in one command, when SSM would reach exactly the instances found: an exact
-  tag value (SSM's Targets take no wildcards), every instance with it running and Online, and
-  no HA cluster among them (Targets cannot say "one server per cluster");
-- otherwise by instance ids, 50 to a command (SendCommand's limit); the limits then hold per
-  command.
+by instance ids, 50 to a command (SendCommand's limit; the limits then hold per command). Never
+by tag (`Targets`): SSM would resolve the tag when it runs the command, so an instance tagged
+after the action looked (by anyone who may tag instances) would get the script and its
+presigned URLs too.
 
 All commands are watched together: one ListCommands call per unfinished command per poll, on
 the PollPolicy's schedule (wait.py), so the number of calls does not grow with the fleet. Once a
@@ -34,7 +33,7 @@ from deploykit import command, report, stage, wait
 from deploykit.awsapi import AwsClients, aws_call
 from deploykit.errors import DeployError, JobCancelled, RemoteCommandFailed, TargetNotFound
 from deploykit.github import Workflow
-from deploykit.ha import ONLINE, group_by_cluster, tag_value
+from deploykit.ha import ONLINE, group_by_cluster
 from deploykit.inputs import Settings
 from deploykit.render import Bundle
 from deploykit.report import Outcome
@@ -70,7 +69,6 @@ ROLLBACK_DONE = 10  # exit code of the script's rollback entry point when it und
 class Fleet:
     members: list[Master]  # one server per cluster, its Online peers in `standby`
     unreachable: list[Master]  # clusters with no server Online
-    targets: list[dict[str, Any]] | None  # SendCommand Targets when SSM can find them itself
 
 
 @dataclass
@@ -169,10 +167,7 @@ def find_fleet(ec2: Any, ssm: Any, settings: Settings, log: Callable[[str], None
             f"no instance with tag {key}={pattern} in {settings.aws_region} is running and Online in SSM",
             fix="On the masters: `sudo systemctl status amazon-ssm-agent`.",
         )
-    has_clusters = any(tag_value(i, settings.cluster_tag_key) for i in instances)
-    exact = not any(c in pattern for c in "*?")
-    by_tag = not settings.instance_ids and exact and not has_clusters and len(members) == len(instances)
-    fleet = Fleet(members, unreachable, [{"Key": f"tag:{key}", "Values": [pattern]}] if by_tag else None)
+    fleet = Fleet(members, unreachable)
     _log_fleet(fleet, instances, where, settings, log)
     return fleet
 
@@ -302,13 +297,12 @@ def _run_rounds(
     through its next server in the next round, until none is left."""
     by_id = {r.instance_id: r for r in results}
     members = fleet.members
-    targets = fleet.targets
     round_number = 0
     while members:
         round_number += 1
         comment = f"k3s-deploy {deploy_id}" + (f" failover {round_number - 1}" if round_number > 1 else "")
         ids = [m.instance_id for m in members]
-        sent = send_to_fleet(aws, gh, settings, ids, targets, lines_for(len(ids)), comment, clock)
+        sent = send_to_fleet(aws, gh, settings, ids, lines_for(len(ids)), comment, clock)
         commands.extend(sent)
         outcome.command_id = ",".join(c.command_id for c in commands)
         for fleet_command in sent:
@@ -320,15 +314,12 @@ def _run_rounds(
         for fleet_command in sent:
             for entry in list_invocations(aws.ssm, fleet_command.command_id):
                 result = by_id.get(entry["InstanceId"])
-                if result is None:  # a Targets command reached an instance found since
-                    result = InstanceResult(entry["InstanceId"], entry.get("InstanceName", ""), "")
-                    results.append(result)
-                    by_id[result.instance_id] = result
-                    outcome.instance_id += f",{result.instance_id}"
+                if result is None:  # not sent to it: SSM names only the instance ids given
+                    continue
                 record_invocation(result, fleet_command.command_id, entry)
                 if fleet_command.hit_deadline and not result.reported and not result.never_started:
                     result.status = "timed-out"
-        members, targets = _failovers(members, by_id, results, gh.log), None
+        members = _failovers(members, by_id, results, gh.log)
 
 
 def _presigned(
@@ -375,7 +366,6 @@ def send_to_fleet(
     gh: Workflow,
     settings: Settings,
     instance_ids: list[str],
-    targets: list[dict[str, Any]] | None,
     lines: list[str],
     comment: str,
     clock: Any,
@@ -384,16 +374,13 @@ def send_to_fleet(
     limits: tuple[str, str] | None = None,
     tries: int = 5,
 ) -> list[FleetCommand]:
-    """SendCommand to the fleet: one command by tag, or one per 50 instance ids."""
+    """SendCommand to the fleet by instance ids, one command per 50."""
     execution_timeout = execution_timeout or command.execution_timeout(settings)
     max_concurrency, max_errors = limits or (settings.max_concurrency, settings.max_errors)
-    if targets:
-        batches: list[tuple[list[str], dict[str, Any]]] = [(instance_ids, {"Targets": targets})]
-    else:
-        batches = [
-            (chunk, {"InstanceIds": chunk})
-            for chunk in (instance_ids[i : i + BATCH_SIZE] for i in range(0, len(instance_ids), BATCH_SIZE))
-        ]
+    batches = [
+        (chunk, {"InstanceIds": chunk})
+        for chunk in (instance_ids[i : i + BATCH_SIZE] for i in range(0, len(instance_ids), BATCH_SIZE))
+    ]
     sent: list[FleetCommand] = []
     for number, (chunk, where) in enumerate(batches, start=1):
         label = comment + (f" {number}/{len(batches)}" if len(batches) > 1 else "")
@@ -420,9 +407,8 @@ def send_to_fleet(
         sent.append(
             FleetCommand(command_id, list(chunk), label, clock.monotonic(), delivery, execution_timeout)
         )
-        how = f"tag {targets[0]['Key'][4:]}={targets[0]['Values'][0]}" if targets else "instance ids"
         gh.log(
-            f"Sent command {command_id} to {what} by {how} (max-concurrency {max_concurrency}, "
+            f"Sent command {command_id} to {what} by instance ids (max-concurrency {max_concurrency}, "
             f"max-errors {max_errors}); watch it at {report.console_url(settings.aws_region, command_id)}"
         )
     return sent
@@ -640,7 +626,6 @@ def _roll_back_unreported(
             gh,
             settings,
             [r.instance_id for r in doomed],
-            None,
             command.rollback_lines(settings, deploy_id),
             f"k3s-deploy rollback {deploy_id}",
             clock,
@@ -717,7 +702,6 @@ def _abandon_on_cancel(
             gh,
             settings,
             instance_ids,
-            None,
             command.rollback_lines(settings, deploy_id),
             f"k3s-deploy rollback {deploy_id}",
             _NoWait(),
