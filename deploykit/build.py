@@ -167,7 +167,8 @@ def build_images(settings: Settings, gh: Workflow, client: Any = None) -> dict[s
     for spec in settings.builds:
         auth = _auth_for(login, spec.image)
         with gh.group(f"Build and push {spec.image}"):
-            cache = _previous_latest(client, spec, auth, gh)
+            # Opt-in: the previous `latest` is whatever its last pusher made it.
+            cache = _previous_latest(client, spec, auth, gh) if settings.build_cache else []
             image_id = _build(client, spec, dict(settings.build_args), cache, gh)
             client.api.tag(image_id, spec.image.repository, LATEST, force=True)
             digest = _push(client, spec.image, auth, gh)

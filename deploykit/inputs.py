@@ -56,6 +56,11 @@ INPUTS: dict[str, tuple[str, str]] = {
         "deploying, one per line: CONTEXT=IMAGE or CONTEXT:DOCKERFILE=IMAGE; pinned like 'images'",
     ),
     "build-args": ("", "build arguments for every image of 'build', one NAME=VALUE per line"),
+    "build-cache": (
+        "false",
+        "reuse the layers of each image's previous 'latest' from the registry as the build cache "
+        "(trusts whoever pushed it last)",
+    ),
     "registry": ("", "registry to log in to for pushing and checking images (default: docker.io)"),
     "registry-username": ("", "user name of the registry login"),
     "registry-password": ("", "password or token of the registry login (masked in the log)"),
@@ -142,6 +147,7 @@ class Settings:
     run_url: str
     builds: tuple[BuildSpec, ...] = ()
     build_args: tuple[tuple[str, str], ...] = ()
+    build_cache: bool = False  # reuse the previous `latest` as a layer cache (opt-in)
     registry: RegistryLogin | None = None  # its password never shows in a repr
     verify_images: bool = False
     fleet: bool = False
@@ -410,6 +416,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         run_url=_run_url(env),
         builds=workspace_builds,
         build_args=parse_build_args(get("build-args")),
+        build_cache=_bool("build-cache", get("build-cache")),
         registry=login,
         # auto: a private registry cannot be asked without a login, so only then (or when
         # this step pushed the images itself) is checking them worth the requests

@@ -87,6 +87,7 @@ def test_defaults_table(env, workspace):
     assert settings.kubectl == ("kubectl",)
     assert settings.request_timeout == "60s"
     assert settings.kubectl_validate is False
+    assert settings.build_cache is False
     assert settings.commit == SHA
     assert {name: default for name, (default, _) in INPUTS.items() if default} == {
         "instance-tag": "*k3s-master*",
@@ -100,6 +101,7 @@ def test_defaults_table(env, workspace):
         "kubectl": "kubectl",
         "request-timeout": "60s",
         "kubectl-validate": "false",
+        "build-cache": "false",
         "verify-images": "auto",
         "fleet": "false",
         "max-concurrency": "50",

@@ -9,6 +9,7 @@ the vfs storage driver).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -77,13 +78,33 @@ def test_the_build_happens_before_any_aws_call(first: FirstDeploy) -> None:
     assert log.index("Built and pushed ") < log.index("Found ") < log.index("Staging in ")
 
 
+def latest_pulls(world: World) -> int:
+    """The registry's answers to a read (GET or HEAD) of the api's `latest` manifest: the
+    engine's pulls (a HEAD alone when it has those layers already)."""
+    return sum(re.search(r'"(GET|HEAD) /v2/acme/api/manifests/latest ', line) is not None
+               for line in world.registry.log().splitlines())
+
+
+def test_a_build_does_not_pull_the_previous_latest_unless_asked(first: FirstDeploy, base_image: str) -> None:
+    """#15: `latest` is whatever its last pusher made it; its layers are reused only with
+    `build-cache: true`."""
+    world = first.world
+    pulls = latest_pulls(world)
+    run = world.deploy(**build_inputs(world, base_image, **{"image-tag": "v1b"}))
+    assert run.returncode == 0, run.log
+    assert "Reusing layers" not in run.log and "No previous" not in run.log
+    assert latest_pulls(world) == pulls, world.registry.log()[-3000:]
+
+
 def test_a_second_build_reuses_the_previous_latest_as_its_cache(first: FirstDeploy, base_image: str) -> None:
     world = first.world
-    run = world.deploy(**build_inputs(world, base_image, **{"image-tag": "v2"}))
+    pulls = latest_pulls(world)
+    run = world.deploy(**build_inputs(world, base_image, **{"image-tag": "v2", "build-cache": "true"}))
     assert run.returncode == 0, run.log
     assert f"Reusing layers from {world.api}:latest" in run.log
+    assert latest_pulls(world) > pulls, world.registry.log()[-3000:]
     assert " ---> Using cache" in run.log
-    assert world.registry.tags("acme/api") == sorted([TAG, "latest", "v2"])
+    assert {TAG, "latest", "v2"} <= set(world.registry.tags("acme/api"))
     assert world.cluster.image_of("deployment", NS, "api") == f"{world.api}:v2"
 
 
