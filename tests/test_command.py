@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -558,3 +559,16 @@ def test_the_send_client_never_retries_on_its_own_while_other_clients_do(monkeyp
     with pytest.raises(ClientError):
         ssm.send_command(InstanceIds=[INSTANCE], DocumentName="AWS-RunShellScript", Parameters={})
     assert len(wire) == tries
+
+
+def test_the_lease_lasts_the_longest_run_the_action_allows_the_command() -> None:
+    """The deploy script's lease (lock-timeout + timeout + rollback-timeout + its margin)
+    must not end before SSM's execution timeout of the command (#15 finding 2)."""
+    script = command.deploy_script().decode()
+    margin = re.search(r"^readonly LOCK_MARGIN_SECONDS=(\d+)$", script, re.MULTILINE)
+    assert margin is not None
+    assert int(margin[1]) >= command.EXECUTION_MARGIN
+    assert ("lock_duration=$((lock_timeout_seconds + timeout_seconds + rollback_timeout_seconds"
+            " + LOCK_MARGIN_SECONDS))") in script
+    assert ("lock_duration=$((lock_timeout_seconds + rollback_timeout_seconds"
+            " + LOCK_MARGIN_SECONDS))") in script

@@ -1336,3 +1336,65 @@ def test_objects_whose_names_are_not_dns_names_pass_the_check(master: Master) ->
     run = master.deploy([namespace(), role, configmap()])
 
     assert run.code == 0, run.stdout
+
+
+def _start_with_beat(master: Master, docs: list[dict], deploy_id: str, **options: object
+                     ) -> subprocess.Popen:
+    """A deploy whose lease heartbeat beats every second (K3S_DEPLOY_LEASE_RENEW_SECONDS)."""
+    options.setdefault("timeout", 60)
+    options.setdefault("rollback_timeout", 15)
+    argv = master.command("deploy", deploy_id, "--bundle", str(master.bundle(docs)), **options)
+    return subprocess.Popen(argv, env=master.env(K3S_DEPLOY_LEASE_RENEW_SECONDS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_the_lease_is_renewed_while_the_deploy_runs_and_lasts_the_longest_command(
+        master: Master) -> None:
+    """#15 finding 2: the lease is held for as long as the deploy runs, however long its calls
+    take: a heartbeat renews it; it lasts lock-timeout + timeout + rollback-timeout + 60 s."""
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 6)
+    process = _start_with_beat(master, platform(api_image="api:v2"), "deploy-beat",
+                               lock_timeout=30, timeout=60, rollback_timeout=15)
+    master.wait_for_holder("deploy-beat")
+    seen: list[tuple[str, str, str]] = []
+    while process.poll() is None:
+        lease = master.lock()
+        if lease and lease["spec"].get("holderIdentity") == "deploy-beat":
+            spec = lease["spec"]
+            seen.append((spec["acquireTime"], spec["renewTime"], lease["metadata"]["resourceVersion"]))
+            assert spec["leaseDurationSeconds"] == 30 + 60 + 15 + 60
+        time.sleep(0.2)
+    run = master.finished(process)
+
+    assert run.code == 0, run.stdout
+    assert len({acquired for acquired, _, _ in seen}) == 1, "a renewal changed acquireTime"
+    assert len({renewed for _, renewed, _ in seen}) >= 3, seen  # renewed, not only taken
+    assert master.lock_holder() == ""  # released at the version the last renewal left
+
+
+def test_a_deploy_whose_lease_is_taken_stops_and_undoes_nothing(master: Master) -> None:
+    """#15 finding 2: someone takes the lease while the deploy waits for its rollout. The
+    deploy must stop, change nothing more (no undo: that would race the new holder), and leave
+    the new holder's lease alone."""
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 60)
+    process = _start_with_beat(master, platform(api_image="api:v2"), "deploy-lost")
+    deadline = time.monotonic() + 30
+    while master.cluster.revision("deployment", NS, "api") != "2":
+        assert time.monotonic() < deadline, "the deploy never applied"
+        time.sleep(0.1)
+    lease = master.lock()
+    assert lease is not None
+    lease["spec"]["holderIdentity"] = "intruder"
+    lease["metadata"]["annotations"] = {}
+    subprocess.run([str(master.bin / "kubectl"), "replace", "-f", "-"], input=json.dumps(lease),
+                   env=master.env(), check=True, capture_output=True, text=True)
+    run = master.finished(process)
+
+    assert run.code == 8, run.stdout
+    assert "the deploy lock was taken by someone else while waiting for " in run.stdout, run.stdout
+    assert "nothing undone" in run.stdout
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v2"
+    assert master.lock_holder() == "intruder"

@@ -13,7 +13,9 @@
 #             2 api      kubectl get --raw=/readyz
 #             3 lock     takes the cluster's deploy lock: Lease kube-system/k3s-deploy-lock,
 #                        created atomically; waits up to --lock-timeout while another deploy
-#                        holds it; takes over a lease that expired or was released
+#                        holds it; takes over a lease that expired or was released; a
+#                        heartbeat renews it while the script runs, and a deploy whose lease
+#                        someone else took changes nothing more
 #             4 check    client-side dry run of every phase file, every namespace it needs
 #                        exists or is in the bundle, then a server-side dry run of the whole
 #                        bundle (--server-dry-run): a bad document fails with nothing applied
@@ -120,8 +122,12 @@ readonly LOCK_NAME=k3s-deploy-lock
 readonly LOCK_POLL_SECONDS=2
 # A Lease's MicroTime as the API server writes it (2026-12-01T12:00:00.000000Z).
 readonly LEASE_TIME_PATTERN='^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$'
-
-readonly LOCK_MARGIN_SECONDS=300
+# The lease lasts the longest run the action allows its command (lock-timeout + timeout +
+# rollback-timeout + this margin: command.py's execution timeout) from when it is taken or
+# last renewed, so it never ends while the command may still run; the heartbeat renews it
+# every LEASE_RENEW_SECONDS while this process lives.
+readonly LOCK_MARGIN_SECONDS=60
+LEASE_RENEW_SECONDS=${K3S_DEPLOY_LEASE_RENEW_SECONDS:-15}
 # Left in the state dir by a deploy that undid its own changes when a signal stopped it.
 readonly ROLLED_BACK_FILE=rolled-back.txt
 # Annotations written to each workload (and the lock), under the action's own prefix.
@@ -182,6 +188,8 @@ lock_keep=false
 rollback_wait=true # false: undo and go, no wait for the undone rollouts (on a signal)
 lock_version=""
 lock_duration=0
+lock_taken_at=""
+heartbeat_pid=""
 deadline=0
 rollout_started_at=""
 fail_reason=""
@@ -238,6 +246,7 @@ cleanup() {
   fi
   if [[ "$lock_held" == true ]]; then
     if [[ "$lock_keep" == true ]]; then
+      stop_heartbeat || true
       log "keeping the deploy lock for the rollback of $deploy_id (it takes the lock over); it expires ${lock_duration}s after it was taken otherwise" || true
     else
       release_lock || true
@@ -754,14 +763,16 @@ first_line() {
 # that expired, was released, or belongs to this deploy id with its process gone is `kubectl
 # replace` with the resourceVersion just read (refused with a Conflict if anyone changed it in
 # between); releasing it is the same replace with no holder (client-go's leader election does
-# the same). The lease lasts the holder's whole budget plus a margin, so only a holder that
-# died lets it expire.
+# the same). The lease lasts the longest run the action allows the command from its last
+# renewal, and the heartbeat renews it while this process lives, so only a holder that died
+# lets it expire.
 
 # Sets REPLY to the Lease manifest naming holder $1 ("" releases it), for resourceVersion $2
-# ("" to create it).
+# ("" to create it); $3 is when it was taken (a renewal keeps it), else now.
 lease_manifest() {
   local holder=$1 version=$2 now duration=1 text
   now=$(date -u +%Y-%m-%dT%H:%M:%S.000000Z)
+  lock_taken_at=${3:-$now}
   text="apiVersion: coordination.k8s.io/v1
 kind: Lease
 metadata:
@@ -784,7 +795,7 @@ metadata:
   text+="
 spec:
   holderIdentity: $REPLY
-  acquireTime: \"$now\"
+  acquireTime: \"$lock_taken_at\"
   renewTime: \"$now\"
   leaseDurationSeconds: $duration"
   REPLY=$text
@@ -879,7 +890,8 @@ acquire_lock() {
     if ((rc == 0)) && [[ "$output" =~ ^[0-9]+$ ]]; then
       lock_version=$output
       lock_held=true
-      log "lock taken: holder $deploy_id, lease ${lock_duration}s"
+      log "lock taken: holder $deploy_id, lease ${lock_duration}s, renewed every ${LEASE_RENEW_SECONDS}s"
+      start_heartbeat
       return 0
     fi
     output=${KUBE_ERR:-$output}
@@ -930,7 +942,8 @@ take_over_lock() {
     -o 'jsonpath={.metadata.resourceVersion}' && [[ "$REPLY" =~ ^[0-9]+$ ]]; then
     lock_version=$REPLY
     lock_held=true
-    log "lock taken over (it was $previous): holder $deploy_id, lease ${lock_duration}s"
+    log "lock taken over (it was $previous): holder $deploy_id, lease ${lock_duration}s, renewed every ${LEASE_RENEW_SECONDS}s"
+    start_heartbeat
     return 0
   fi
   output=${KUBE_ERR:-$REPLY}
@@ -941,20 +954,103 @@ take_over_lock() {
   fail_early 4 lock "could not take over the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME): $(first_line "$output")"
 }
 
-# shellcheck disable=SC2329 # called by cleanup (the EXIT trap)
-release_lock() {
-  local output
-  lock_held=false
-  lease_manifest "" "$lock_version"
-  # A short request timeout: this may run while the job is being cancelled.
-  printf '%s\n' "$REPLY" >"$work_dir/lease.yaml"
-  if kube_capture replace -f "$work_dir/lease.yaml" --request-timeout=10s -o name; then
-    log "deploy lock released"
+# The heartbeat: a subshell of this process, so in its process group (SSM's kill of the group
+# stops it too), that renews the lease every LEASE_RENEW_SECONDS while this process lives and
+# owns the lease's resourceVersion from then on: each renewal is a replace conditional on the
+# version the one before got, which it writes to $work_dir/lock-version for release_lock. A
+# renewal refused with a Conflict or NotFound means someone else took the lease: it writes
+# $work_dir/lock-lost and stops, and this deploy changes nothing more (lock_still_ours).
+start_heartbeat() {
+  local main_pid=$$
+  printf '%s' "$lock_version" >"$work_dir/lock-version"
+  rm -f -- "$work_dir/heartbeat.stop" "$work_dir/lock-lost"
+  (
+    trap - EXIT INT TERM HUP
+    kube_err_file="$work_dir/heartbeat.err"
+    version=$lock_version
+    while :; do
+      for ((tick = 0; tick < LEASE_RENEW_SECONDS; tick++)); do
+        sleep 1
+        if [[ -e "$work_dir/heartbeat.stop" ]] || ! kill -0 "$main_pid" 2>/dev/null; then
+          exit 0
+        fi
+      done
+      lease_manifest "$deploy_id" "$version" "$lock_taken_at"
+      printf '%s\n' "$REPLY" >"$work_dir/heartbeat.yaml"
+      if kube_capture replace -f "$work_dir/heartbeat.yaml" --request-timeout="$request_timeout" \
+        -o 'jsonpath={.metadata.resourceVersion}' && [[ "$REPLY" =~ ^[0-9]+$ ]]; then
+        version=$REPLY
+        printf '%s' "$version" >"$work_dir/lock-version.tmp" &&
+          mv -f -- "$work_dir/lock-version.tmp" "$work_dir/lock-version"
+      elif [[ "$KUBE_ERR" == *Conflict* || "$KUBE_ERR" == *NotFound* ]]; then
+        log "the deploy lock was taken by someone else (its lease changed under the heartbeat)"
+        printf 'lost\n' >"$work_dir/lock-lost"
+        exit 0
+      fi # anything else (a slow API): try again at the next beat
+    done
+  ) &
+  heartbeat_pid=$!
+}
+
+# Stops the heartbeat (at its next second, or at once after 3 s) and takes back the
+# resourceVersion it owned.
+# shellcheck disable=SC2329 # called by cleanup and release_lock (the EXIT trap)
+stop_heartbeat() {
+  local waited
+  if [[ -z "$heartbeat_pid" ]]; then
     return 0
   fi
-  output=${KUBE_ERR:-$REPLY}
+  : >"$work_dir/heartbeat.stop" 2>/dev/null || true
+  for ((waited = 0; waited < 30; waited++)); do
+    kill -0 "$heartbeat_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill "$heartbeat_pid" 2>/dev/null || true
+  wait "$heartbeat_pid" 2>/dev/null || true
+  heartbeat_pid=""
+  if [[ -r "$work_dir/lock-version" ]] && [[ "$(<"$work_dir/lock-version")" =~ ^[0-9]+$ ]]; then
+    lock_version=$(<"$work_dir/lock-version")
+  fi
+}
+
+# True while the lease is this deploy's: the heartbeat has not seen it taken, and (with
+# "read") the lease read now names this deploy and this process.
+lock_still_ours() {
+  if [[ "$lock_held" != true || -e "$work_dir/lock-lost" ]]; then
+    return 1
+  fi
+  if [[ "${1:-}" == read ]]; then
+    read_lock || return 1
+    [[ "$lock_holder" == "$deploy_id" && "$lock_process" == "${HOSTNAME:-unknown}/$$" ]] || return 1
+  fi
+}
+
+# shellcheck disable=SC2329 # called by cleanup (the EXIT trap)
+release_lock() {
+  local output try
+  stop_heartbeat
+  lock_held=false
+  for try in 1 2 3; do
+    lease_manifest "" "$lock_version"
+    # A short request timeout: this may run while the job is being cancelled.
+    printf '%s\n' "$REPLY" >"$work_dir/lease.yaml"
+    if kube_capture replace -f "$work_dir/lease.yaml" --request-timeout=10s -o name; then
+      log "deploy lock released"
+      return 0
+    fi
+    output=${KUBE_ERR:-$REPLY}
+    # A renewal that was in flight when the heartbeat stopped moved the version on: still
+    # this process's lease, so release it at the version it has now.
+    if [[ "$output" == *Conflict* ]] && ((try < 3)) && [[ ! -e "$work_dir/lock-lost" ]] &&
+      read_lock && [[ "$lock_holder" == "$deploy_id" &&
+      "$lock_process" == "${HOSTNAME:-unknown}/$$" && "$lock_version_seen" =~ ^[0-9]+$ ]]; then
+      lock_version=$lock_version_seen
+      continue
+    fi
+    break
+  done
   if [[ "$output" == *Conflict* || "$output" == *NotFound* ]]; then
-    log "warning: the deploy lock changed hands during this run (its lease ran out); left as it is"
+    log "warning: the deploy lock changed hands during this run; left as it is"
   else
     log "warning: could not release the deploy lock ($(first_line "$output")); it expires by itself ${lock_duration}s after it was taken"
   fi
@@ -1424,6 +1520,10 @@ apply_bundle() {
   step=apply
   rollout_started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   for name in "${bundle_phase_files[@]}"; do
+    if ! lock_still_ours; then
+      fail_reason="the deploy lock was taken by someone else; stopped before applying bundle/$name"
+      return 1
+    fi
     log "==> kubectl apply -f bundle/$name"
     rc=0
     output=$(kube_within_budget apply --validate="$validate" --request-timeout="$request_timeout" \
@@ -1508,7 +1608,9 @@ after_apply() {
     mv -- "$state_dir/applied.tsv.tmp" "$state_dir/applied.tsv"; }; then
     log "warning: could not write $state_dir/applied.tsv: a rollback will undo every workload whose revision moved"
   fi
-  annotate_workloads
+  if lock_still_ours; then
+    annotate_workloads
+  fi
 }
 
 # Writes commit, run URL, time and deploy id to each workload's own metadata. Not to its pod
@@ -1805,6 +1907,10 @@ wait_for_rollout() {
   workload_ns_args "$i"
   log "==> waiting for $(workload_text "$i")"
   while :; do
+    if ! lock_still_ours; then
+      fail_reason="the deploy lock was taken by someone else while waiting for $(workload_text "$i"); this deploy stops here"
+      return 1
+    fi
     left=$((until - $(date +%s)))
     if ((left <= 0)); then
       fail_reason="$(workload_text "$i") was not ready in time ($(rollout_summary "$i"))"
@@ -2003,6 +2109,13 @@ roll_back_changed() {
     done <"$applied_file"
   fi
   log "==> rolling back what this deploy changed"
+  if ! lock_still_ours read; then
+    # Another deploy holds the cluster now: undoing would race it. The rollback command the
+    # action sends (or a person) can do it once the lock is free.
+    log "the deploy lock is no longer this deploy's: nothing undone (another deploy may be changing these workloads)"
+    rollback_status=failed
+    return 0
+  fi
   for i in "${!wl_name[@]}"; do
     if ! read_workload "$i"; then
       wl_undo[i]=failed
@@ -2266,7 +2379,7 @@ rollback_summary() {
 run_deploy() {
   local rc
   deadline=$(($(date +%s) + timeout_seconds))
-  lock_duration=$((timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
+  lock_duration=$((lock_timeout_seconds + timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
   log "k3s-deploy: deploy $deploy_id${commit:+ (commit $commit)}${run_url:+ from $run_url}"
   check_tools
   check_api
@@ -2276,6 +2389,9 @@ run_deploy() {
   unpack_bundle
   check_bundle
   server_dry_run_bundle
+  if ! lock_still_ours read; then
+    fail_early 6 lock "the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME) was taken by someone else before this deploy changed anything: $(lock_holder_text)"
+  fi
   record_revisions
   # From here bash runs apply_bundle, wait_for_workloads and verify_health with errexit off
   # (a function called in an `||` list). That is the decision, not an accident: once the
@@ -2339,7 +2455,7 @@ run_dry_run() {
 
 run_rollback() {
   deadline=$(($(date +%s) + rollback_timeout_seconds))
-  lock_duration=$((rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
+  lock_duration=$((lock_timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
   log "k3s-deploy: rollback of deploy $deploy_id"
   result=timed-out
   check_tools

@@ -15,6 +15,7 @@ import pytest
 
 from tests.real.plane import (
     API_IMAGE,
+    LOCK,
     WORKER_IMAGE,
     ControlPlane,
     platform_docs,
@@ -439,3 +440,38 @@ def test_a_statefulset_goes_back_to_the_exact_revision_recorded_before(
     assert workload_results(run)["redis"] == "rolled-back"
     assert control_plane.image_of("statefulset", ns, "redis") == images["r1"]
     assert control_plane.lock_holder() == ""
+
+
+def test_the_lease_is_renewed_and_a_deploy_that_loses_it_stops_and_undoes_nothing(
+    control_plane: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    """#15 finding 2 on the real API: the heartbeat renews the lease (conditional replaces,
+    each on the version the one before got); when someone else takes it mid-rollout, the
+    deploy stops, undoes nothing and leaves the new holder's lease as it is."""
+    host = ScriptHost(tmp_path, {**control_plane.env(), "K3S_DEPLOY_LEASE_RENEW_SECONDS": "1"})
+    redis_volume(control_plane, ns)
+    assert host.deploy(platform_docs(ns, "v1"), "before").code == 0
+    docs = _with(platform_docs(ns, "v1"), "Deployment", "api", f"{API_IMAGE}:v2", min_ready=60)
+    process = host.start(docs, "deploy-lost")
+    control_plane.wait_for("the deploy to apply",
+                           lambda: control_plane.revision("deployment", ns, "api") == "2")
+    renewals = set()
+    deadline = time.monotonic() + 10
+    while len(renewals) < 3 and time.monotonic() < deadline:
+        lease = control_plane.get(*LOCK)
+        assert lease is not None and lease["spec"]["holderIdentity"] == "deploy-lost"
+        renewals.add(lease["spec"]["renewTime"])
+        time.sleep(0.3)
+    assert len(renewals) >= 3, renewals
+    lease = control_plane.get(*LOCK)
+    assert lease is not None
+    lease["spec"]["holderIdentity"] = "intruder"
+    lease["metadata"].pop("annotations", None)
+    control_plane.kubectl("replace", "-f", "-", stdin=json.dumps(lease))
+    run = host.finished(process, timeout=60)
+
+    assert run.code == 8, run.stdout
+    assert "the deploy lock was taken by someone else while waiting for " in run.stdout
+    assert "nothing undone" in run.stdout
+    assert control_plane.image_of("deployment", ns, "api") == f"{API_IMAGE}:v2"
+    assert control_plane.lock_holder() == "intruder"
