@@ -167,6 +167,7 @@ def with_real_files(argv: list[str], root: Path) -> list[str]:
     files = phase_files([*platform(), widget_crd(), widget()])
     out = list(argv)
     files["lease.yaml"] = LEASE_ON_STDIN  # the lock, written to a file of the work dir
+    files["heartbeat.yaml"] = LEASE_ON_STDIN  # its renewals (the heartbeat's own file)
     for i, arg in enumerate(argv[:-1]):
         if arg == "-f" and argv[i + 1] != "-":
             copy = root / Path(argv[i + 1]).name
