@@ -1593,19 +1593,16 @@ def list_objects(state: dict, kind: Kind, namespace: str, now: float) -> list[di
         return list_pods(state, namespace, now)
     if kind.kind == "Event":
         return list_events(state, namespace)
-    if kind.kind == "ReplicaSet":
+    # What the controllers make per revision, served from their workload's history.
+    made_by = {"ReplicaSet": ("Deployment", WorkloadView.replica_sets),
+               "ControllerRevision": ("StatefulSet", WorkloadView.controller_revisions)}
+    if kind.kind in made_by:
+        owner_kind, revisions = made_by[kind.kind]
         return sorted(
-            (rs for record in state["objects"].values()
-             if record["object"]["kind"] == "Deployment"
+            (item for record in state["objects"].values()
+             if record["object"]["kind"] == owner_kind
              and record["object"]["metadata"].get("namespace") == namespace
-             for rs in WorkloadView(state, record, now).replica_sets()),
-            key=lambda o: o["metadata"]["name"])
-    if kind.kind == "ControllerRevision":
-        return sorted(
-            (cr for record in state["objects"].values()
-             if record["object"]["kind"] == "StatefulSet"
-             and record["object"]["metadata"].get("namespace") == namespace
-             for cr in WorkloadView(state, record, now).controller_revisions()),
+             for item in revisions(WorkloadView(state, record, now))),
             key=lambda o: o["metadata"]["name"])
     items = []
     for record in state["objects"].values():
