@@ -1,8 +1,9 @@
-"""The command lines sent through SSM Run Command (AWS-RunShellScript), and sending them.
+"""The command sent through SSM Run Command, and sending it.
 
-AWS-RunShellScript joins the lines into one file and runs it with `sh` (dash on Ubuntu), so the
-lines are plain POSIX sh. Every value in them is either made by the action (ids, sums, numbers)
-or an input validated in inputs.py, and every one is quoted with shlex.quote all the same.
+The agent joins the lines into one file and runs it with `sh` (dash on Ubuntu), so the lines are
+plain POSIX sh. Every value in them is made by the action (ids, sums, URLs) or an input
+validated in inputs.py, and is either shell-quoted (AWS-RunShellScript) or checked by SSM
+against the custom document's allowedPattern (input `ssm-document`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from importlib import resources
 from typing import Any
 
 from deploykit.awsapi import aws_call, error_code
-from deploykit.errors import AwsCallFailed
+from deploykit.errors import AwsCallFailed, InputError
 from deploykit.inputs import Settings
 from deploykit.stage import Staging
 
@@ -61,19 +62,227 @@ def _q(value: str | int) -> str:
     return shlex.quote(str(value))
 
 
-def _common_flags(settings: Settings) -> list[str]:
+# -- the command: one program for both ways of sending it ---------------------------------------
+#
+# The lines below are sent either as AWS-RunShellScript's `commands` (each value shell-quoted
+# by the action) or stored once in a custom SSM Command document (input `ssm-document`), where
+# SSM puts each parameter's value between the single quotes, after checking it against the
+# parameter's allowedPattern or allowedValues. The patterns admit no quote, space, `$`,
+# backquote, backslash or line break, so no value can leave its quotes, and with the document
+# the deploy role can start this program and nothing else. Everything else the script needs
+# (kubectl command, namespace, budgets, commit) travels in the bundle (bundle/options), which
+# the program runs only after checking its sha256.
+
+RUN_SHELL_SCRIPT = "AWS-RunShellScript"
+# Bumped whenever the program or the parameters change; the document carries it as the only
+# allowed value of `documentVersion`, and the action refuses a document with another one.
+DOCUMENT_VERSION = "1"
+DEPLOY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str  # the document's parameter
+    variable: str  # the shell variable the program reads it into
+    description: str
+    pattern: str = ""  # allowedPattern
+    values: tuple[str, ...] = ()  # allowedValues
+    default: str | None = None  # None: required
+
+
+PARAMETERS = (
+    Parameter("entryPoint", "entry", "deploy, dry-run or rollback", values=("deploy", "dry-run", "rollback")),
+    Parameter("deployId", "id", "the deploy's id (the action makes it)", pattern=DEPLOY_ID_PATTERN),
+    Parameter(
+        "delivery",
+        "delivery",
+        "how the master downloads the staged files",
+        values=("s3", "presigned"),
+        default="s3",
+    ),
+    Parameter(
+        "region",
+        "region",
+        "the staging bucket's region",
+        pattern=r"^([a-z]{2}(-[a-z]+)+-[0-9])?$",
+        default="",
+    ),
+    Parameter(
+        "bucket", "bucket", "the staging bucket", pattern=r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$", default=""
+    ),
+    Parameter(
+        "bucketOwner", "owner", "the account that must own the bucket", pattern=r"^([0-9]{12})?$", default=""
+    ),
+    Parameter(
+        "prefix",
+        "prefix",
+        "the staged files' key prefix in a bucket given with input `bucket`",
+        pattern=r"^(k3s-deploy/[A-Za-z0-9][A-Za-z0-9._-]{0,127}/)?$",
+        default="",
+    ),
+    Parameter(
+        "scriptUrl",
+        "script_url",
+        "presigned GET URL of the script (delivery presigned)",
+        pattern=r"^(https?://[A-Za-z0-9.:-]+/[A-Za-z0-9._~/%&=+?-]*)?$",
+        default="",
+    ),
+    Parameter(
+        "bundleUrl",
+        "bundle_url",
+        "presigned GET URL of the bundle (delivery presigned)",
+        pattern=r"^(https?://[A-Za-z0-9.:-]+/[A-Za-z0-9._~/%&=+?-]*)?$",
+        default="",
+    ),
+    Parameter(
+        "scriptSha256", "script_sum", "sha256 of the staged script", pattern=r"^([0-9a-f]{64})?$", default=""
+    ),
+    Parameter(
+        "bundleSha256", "bundle_sum", "sha256 of the staged bundle", pattern=r"^([0-9a-f]{64})?$", default=""
+    ),
+)
+# Document-only parameters: the run limit (the document's timeoutSeconds) and its version.
+EXECUTION_TIMEOUT_PARAMETER = Parameter(
+    "executionTimeout",
+    "",
+    "the run limit in seconds (the action sets it)",
+    pattern=r"^[0-9]{1,6}$",
+    default="3600",
+)
+VERSION_PARAMETER = Parameter(
+    "documentVersion",
+    "",
+    "the version of the action's command this document runs (the action checks it)",
+    values=(DOCUMENT_VERSION,),
+    default=DOCUMENT_VERSION,
+)
+
+
+def program(assignments: Mapping[str, str]) -> list[str]:
+    """The command's lines, `assignments` giving each PARAMETERS variable's right-hand side."""
+    fetch_s3 = (
+        'fetch() { aws s3api get-object --region "$region" --bucket "$bucket" --key "$1"'
+        ' --expected-bucket-owner "$owner" "$2" >/dev/null'
+        ' || { echo "k3s-deploy: could not download s3://$bucket/$1; the instance role needs'
+        f' s3:GetObject on it" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
+    )
+    # The URLs are secrets for their few minutes: never echoed (curl's errors name the host).
+    fetch_url = (
+        "fetch() { curl --fail --silent --show-error --retry 3 --max-time 120"
+        ' -H "x-amz-expected-bucket-owner: $owner" -o "$2" --url "$1"'
+        ' || { echo "k3s-deploy: could not download $2 from its presigned URL (expired, or S3'
+        f' not reachable from the master)" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
+    )
     return [
-        "--kubectl",
-        _q(" ".join(settings.kubectl)),
-        "--namespace",
-        _q(settings.namespace),
-        "--rollback-timeout",
-        _q(settings.rollback_timeout),
-        "--request-timeout",
-        _q(settings.request_timeout),
-        "--lock-timeout",
-        _q(settings.lock_timeout),
+        "set -eu",
+        "umask 077",
+        *(f"{p.variable}={assignments[p.variable]}" for p in PARAMETERS),
+        f"state={STATE_DIR}",
+        WORK_TAG,
+        # The download folder of a deploy killed outright (SSM's execution timeout, an agent
+        # restart: no time for its EXIT trap) is named after the deploy and its shell's PID,
+        # and deleted by the rollback when that shell is gone: a deploy whose cancel failed may
+        # still run from it.
+        "sweep() {",
+        '  for work in "${TMPDIR:-/tmp}/k3s-deploy.$tag."*; do',
+        '    [ -d "$work" ] || continue',
+        '    pid=${work##*/k3s-deploy."$tag".}; pid=${pid%%.*}',
+        '    case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then continue; fi ;; esac',
+        '    rm -rf -- "$work"',
+        "  done",
+        "}",
+        # The rollback runs the copy of the script (and the options) the deploy keeps in its
+        # state folder until it is over: it needs nothing from S3. No folder means the deploy
+        # had not recorded anything yet, or already finished (and rolled back when it had to).
+        # The sweep comes after it: a cancelled deploy may still be undoing its own changes
+        # (holding the lock this rollback waits for) until the agent kills it.
+        'if [ "$entry" = rollback ]; then',
+        '  if [ ! -f "$state/$id/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for'
+        ' deploy $id on this master: nothing to roll back"; sweep; exit 0; fi',
+        "  rc=0",
+        '  bash "$state/$id/k3s-deploy.sh" rollback --deploy-id "$id" --state-dir "$state" || rc=$?',
+        "  sweep",
+        f'  [ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
+        '  exit "$rc"',
+        "fi",
+        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.$tag.$$.XXXXXXXX")',
+        "trap 'rm -rf \"$work\"' EXIT",
+        # sh runs an EXIT trap on `exit`, not when a signal kills it: a cancelled command (the
+        # agent signals the process group) would leave the downloaded bundle behind.
+        "trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM",
+        'cd "$work"',
+        # The script's own scratch folder (and kubectl's temporary files) go inside the download
+        # folder: deleted with it on exit, and by the rollback command after a SIGKILL.
+        "TMPDIR=$work",
+        "export TMPDIR",
+        'if [ "$delivery" = presigned ]; then',
+        fetch_url,
+        f'fetch "$script_url" {SCRIPT_NAME}',
+        f'fetch "$bundle_url" {BUNDLE_NAME}',
+        "else",
+        fetch_s3,
+        f'fetch "${{prefix}}{SCRIPT_NAME}" {SCRIPT_NAME}',
+        f'fetch "${{prefix}}{BUNDLE_NAME}" {BUNDLE_NAME}',
+        "fi",
+        f'printf \'%s  %s\\n\' "$script_sum" {SCRIPT_NAME} "$bundle_sum" {BUNDLE_NAME} > SHA256SUMS',
+        "sha256sum -c --status SHA256SUMS || { echo 'k3s-deploy: sha256 mismatch: the staged "
+        "files are not the ones this deploy uploaded; refusing to run them' >&2; "
+        f"exit {EXIT_CHECKSUM_MISMATCH}; }}",
+        "rc=0",
+        f'bash ./{SCRIPT_NAME} "$entry" --bundle {BUNDLE_NAME} --deploy-id "$id" --state-dir "$state"'
+        " || rc=$?",
+        f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
+        'exit "$rc"',
     ]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one SendCommand runs: the parameters' values."""
+
+    values: Mapping[str, str]  # by parameter name
+
+    def lines(self) -> list[str]:
+        """The program with the values in it (AWS-RunShellScript's `commands`)."""
+        return program({p.variable: _q(self.values.get(p.name, p.default or "")) for p in PARAMETERS})
+
+    def send_parameters(self, document: str, execution_timeout: int) -> dict[str, list[str]]:
+        """SendCommand's `Parameters` for `document`: the custom one's, or AWS-RunShellScript's."""
+        timeout = [str(execution_timeout)]
+        if document == RUN_SHELL_SCRIPT:
+            return {"commands": self.lines(), "executionTimeout": timeout}
+        given = {p.name: [self.values[p.name]] for p in PARAMETERS if self.values.get(p.name, "") != ""}
+        return {
+            **given,
+            EXECUTION_TIMEOUT_PARAMETER.name: timeout,
+            VERSION_PARAMETER.name: [DOCUMENT_VERSION],
+        }
+
+
+# The script prints the dry run's diff up to this size: SSM keeps 24,000 characters of its output,
+# the local transport all of it.
+LOCAL_MAX_DIFF_BYTES = 2_000_000
+
+
+def bundle_options(settings: Settings) -> dict[str, str]:
+    """The script's options (its NAME=VALUE `options` file in the bundle). Each value is one
+    line: inputs.py validates each of them."""
+    options = {
+        "kubectl": " ".join(settings.kubectl),
+        "namespace": settings.namespace,
+        "timeout": str(settings.timeout),
+        "rollback": str(settings.rollback).lower(),
+        "rollback-timeout": str(settings.rollback_timeout),
+        "lock-timeout": str(settings.lock_timeout),
+        "server-dry-run": str(settings.server_dry_run).lower(),
+        "request-timeout": settings.request_timeout,
+        "validate": str(settings.kubectl_validate).lower(),
+        "commit": settings.commit,
+        "run-url": settings.run_url,
+    }
+    if settings.transport == "local":
+        options["max-diff-bytes"] = str(LOCAL_MAX_DIFF_BYTES)
+    return options
 
 
 def presigned_urls(
@@ -96,6 +305,35 @@ def presigned_urls(
     }
 
 
+def deploy_request(
+    settings: Settings,
+    staging: Staging,
+    deploy_id: str,
+    script_sha256: str,
+    bundle_sha256: str,
+    urls: Mapping[str, str] | None = None,
+) -> Request:
+    """Download, verify, run, clean up, and exit with the script's code.
+
+    With `urls` (presigned GET URLs by file name) the master fetches with curl instead of the
+    AWS CLI; the caller masks them in the log.
+    """
+    values = {
+        "entryPoint": "dry-run" if settings.dry_run else "deploy",
+        "deployId": deploy_id,
+        "delivery": "presigned" if urls is not None else "s3",
+        "region": settings.aws_region,
+        "bucket": staging.bucket,
+        "bucketOwner": staging.account,
+        "prefix": staging.prefix,
+        "scriptSha256": script_sha256,
+        "bundleSha256": bundle_sha256,
+    }
+    if urls is not None:
+        values |= {"scriptUrl": urls[SCRIPT_NAME], "bundleUrl": urls[BUNDLE_NAME]}
+    return Request(values)
+
+
 def deploy_lines(
     settings: Settings,
     staging: Staging,
@@ -104,128 +342,90 @@ def deploy_lines(
     bundle_sha256: str,
     urls: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Download, verify, run, clean up, and exit with the script's code.
+    return deploy_request(settings, staging, deploy_id, script_sha256, bundle_sha256, urls).lines()
 
-    With `urls` (presigned GET URLs by file name) the master fetches with curl instead of the
-    AWS CLI. The URLs are secrets for their few minutes: never echoed (curl's errors name the
-    host, not the URL), and the caller masks them in the log.
-    """
-    if urls is None:
-        fetch = (
-            'fetch() { aws s3api get-object --region "$region" --bucket "$bucket" --key "$1"'
-            ' --expected-bucket-owner "$owner" "$2" >/dev/null'
-            ' || { echo "k3s-deploy: could not download s3://$bucket/$1; the instance role needs'
-            f' s3:GetObject on it" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
-        )
-        sources = {name: staging.key(name) for name in (SCRIPT_NAME, BUNDLE_NAME)}
-    else:
-        fetch = (
-            "fetch() { curl --fail --silent --show-error --retry 3 --max-time 120"
-            ' -H "x-amz-expected-bucket-owner: $owner" -o "$2" --url "$1"'
-            ' || { echo "k3s-deploy: could not download $2 from its presigned URL (expired, or S3'
-            f' not reachable from the master)" >&2; exit {EXIT_DOWNLOAD_FAILED}; }}; }}'
-        )
-        sources = {name: urls[name] for name in (SCRIPT_NAME, BUNDLE_NAME)}
-    run = [
-        "bash",
-        f"./{SCRIPT_NAME}",
-        "dry-run" if settings.dry_run else "deploy",
-        "--bundle",
-        BUNDLE_NAME,
-        "--deploy-id",
-        _q(deploy_id),
-        "--timeout",
-        _q(settings.timeout),
-        "--rollback",
-        _q(str(settings.rollback).lower()),
-        "--validate",
-        _q(str(settings.kubectl_validate).lower()),
-        "--server-dry-run",
-        _q(str(settings.server_dry_run).lower()),
-        "--state-dir",
-        STATE_DIR,
-        "--commit",
-        _q(settings.commit),
-        "--run-url",
-        _q(settings.run_url),
-        *_common_flags(settings),
-    ]
-    return [
-        "set -eu",
-        "umask 077",
-        # Named after the deploy and this shell's PID so that its rollback can delete it when a
-        # SIGKILL (SSM's execution timeout, an agent restart) left no time for the EXIT trap,
-        # and only then: a deploy still running (its cancel failed) keeps its files.
-        f"id={_q(deploy_id)}",
-        WORK_TAG,
-        'work=$(mktemp -d "${TMPDIR:-/tmp}/k3s-deploy.$tag.$$.XXXXXXXX")',
-        "trap 'rm -rf \"$work\"' EXIT",
-        # sh runs an EXIT trap on `exit`, not when a signal kills it: a cancelled command (the
-        # agent signals the process group) would leave the downloaded bundle behind.
-        "trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM",
-        'cd "$work"',
-        # The script's own scratch folder (and kubectl's temporary files) go inside the download
-        # folder: deleted with it on exit, and by the rollback command after a SIGKILL.
-        'TMPDIR=$work',
-        "export TMPDIR",
-        f"region={_q(settings.aws_region)} bucket={_q(staging.bucket)} owner={_q(staging.account)}",
-        fetch,
-        f"fetch {_q(sources[SCRIPT_NAME])} {SCRIPT_NAME}",
-        f"fetch {_q(sources[BUNDLE_NAME])} {BUNDLE_NAME}",
-        f"printf '%s  %s\\n' {_q(script_sha256)} {SCRIPT_NAME} {_q(bundle_sha256)} {BUNDLE_NAME}"
-        " > SHA256SUMS",
-        "sha256sum -c --status SHA256SUMS || { echo 'k3s-deploy: sha256 mismatch: the staged "
-        "files are not the ones this deploy uploaded; refusing to run them' >&2; "
-        f"exit {EXIT_CHECKSUM_MISMATCH}; }}",
-        "rc=0",
-        " ".join(run) + " || rc=$?",
-        f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
-        'exit "$rc"',
-    ]
+
+def rollback_request(settings: Settings, deploy_id: str) -> Request:
+    """Run the rollback entry point of the copy the deploy left on the master."""
+    del settings  # the rollback runs with the options the deploy kept
+    return Request({"entryPoint": "rollback", "deployId": deploy_id})
 
 
 def rollback_lines(settings: Settings, deploy_id: str) -> list[str]:
-    """Run the rollback entry point of the copy the deploy left on the master.
+    return rollback_request(settings, deploy_id).lines()
 
-    Needs nothing from S3: the deploy keeps its revisions and a copy of the script in the state
-    folder until it is over. No folder means the deploy had not recorded anything yet, or it
-    already finished (and rolled back when it had to).
-    """
-    run = [
-        "bash",
-        '"$dir/k3s-deploy.sh"',
-        "rollback",
-        "--deploy-id",
-        _q(deploy_id),
-        "--state-dir",
-        STATE_DIR,
-        *_common_flags(settings),
-    ]
-    return [
-        "set -eu",
-        f"id={_q(deploy_id)}",
-        # The download folder of a deploy killed outright (see deploy_lines): deleted when the
-        # shell that made it is gone. A deploy whose cancel failed may still run from it. It is
-        # looked for after the rollback: a cancelled deploy may still be undoing its own
-        # changes (holding the lock this rollback waits for) until the agent kills it.
-        WORK_TAG,
-        "sweep() {",
-        '  for work in "${TMPDIR:-/tmp}/k3s-deploy.$tag."*; do',
-        '    [ -d "$work" ] || continue',
-        '    pid=${work##*/k3s-deploy."$tag".}; pid=${pid%%.*}',
-        '    case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then continue; fi ;; esac',
-        '    rm -rf -- "$work"',
-        "  done",
-        "}",
-        f'dir={STATE_DIR}/"$id"',
-        'if [ ! -f "$dir/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for deploy'
-        ' $id on this master: nothing to roll back"; sweep; exit 0; fi',
-        "rc=0",
-        " ".join(run) + " || rc=$?",
-        "sweep",
-        f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
-        'exit "$rc"',
-    ]
+
+# -- the custom document ------------------------------------------------------------------------
+
+
+def document_content() -> dict[str, Any]:
+    """The custom SSM Command document (examples/iam/k3s-deploy-document.json is this)."""
+
+    def declared(p: Parameter) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "String", "description": p.description}
+        if p.values:
+            out["allowedValues"] = list(p.values)
+        else:
+            out["allowedPattern"] = p.pattern
+        if p.default is not None:
+            out["default"] = p.default
+        return out
+
+    parameters = (*PARAMETERS, EXECUTION_TIMEOUT_PARAMETER, VERSION_PARAMETER)
+    return {
+        "schemaVersion": "2.2",
+        "description": (
+            f"k3s-deploy-action {DOCUMENT_VERSION}: runs one deploy, dry run or rollback that the "
+            "action staged, after checking the staged files' sha256, and nothing else."
+        ),
+        "parameters": {p.name: declared(p) for p in parameters},
+        "mainSteps": [
+            {
+                "action": "aws:runShellScript",
+                "name": "k3sDeploy",
+                "precondition": {"StringEquals": ["platformType", "Linux"]},
+                "inputs": {
+                    "timeoutSeconds": "{{ executionTimeout }}",
+                    "runCommand": program({p.variable: f"'{{{{ {p.name} }}}}'" for p in PARAMETERS}),
+                },
+            }
+        ],
+    }
+
+
+def check_document(ssm: Any, name: str) -> None:
+    """Refuse a document that is not the one this version of the action was written for:
+    DescribeDocument must show `documentVersion` with DOCUMENT_VERSION as its default."""
+    where = "examples/iam/k3s-deploy-document.json (or the Terraform example's aws_ssm_document)"
+    from botocore.exceptions import ClientError
+
+    arn = f"arn:aws:ssm:REGION:ACCOUNT:document/{name}"
+    with aws_call(f"read SSM document {name}", "ssm:DescribeDocument", arn):
+        try:
+            described = ssm.describe_document(Name=name)["Document"]
+        except ClientError as exc:
+            if error_code(exc) != "InvalidDocument":
+                raise
+            raise InputError(
+                f"SSM document {name} does not exist in this account and region (InvalidDocument)",
+                fix=f"Create it from {where} (docs/iam-setup.md), or check input 'ssm-document' and "
+                "the region.",
+            ) from None
+    found = {p.get("Name"): p.get("DefaultValue") for p in described.get("Parameters") or []}
+    version = found.get(VERSION_PARAMETER.name)
+    if version != DOCUMENT_VERSION:
+        shown = "no documentVersion parameter" if version is None else f"documentVersion {version}"
+        raise InputError(
+            f"SSM document {name} is not the one this version of the action runs: it has {shown}, "
+            f"this action needs documentVersion {DOCUMENT_VERSION}",
+            fix=f"Update the document from {where} of the same release as the action, "
+            "or remove input 'ssm-document' to use AWS-RunShellScript.",
+        )
+    if described.get("DocumentType") not in (None, "Command"):
+        raise InputError(
+            f"SSM document {name} is a {described.get('DocumentType')} document, not a Command document",
+            fix=f"Create it from {where} with document type Command.",
+        )
 
 
 @dataclass(frozen=True)
@@ -236,14 +436,15 @@ class SentCommand:
     execution_timeout: int
 
 
-def send_lines(
+def send_command(
     ssm_send: Any,
     ssm: Any,
     instance_id: str,
-    lines: list[str],
+    request: Request,
     comment: str,
     execution_timeout: int,
     *,
+    document: str = RUN_SHELL_SCRIPT,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     tries: int = 5,
@@ -253,9 +454,10 @@ def send_lines(
         ssm_send,
         ssm,
         {"InstanceIds": [instance_id], "TimeoutSeconds": DELIVERY_TIMEOUT},
-        lines,
+        request,
         comment,
         execution_timeout,
+        document=document,
         what=instance_id,
         lookup_instance=instance_id,
         sleep=sleep,
@@ -268,10 +470,11 @@ def send_request(
     ssm_send: Any,
     ssm: Any,
     targets: Mapping[str, Any],
-    lines: list[str],
+    request: Request,
     comment: str,
     execution_timeout: int,
     *,
+    document: str = RUN_SHELL_SCRIPT,
     what: str,
     lookup_instance: str,
     sleep: Callable[[float], None] = time.sleep,
@@ -287,13 +490,13 @@ def send_request(
     """
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
-    parameters = {"commands": lines, "executionTimeout": [str(execution_timeout)]}
+    parameters = request.send_parameters(document, execution_timeout)
     for attempt in range(1, tries + 1):
         try:
             with aws_call(f"send the deploy command to {what}", "ssm:SendCommand"):
                 try:
                     response = ssm_send.send_command(
-                        DocumentName="AWS-RunShellScript",
+                        DocumentName=document,
                         Comment=comment,
                         Parameters=parameters,
                         **targets,

@@ -59,7 +59,9 @@ def deploy(
     clock = clock or Clock()
     deploy_id = new_deploy_id(clock.utcnow())
     outcome.dry_run = settings.dry_run
-    bundle = build_bundle(settings.manifests, settings.workspace, settings.images)
+    bundle = build_bundle(
+        settings.manifests, settings.workspace, settings.images, command.bundle_options(settings)
+    )
     _log_bundle(gh, settings, bundle)
     # Images before any AWS change: a tag that was never pushed stops the deploy here, not as
     # pods in ImagePullBackOff minutes later.
@@ -75,6 +77,9 @@ def deploy(
 
         deploy_local(settings, gh, outcome, deploy_id, bundle)
         return
+    if settings.ssm_document != command.RUN_SHELL_SCRIPT:
+        # Before anything is staged: a stale document would refuse the command's parameters.
+        command.check_document(aws.ssm, settings.ssm_document)
     if settings.fleet:
         from deploykit.fleet import deploy_fleet
 
@@ -101,17 +106,18 @@ def deploy(
             urls = command.presigned_urls(aws.s3_presign, staging)
             for url in urls.values():
                 gh.mask(url)  # valid for minutes; the runner hides it wherever it shows up
-        lines = command.deploy_lines(settings, staging, deploy_id, _sha256(script), bundle.sha256, urls)
+        request = command.deploy_request(settings, staging, deploy_id, _sha256(script), bundle.sha256, urls)
         sending = True
         # Through the master, or the next server of its HA cluster if it does not take it.
         sent = ha.send_with_failover(
             aws.ssm_send,
             aws.ssm,
             master,
-            lines,
+            request,
             comment,
             command.execution_timeout(settings),
             gh.log,
+            document=settings.ssm_document,
             clock=clock.monotonic,
             sleep=clock.sleep,
         )
@@ -214,7 +220,8 @@ def _finish(
             sleep=clock.sleep,
             # quick near the end the last deploy on this master suggests, and near the timeout
             policy=wait.PollPolicy(
-                wait.expected_from_history(aws.ssm, sent.instance_id), float(settings.timeout)
+                wait.expected_from_history(aws.ssm, sent.instance_id, settings.ssm_document),
+                float(settings.timeout),
             ),
         )
     except wait.DeadlinePassed:
@@ -286,11 +293,18 @@ def _remote_rollback(
     tries: int = 5,
 ) -> bool:
     """Ask the master to undo what the deploy recorded. True when something was undone."""
-    lines = command.rollback_lines(settings, deploy_id)
+    request = command.rollback_request(settings, deploy_id)
     timeout = command.rollback_execution_timeout(settings)
     try:
-        sent = command.send_lines(
-            aws.ssm_send, aws.ssm, instance_id, lines, _rollback_comment(deploy_id), timeout, tries=tries
+        sent = command.send_command(
+            aws.ssm_send,
+            aws.ssm,
+            instance_id,
+            request,
+            _rollback_comment(deploy_id),
+            timeout,
+            document=settings.ssm_document,
+            tries=tries,
         )
     except DeployError as exc:
         gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")

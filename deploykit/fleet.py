@@ -252,12 +252,12 @@ def deploy_fleet(
             stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
             sums = (story._sha256(script), bundle.sha256)
 
-            def lines_for(count: int) -> list[str]:
-                return command.deploy_lines(
+            def request_for(count: int) -> command.Request:
+                return command.deploy_request(
                     settings, staging, deploy_id, *sums, _presigned(settings, aws, gh, staging, count)
                 )
 
-            _run_rounds(settings, aws, gh, outcome, clock, deploy_id, fleet, lines_for, results, commands)
+            _run_rounds(settings, aws, gh, outcome, clock, deploy_id, fleet, request_for, results, commands)
             if settings.dry_run:
                 for result in results:
                     if result.status == "success":
@@ -289,7 +289,7 @@ def _run_rounds(
     clock: Any,
     deploy_id: str,
     fleet: Fleet,
-    lines_for: Callable[[int], list[str]],
+    request_for: Callable[[int], command.Request],
     results: list[InstanceResult],
     commands: list[FleetCommand],
 ) -> None:
@@ -302,7 +302,7 @@ def _run_rounds(
         round_number += 1
         comment = f"k3s-deploy {deploy_id}" + (f" failover {round_number - 1}" if round_number > 1 else "")
         ids = [m.instance_id for m in members]
-        sent = send_to_fleet(aws, gh, settings, ids, lines_for(len(ids)), comment, clock)
+        sent = send_to_fleet(aws, gh, settings, ids, request_for(len(ids)), comment, clock)
         commands.extend(sent)
         outcome.command_id = ",".join(c.command_id for c in commands)
         for fleet_command in sent:
@@ -366,7 +366,7 @@ def send_to_fleet(
     gh: Workflow,
     settings: Settings,
     instance_ids: list[str],
-    lines: list[str],
+    request: command.Request,
     comment: str,
     clock: Any,
     *,
@@ -385,7 +385,7 @@ def send_to_fleet(
     for number, (chunk, where) in enumerate(batches, start=1):
         label = comment + (f" {number}/{len(batches)}" if len(batches) > 1 else "")
         delivery = delivery_timeout(len(chunk), max_concurrency, execution_timeout)
-        request = {
+        targets = {
             **where,
             "TimeoutSeconds": delivery,
             "MaxConcurrency": max_concurrency,
@@ -395,10 +395,11 @@ def send_to_fleet(
         command_id = command.send_request(
             aws.ssm_send,
             aws.ssm,
+            targets,
             request,
-            lines,
             label,
             execution_timeout,
+            document=settings.ssm_document,
             what=what,
             lookup_instance=chunk[0],
             sleep=clock.sleep,
@@ -626,7 +627,7 @@ def _roll_back_unreported(
             gh,
             settings,
             [r.instance_id for r in doomed],
-            command.rollback_lines(settings, deploy_id),
+            command.rollback_request(settings, deploy_id),
             f"k3s-deploy rollback {deploy_id}",
             clock,
             execution_timeout=command.rollback_execution_timeout(settings),
@@ -702,7 +703,7 @@ def _abandon_on_cancel(
             gh,
             settings,
             instance_ids,
-            command.rollback_lines(settings, deploy_id),
+            command.rollback_request(settings, deploy_id),
             f"k3s-deploy rollback {deploy_id}",
             _NoWait(),
             execution_timeout=command.rollback_execution_timeout(settings),
@@ -740,9 +741,7 @@ def _conclude(outcome: Outcome, results: list[InstanceResult], *, dry_run: bool 
         )
         return
     statuses = {r.status for r in failed}
-    outcome.status = next(
-        (s for s in ("cancelled", "failed", "timed-out") if s in statuses), "rolled-back"
-    )
+    outcome.status = next((s for s in ("cancelled", "failed", "timed-out") if s in statuses), "rolled-back")
     outcome.rolled_back = all(r.rolled_back for r in failed)
     outcome.message = (
         f"Deployed to {deployed} of {len(counted)} instance(s); "

@@ -66,11 +66,12 @@ def send_with_failover(
     ssm_send: Any,
     ssm: Any,
     master: Master,
-    lines: list[str],
+    request: command.Request,
     comment: str,
     execution_timeout: int,
     log: Callable[[str], None],
     *,
+    document: str = command.RUN_SHELL_SCRIPT,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> command.SentCommand:
@@ -80,8 +81,16 @@ def send_with_failover(
     for index, server in enumerate(servers):
         last = index == len(servers) - 1
         try:
-            sent = command.send_lines(
-                ssm_send, ssm, server.instance_id, lines, comment, execution_timeout, clock=clock, sleep=sleep
+            sent = command.send_command(
+                ssm_send,
+                ssm,
+                server.instance_id,
+                request,
+                comment,
+                execution_timeout,
+                document=document,
+                clock=clock,
+                sleep=sleep,
             )
         except DeployError as exc:
             # SSM refused it for this server (its agent is not registered any more): nothing
@@ -139,7 +148,13 @@ def await_delivery(
     deadline = sent.sent_at + command.DELIVERY_TIMEOUT + DELIVERY_MARGIN
     try:
         return wait.wait_for_command(
-            ssm, sent.command_id, sent.instance_id, deadline, log, clock=clock, sleep=sleep,
+            ssm,
+            sent.command_id,
+            sent.instance_id,
+            deadline,
+            log,
+            clock=clock,
+            sleep=sleep,
             until=picked_up_or_over,
         )
     except wait.DeadlinePassed:

@@ -47,6 +47,11 @@ INPUTS: dict[str, tuple[str, str]] = {
         "how the master gets the staged files: s3 (the AWS CLI with its instance role) or presigned "
         "(curl and short-lived URLs: the master needs no S3 permission)",
     ),
+    "ssm-document": (
+        "",
+        "the custom SSM Command document to run the deploy with (examples/iam/k3s-deploy-document.json); "
+        "empty: AWS-RunShellScript",
+    ),
     "kubectl": ("kubectl", "kubectl command on the master (e.g. 'k3s kubectl')"),
     "request-timeout": ("60s", "kubectl --request-timeout on the master"),
     "kubectl-validate": ("false", "kubectl --validate on apply (off: slow on a t3.micro)"),
@@ -120,6 +125,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _KUBECTL_WORD = re.compile(r"^[A-Za-z0-9_./:=-]+$")
 _DURATION = re.compile(r"^[1-9][0-9]{0,3}[sm]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SSM_DOCUMENT = re.compile(r"^(?:arn:aws[a-z-]*:ssm:[a-z0-9-]+:[0-9]{12}:document/)?[A-Za-z0-9_.-]{3,128}\Z")
 # SSM's own patterns for SendCommand's MaxConcurrency and MaxErrors.
 _MAX_CONCURRENCY = re.compile(r"^(?:[1-9][0-9]{0,6}|[1-9][0-9]?%|100%)$")
 _MAX_ERRORS = re.compile(r"^(?:[0]|[1-9][0-9]{0,6}|[0-9]%|[1-9][0-9]%|100%)$")
@@ -161,6 +167,7 @@ class Settings:
     dry_run: bool = False
     server_dry_run: bool = True
     lock_timeout: int = 300
+    ssm_document: str = "AWS-RunShellScript"  # or the custom document (input ssm-document)
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -287,8 +294,7 @@ def _instance_ids(value: str, fleet: bool) -> tuple[str, ...]:
             )
     if len(ids) > 1 and not fleet:
         raise InputError(
-            f"input 'instance-id' takes one instance id unless 'fleet' is true, got {len(ids)}: "
-            f"{show(value)}"
+            f"input 'instance-id' takes one instance id unless 'fleet' is true, got {len(ids)}: {show(value)}"
         )
     return tuple(dict.fromkeys(ids))
 
@@ -432,7 +438,26 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         dry_run=_bool("dry-run", get("dry-run")),
         server_dry_run=_bool("server-dry-run", get("server-dry-run")),
         lock_timeout=_int("lock-timeout", get("lock-timeout"), MIN_LOCK_TIMEOUT, MAX_LOCK_TIMEOUT),
+        ssm_document=_ssm_document(get("ssm-document"), transport),
     )
+
+
+def _ssm_document(value: str, transport: str) -> str:
+    """A document name (or a shared document's ARN); empty means AWS-RunShellScript."""
+    name = value.strip()
+    if not name:
+        return "AWS-RunShellScript"
+    if transport == "local":
+        raise InputError(
+            "input 'ssm-document' applies to transport ssm; transport local runs the script here",
+            fix="Remove input 'ssm-document', or use transport ssm.",
+        )
+    if not _SSM_DOCUMENT.match(name):
+        raise InputError(
+            f"input 'ssm-document' must be an SSM document name (3-128 letters, digits, _ . -) or "
+            f"its ARN, got {show(value)}"
+        )
+    return name
 
 
 def _kubeconfig(value: str, workspace: Path, env: Mapping[str, str]) -> Path | None:

@@ -38,7 +38,6 @@ from deploykit.render import Bundle
 from deploykit.report import Outcome
 
 # No SSM output limit here: the whole diff reaches the log (the summary still cuts it).
-LOCAL_MAX_DIFF_BYTES = 2_000_000
 # After SIGTERM the script releases what it holds and exits; then SIGKILL.
 TERMINATE_GRACE = 10
 # On cancel the runner kills the step about 10 s after its first signal. The script, stopped
@@ -50,10 +49,24 @@ CANCEL_BUDGET = 7.0
 # action's inputs (a registry password among them), the runner's tokens, the job's AWS
 # credentials or the GITHUB_* file paths, which would let what runs there write the job's
 # outputs and summary.
-SCRIPT_ENV_KEEP = frozenset({
-    "PATH", "HOME", "USER", "LANG", "LANGUAGE", "TZ", "KUBECONFIG", "KUBECACHEDIR",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-})
+SCRIPT_ENV_KEEP = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "KUBECONFIG",
+        "KUBECACHEDIR",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    }
+)
 SCRIPT_ENV_KEEP_PREFIXES = ("LC_",)
 # A kubeconfig whose user runs a credential plugin (`exec`: `aws eks get-token`,
 # gke-gcloud-auth-plugin, kubelogin) needs its cloud's credentials: they pass only then.
@@ -64,49 +77,13 @@ FIX_KUBE_API = (
 )
 
 
-def script_arguments(
-    settings: Settings, deploy_id: str, bundle: Path | None, state_dir: Path
-) -> list[str]:
-    """The script's command and options: those the SSM command lines pass (command.py), with
-    local paths. `bundle` None means the rollback entry point."""
-    common = [
-        "--deploy-id",
-        deploy_id,
-        "--state-dir",
-        str(state_dir),
-        "--kubectl",
-        " ".join(settings.kubectl),
-        "--namespace",
-        settings.namespace,
-        "--rollback-timeout",
-        str(settings.rollback_timeout),
-        "--request-timeout",
-        settings.request_timeout,
-        "--lock-timeout",
-        str(settings.lock_timeout),
-    ]
+def script_arguments(settings: Settings, deploy_id: str, bundle: Path | None, state_dir: Path) -> list[str]:
+    """The script's entry point and arguments: the same as the SSM command passes (command.py),
+    with local paths; the options are in the bundle. `bundle` None means the rollback."""
+    common = ["--deploy-id", deploy_id, "--state-dir", str(state_dir)]
     if bundle is None:
         return ["rollback", *common]
-    return [
-        "dry-run" if settings.dry_run else "deploy",
-        "--bundle",
-        str(bundle),
-        "--timeout",
-        str(settings.timeout),
-        "--rollback",
-        str(settings.rollback).lower(),
-        "--validate",
-        str(settings.kubectl_validate).lower(),
-        "--server-dry-run",
-        str(settings.server_dry_run).lower(),
-        "--max-diff-bytes",
-        str(LOCAL_MAX_DIFF_BYTES),
-        "--commit",
-        settings.commit,
-        "--run-url",
-        settings.run_url,
-        *common,
-    ]
+    return ["dry-run" if settings.dry_run else "deploy", "--bundle", str(bundle), *common]
 
 
 def kubeconfig_files(settings: Settings, base: Mapping[str, str]) -> list[Path]:
@@ -234,8 +211,10 @@ def deploy_local(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Run the deploy (or dry run) here; fills `outcome`; raises DeployError when it fails."""
-    where = f"kubeconfig {settings.kubeconfig}" if settings.kubeconfig else (
-        "KUBECONFIG" if (env or os.environ).get("KUBECONFIG") else "~/.kube/config"
+    where = (
+        f"kubeconfig {settings.kubeconfig}"
+        if settings.kubeconfig
+        else ("KUBECONFIG" if (env or os.environ).get("KUBECONFIG") else "~/.kube/config")
     )
     with tempfile.TemporaryDirectory(prefix="k3s-deploy-local-") as tmp:
         root = Path(tmp)
@@ -268,9 +247,7 @@ def deploy_local(
                 "it was stopped."
             )
             if settings.rollback and not settings.dry_run:
-                outcome.rolled_back = _rollback(
-                    settings, gh, deploy_id, state_dir, script_environment, root
-                )
+                outcome.rolled_back = _rollback(settings, gh, deploy_id, state_dir, script_environment, root)
             raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
         code = run.process.returncode
         found = report.parse_report(run.stderr)
@@ -284,9 +261,7 @@ def deploy_local(
             meaning = report.EXIT_MEANINGS.get(code, f"it ended with exit code {code}")
             outcome.message = f"The deploy script did not report: {meaning}."
             if code not in {2, 3, 4, 5, 6} and settings.rollback and not settings.dry_run:
-                outcome.rolled_back = _rollback(
-                    settings, gh, deploy_id, state_dir, script_environment, root
-                )
+                outcome.rolled_back = _rollback(settings, gh, deploy_id, state_dir, script_environment, root)
                 outcome.status = "rolled-back" if outcome.rolled_back else "failed"
             raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
         report.conclude(outcome, found, code)

@@ -12,7 +12,7 @@ import hashlib
 import io
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,8 +261,7 @@ def _defined_kind(manifest: Manifest) -> str:
     kind = names.get("kind") if isinstance(names, dict) else None
     if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,62}", kind):
         raise ManifestError(
-            f"{manifest.source}: CustomResourceDefinition {manifest.name} has no valid "
-            "spec.names.kind"
+            f"{manifest.source}: CustomResourceDefinition {manifest.name} has no valid spec.names.kind"
         )
     return kind
 
@@ -297,7 +296,10 @@ def pack(files: dict[str, bytes]) -> bytes:
 LOCK_LEASE = ("Lease", "kube-system", "k3s-deploy-lock")
 
 
-def build_bundle(path: Path, workspace: Path, images: Iterable[ImageRef]) -> Bundle:
+def build_bundle(
+    path: Path, workspace: Path, images: Iterable[ImageRef], options: Mapping[str, str] | None = None
+) -> Bundle:
+    """The bundle of `path`'s manifests, pinned to `images`, with the script's `options`."""
     manifests = read_manifests(path, workspace)
     for m in manifests:
         if (m.kind, m.namespace, m.name) == LOCK_LEASE:
@@ -322,5 +324,12 @@ def build_bundle(path: Path, workspace: Path, images: Iterable[ImageRef]) -> Bun
     files["bundle/objects.tsv"] = "".join(
         f"{m.kind}\t{m.namespace}\t{m.name}\t{_defined_kind(m)}\n" for m in manifests
     ).encode()
+    if options:
+        # The script's options (command.bundle_options): verified with the bundle's sha256. One
+        # line each: a line break in a value would add an option (inputs.py refuses them).
+        for name, value in options.items():
+            if not re.fullmatch(r"[a-z][a-z-]*", name) or re.search(r"[\x00-\x1f\x7f]", value):
+                raise ValueError(f"script option {name!r} must be one line of printable text")
+        files["bundle/options"] = "".join(f"{name}={value}\n" for name, value in options.items()).encode()
     data = pack(files)
     return Bundle(data, hashlib.sha256(data).hexdigest(), tuple(manifests), workloads)

@@ -141,7 +141,7 @@ def get_invocation(ssm: Any, command_id: str, instance_id: str) -> Invocation:
     )
 
 
-def expected_from_history(ssm: Any, instance_id: str) -> float | None:
+def expected_from_history(ssm: Any, instance_id: str, document: str = "AWS-RunShellScript") -> float | None:
     """How long the last successful deploy took on this master, from SSM's own records.
 
     One ListCommandInvocations call; None when there is no such deploy or SSM does not say (the
@@ -152,7 +152,7 @@ def expected_from_history(ssm: Any, instance_id: str) -> float | None:
             InstanceId=instance_id,
             MaxResults=HISTORY_LOOKBACK,
             Details=True,
-            Filters=[{"key": "DocumentName", "value": "AWS-RunShellScript"}],
+            Filters=[{"key": "DocumentName", "value": document}],
         )
     except Exception:  # AccessDenied, throttling, an old endpoint: poll without the hint
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ from botocore.stub import Stubber
 
 from deploykit import command
 from deploykit.awsapi import MAX_ATTEMPTS, AwsClients
-from deploykit.errors import AwsCallFailed
+from deploykit.errors import AwsCallFailed, InputError
 from deploykit.inputs import Settings, parse_settings
 from deploykit.stage import Staging
 
@@ -173,38 +174,17 @@ def deploy_lines(settings: Settings, staging: Staging, deploy_id: str = HOSTILE)
     return command.deploy_lines(settings, staging, deploy_id, sha(FAKE_SCRIPT), sha(BUNDLE))
 
 
-def expected_args(settings: Settings, deploy_id: str) -> list[str]:
-    return [
-        "deploy",
-        "--bundle",
-        "manifests.tar.gz",
-        "--deploy-id",
-        deploy_id,
-        "--timeout",
-        str(settings.timeout),
-        "--rollback",
-        str(settings.rollback).lower(),
-        "--validate",
-        str(settings.kubectl_validate).lower(),
-        "--server-dry-run",
-        str(settings.server_dry_run).lower(),
-        "--state-dir",
-        "STATE",
-        "--commit",
-        settings.commit,
-        "--run-url",
-        settings.run_url,
-        "--kubectl",
-        " ".join(settings.kubectl),
-        "--namespace",
-        settings.namespace,
-        "--rollback-timeout",
-        str(settings.rollback_timeout),
-        "--request-timeout",
-        settings.request_timeout,
-        "--lock-timeout",
-        str(settings.lock_timeout),
-    ]
+def expected_args(entry: str, deploy_id: str) -> list[str]:
+    """The script's whole command line: its options travel in the verified bundle."""
+    if entry == "rollback":
+        return ["rollback", "--deploy-id", deploy_id, "--state-dir", "STATE"]
+    return [entry, "--bundle", "manifests.tar.gz", "--deploy-id", deploy_id, "--state-dir", "STATE"]
+
+
+def assignments(lines: list[str]) -> dict[str, list[str]]:
+    """The program's variable assignments, each split as sh would split it."""
+    names = {p.variable for p in command.PARAMETERS}
+    return {line.split("=", 1)[0]: shlex.split(line) for line in lines if line.split("=", 1)[0] in names}
 
 
 # the lines parse and quote
@@ -220,35 +200,31 @@ def test_deploy_and_rollback_lines_parse_under_plain_sh(request, staging, which)
 
 def test_every_value_in_the_deploy_lines_is_one_shell_word_with_its_exact_value(hostile_settings, staging):
     lines = deploy_lines(hostile_settings, staging)
-    by_start = {line.split()[0]: line for line in lines}
-    assert shlex.split(next(line for line in lines if line.startswith("region="))) == [
-        f"region={HOSTILE}",
-        "bucket=team.bucket-1",
-        "owner=123456789012",
-    ]
-    fetches = [shlex.split(line) for line in lines if line.startswith("fetch ")]
-    assert fetches == [
-        ["fetch", staging.key(command.SCRIPT_NAME), command.SCRIPT_NAME],
-        ["fetch", staging.key(command.BUNDLE_NAME), command.BUNDLE_NAME],
-    ]
-    printf = shlex.split(by_start["printf"])
-    assert printf[2:6] == [sha(FAKE_SCRIPT), command.SCRIPT_NAME, sha(BUNDLE), command.BUNDLE_NAME]
-    run = shlex.split(by_start["bash"])
-    assert run[:2] == ["bash", "./k3s-deploy.sh"]
-    assert run[-2:] == ["||", "rc=$?"]
-    words = run[2:-2]
-    words[words.index("--state-dir") + 1] = "STATE"
-    assert words == expected_args(hostile_settings, HOSTILE)
+    assert assignments(lines) == {
+        "entry": ["entry=deploy"],
+        "id": [f"id={HOSTILE}"],
+        "delivery": ["delivery=s3"],
+        "region": [f"region={HOSTILE}"],
+        "bucket": ["bucket=team.bucket-1"],
+        "owner": ["owner=123456789012"],
+        "prefix": [f"prefix=k3s-deploy/{HOSTILE}/"],
+        "script_url": ["script_url="],
+        "bundle_url": ["bundle_url="],
+        "script_sum": [f"script_sum={sha(FAKE_SCRIPT)}"],
+        "bundle_sum": [f"bundle_sum={sha(BUNDLE)}"],
+    }
+    # No option of the script is on its command line: they are in the bundle.
+    text = "\n".join(lines)
+    for value in (hostile_settings.namespace, "--timeout", "--kubectl", hostile_settings.request_timeout):
+        assert value not in text.replace(f"{shlex.quote(HOSTILE)}", "")
 
 
 def test_every_value_in_the_rollback_lines_is_one_shell_word_with_its_exact_value(hostile_settings):
-    lines = command.rollback_lines(hostile_settings, HOSTILE)
-    assert shlex.split(next(line for line in lines if line.startswith("id="))) == [f"id={HOSTILE}"]
-    run = shlex.split(next(line for line in lines if line.startswith("bash ")))
-    assert run[run.index("--deploy-id") + 1] == HOSTILE
-    assert run[run.index("--kubectl") + 1] == f"k3s {HOSTILE}"
-    assert run[run.index("--namespace") + 1] == HOSTILE
-    assert run[run.index("--request-timeout") + 1] == HOSTILE
+    found = assignments(command.rollback_lines(hostile_settings, HOSTILE))
+    assert found["entry"] == ["entry=rollback"]
+    assert found["id"] == [f"id={HOSTILE}"]
+    defaults = {p.variable: p.default for p in command.PARAMETERS if p.variable not in ("entry", "id")}
+    assert {name: found[name] for name in defaults} == {n: [f"{n}={d}"] for n, d in defaults.items()}
 
 
 # the lines run
@@ -265,7 +241,7 @@ def test_the_lines_download_verify_and_run_the_script_with_exactly_the_values_gi
     args = instance.args()
     assert args[args.index("--state-dir") + 1] == str(instance.state)
     args[args.index("--state-dir") + 1] = "STATE"
-    assert args == expected_args(settings, HOSTILE)
+    assert args == expected_args("deploy", HOSTILE)
     one_download = ["--region", settings.aws_region, "--bucket", "team.bucket-1"]
     one_download += ["--expected-bucket-owner", "123456789012"]
     assert instance.aws_calls() == one_download * 2
@@ -347,9 +323,9 @@ def test_rollback_lines_run_the_copy_the_deploy_left_with_exact_values(instance,
     result = instance.run(command.rollback_lines(hostile_settings, HOSTILE), FAKE_EXIT="194")
     assert result.returncode == 1
     args = instance.args()
-    assert args[:3] == ["rollback", "--deploy-id", HOSTILE]
     assert args[args.index("--state-dir") + 1] == str(instance.state)
-    assert args[args.index("--kubectl") + 1] == f"k3s {HOSTILE}"
+    args[args.index("--state-dir") + 1] = "STATE"
+    assert args == expected_args("rollback", HOSTILE)
     assert instance.pwned() == []
 
 
@@ -373,8 +349,7 @@ def test_execution_timeout_leaves_room_beyond_the_scripts_own_budget(settings):
 
 def test_dry_run_lines_run_the_script_s_dry_run(settings, staging):
     lines = deploy_lines(dataclasses.replace(settings, dry_run=True), staging)
-    run = shlex.split(next(line for line in lines if line.startswith("bash ")))
-    assert run[2] == "dry-run"
+    assert assignments(lines)["entry"] == ["entry=dry-run"]
 
 
 # sending
@@ -409,9 +384,12 @@ def count_sends(client) -> list[int]:
     return sends
 
 
+REQUEST = command.Request({"entryPoint": "rollback", "deployId": "20250304-050607-0a1b2c3d"})
+
+
 def send(ssm_send, ssm, clock: FakeClock, comment: str = "k3s-deploy 20250304-050607-0a1b2c3d"):
-    return command.send_lines(
-        ssm_send, ssm, INSTANCE, ["true"], comment, 780, clock=clock.monotonic, sleep=clock.sleep
+    return command.send_command(
+        ssm_send, ssm, INSTANCE, REQUEST, comment, 780, clock=clock.monotonic, sleep=clock.sleep
     )
 
 
@@ -519,7 +497,7 @@ def test_the_sent_command_asks_for_run_shell_script_with_timeouts_and_the_commen
                 "DocumentName": "AWS-RunShellScript",
                 "Comment": "k3s-deploy abc",
                 "TimeoutSeconds": command.DELIVERY_TIMEOUT,
-                "Parameters": {"commands": ["true"], "executionTimeout": ["780"]},
+                "Parameters": {"commands": REQUEST.lines(), "executionTimeout": ["780"]},
             },
         )
         assert send(ssm_send, ssm, clock, "k3s-deploy abc").command_id == CMD_1
@@ -568,7 +546,147 @@ def test_the_lease_lasts_the_longest_run_the_action_allows_the_command() -> None
     margin = re.search(r"^readonly LOCK_MARGIN_SECONDS=(\d+)$", script, re.MULTILINE)
     assert margin is not None
     assert int(margin[1]) >= command.EXECUTION_MARGIN
-    assert ("lock_duration=$((lock_timeout_seconds + timeout_seconds + rollback_timeout_seconds"
-            " + LOCK_MARGIN_SECONDS))") in script
-    assert ("lock_duration=$((lock_timeout_seconds + rollback_timeout_seconds"
-            " + LOCK_MARGIN_SECONDS))") in script
+    assert (
+        "lock_duration=$((lock_timeout_seconds + timeout_seconds + rollback_timeout_seconds"
+        " + LOCK_MARGIN_SECONDS))"
+    ) in script
+    assert (
+        "lock_duration=$((lock_timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))"
+    ) in script
+
+
+# the custom SSM document (input ssm-document)
+
+PRESIGNED = {
+    command.SCRIPT_NAME: "https://team.bucket-1.s3.eu-west-1.amazonaws.com/k3s-deploy/20250304-050607-0a1b2c3d/"
+    "k3s-deploy.sh?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIA%2F20250304%2Feu-west-1%2Fs3"
+    "%2Faws4_request&X-Amz-Date=20250304T050607Z&X-Amz-Expires=180&X-Amz-SignedHeaders=host"
+    "&X-Amz-Security-Token=IQo%2Bab%3D%3D&X-Amz-Signature=0a1b",
+    command.BUNDLE_NAME: "http://127.0.0.1:5000/team.bucket-1/manifests.tar.gz?X-Amz-Signature=ff",
+}
+DEPLOY_ID = "20250304-050607-0a1b2c3d"
+
+
+def document_lines(request: command.Request, timeout: int = 780) -> tuple[list[str], float]:
+    """The document's program with the values SSM would put in, after its own checks."""
+    from deploykit.simulate.aws import document_script
+
+    script, limit = document_script(
+        command.document_content(), "k3s-deploy", request.send_parameters("k3s-deploy", timeout)
+    )
+    return script.splitlines(), limit
+
+
+def test_the_document_runs_the_same_program_as_run_shell_script_apart_from_how_values_get_in(
+    settings, staging
+):
+    plain = dataclasses.replace(staging, prefix=f"k3s-deploy/{DEPLOY_ID}/")
+    for request in (
+        command.deploy_request(settings, plain, DEPLOY_ID, sha(FAKE_SCRIPT), sha(BUNDLE)),
+        command.deploy_request(settings, plain, DEPLOY_ID, sha(FAKE_SCRIPT), sha(BUNDLE), PRESIGNED),
+        command.rollback_request(settings, DEPLOY_ID),
+    ):
+        lines, limit = document_lines(request)
+        assert limit == 780
+        plain_lines = request.lines()
+        assert len(lines) == len(plain_lines) > 30
+        # The same lines; an assignment differs only in its quotes (shlex.quote leaves a plain
+        # word bare, the document always quotes), and means the same to sh.
+        assert assignments(lines) == assignments(plain_lines)
+        names = {p.variable for p in command.PARAMETERS}
+        assert [li for li in lines if li.split("=", 1)[0] not in names] == [
+            li for li in plain_lines if li.split("=", 1)[0] not in names
+        ]
+
+
+def test_the_document_deploys_rolls_back_and_refuses_tampered_files_like_the_plain_lines(instance, settings):
+    staging = Staging(
+        bucket="team.bucket-1",
+        prefix=f"k3s-deploy/{DEPLOY_ID}/",
+        account="123456789012",
+        created_bucket=False,
+    )
+    staged(instance, staging)
+    request = command.deploy_request(settings, staging, DEPLOY_ID, sha(FAKE_SCRIPT), sha(BUNDLE))
+    result = instance.run(document_lines(request)[0])
+    assert result.returncode == 0, result.stderr
+    args = instance.args()
+    args[args.index("--state-dir") + 1] = "STATE"
+    assert args == expected_args("deploy", DEPLOY_ID)
+    (instance.s3 / "args").unlink()
+    tampered = command.deploy_request(settings, staging, DEPLOY_ID, sha(FAKE_SCRIPT), sha(b"other"))
+    assert instance.run(document_lines(tampered)[0]).returncode == command.EXIT_CHECKSUM_MISMATCH
+    assert not (instance.s3 / "args").exists()
+    (instance.state / DEPLOY_ID).mkdir()
+    (instance.state / DEPLOY_ID / "k3s-deploy.sh").write_bytes(FAKE_SCRIPT)
+    assert instance.run(document_lines(command.rollback_request(settings, DEPLOY_ID))[0]).returncode == 0
+    args = instance.args()
+    args[args.index("--state-dir") + 1] = "STATE"
+    assert args == expected_args("rollback", DEPLOY_ID)
+
+
+def _refused(parameters: dict[str, list[str]]) -> str:
+    from deploykit.simulate.aws import document_script
+
+    with pytest.raises(Exception) as caught:
+        document_script(command.document_content(), "k3s-deploy", parameters)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("parameter", [p.name for p in command.PARAMETERS])
+@pytest.mark.parametrize(
+    "hostile", ["'", "a b", "$(touch pwned)", "`touch pwned`", "a\\b", "a;b", "a\nb", "x'\"$HOME", HOSTILE]
+)
+def test_the_document_refuses_any_value_that_could_leave_its_quotes(settings, staging, parameter, hostile):
+    plain = dataclasses.replace(staging, prefix=f"k3s-deploy/{DEPLOY_ID}/")
+    good = command.deploy_request(settings, plain, DEPLOY_ID, sha(FAKE_SCRIPT), sha(BUNDLE), PRESIGNED)
+    parameters = good.send_parameters("k3s-deploy", 780)
+    document_lines(good)  # the real values pass
+    message = _refused({**parameters, parameter: [f"ok{hostile}"]})
+    assert "does not match" in message
+
+
+def test_the_document_refuses_unknown_parameters_and_another_version(settings, staging):
+    parameters = command.rollback_request(settings, DEPLOY_ID).send_parameters("k3s-deploy", 780)
+    assert "has no parameter commands" in _refused({**parameters, "commands": ["touch pwned"]})
+    assert "does not match" in _refused({**parameters, "documentVersion": ["0"]})
+    assert "needs parameter deployId" in _refused({"entryPoint": ["rollback"]})
+
+
+def test_the_example_document_is_the_one_the_action_sends_for():
+    """examples/iam/k3s-deploy-document.json is what users create: it must be this version's
+    (regenerate: python -c 'import json; from deploykit import command;
+    print(json.dumps(command.document_content(), indent=2))' > examples/iam/k3s-deploy-document.json)."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "iam" / "k3s-deploy-document.json"
+    assert json.loads(example.read_text()) == command.document_content()
+
+
+class _Documents:
+    def __init__(self, described: dict | None = None, error: str = "") -> None:
+        self.described, self.error, self.asked = described, error, []
+
+    def describe_document(self, Name: str) -> dict:
+        self.asked.append(Name)
+        if self.error:
+            raise ClientError({"Error": {"Code": self.error, "Message": "no"}}, "DescribeDocument")
+        return {"Document": self.described}
+
+
+def test_a_document_of_another_version_is_refused_with_how_to_update_it():
+    current = {"DocumentType": "Command", "Parameters": [{"Name": "documentVersion", "DefaultValue": "1"}]}
+    command.check_document(_Documents(current), "k3s-deploy")
+    for parameters, shown in (
+        ([{"Name": "documentVersion", "DefaultValue": "0"}], "documentVersion 0"),
+        ([], "no documentVersion"),
+    ):
+        with pytest.raises(InputError) as caught:
+            command.check_document(
+                _Documents({"DocumentType": "Command", "Parameters": parameters}), "k3s-deploy"
+            )
+        assert shown in caught.value.message
+        assert "k3s-deploy-document.json" in (caught.value.fix or "")
+    with pytest.raises(InputError, match="does not exist in this account and region"):
+        command.check_document(_Documents(error="InvalidDocument"), "k3s-deploy")
+    with pytest.raises(AwsCallFailed) as denied:
+        command.check_document(_Documents(error="AccessDeniedException"), "k3s-deploy")
+    assert "ssm:DescribeDocument" in str(denied.value.message) + str(denied.value.fix)

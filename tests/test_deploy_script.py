@@ -134,9 +134,12 @@ def defined_kind(doc: dict) -> str:
     return (doc.get("spec") or {}).get("names", {}).get("kind", "")
 
 
-def build_bundle(path: Path, docs: list[dict]) -> Path:
+def build_bundle(path: Path, docs: list[dict], options: str | None = None) -> Path:
+    files = phase_files(docs)
+    if options is not None:
+        files["options"] = options
     with tarfile.open(path, "w:gz") as tar:
-        for name, content in phase_files(docs).items():
+        for name, content in files.items():
             data = content.encode()
             info = tarfile.TarInfo(f"bundle/{name}")
             info.size = len(data)
@@ -191,9 +194,9 @@ class Master:
                    **extra)
         return env
 
-    def bundle(self, docs: list[dict]) -> Path:
+    def bundle(self, docs: list[dict], options: str | None = None) -> Path:
         self.bundles += 1
-        return build_bundle(self.root / f"manifests-{self.bundles}.tar.gz", docs)
+        return build_bundle(self.root / f"manifests-{self.bundles}.tar.gz", docs, options)
 
     def command(self, action: str, deploy_id: str, *args: str, **options: object) -> list[str]:
         argv = ["bash", str(SCRIPT), action, "--deploy-id", deploy_id,
@@ -348,6 +351,74 @@ def test_configmap_only_deploy_succeeds_with_a_multi_word_kubectl(master: Master
     assert run.report["result"] == "success"
     assert run.report["workloads"] == []
     assert master.cluster.get("configmap", NS, "app-config")["data"] == {"LOG_LEVEL": "debug"}
+
+
+def _k3s(master: Master) -> None:
+    """`k3s kubectl` as on a K3s master, logging each call to bin/k3s.log."""
+    k3s = master.bin / "k3s"
+    k3s.write_text('#!/bin/sh\n[ "$1" = kubectl ] || exit 64\nshift\n'
+                   f'echo "$1" >> "{master.bin}/k3s.log"\nexec "{master.bin}/kubectl" "$@"\n')
+    k3s.chmod(0o755)
+
+
+def test_the_options_in_the_bundle_drive_the_deploy_and_its_later_rollback(master: Master) -> None:
+    """The action's way: the command line names the entry point, the bundle, the deploy id and
+    the state folder; every option comes from the verified bundle, and the deploy keeps them
+    for the rollback entry point, which is given none either."""
+    _k3s(master)
+    master.cluster.seed(as_yaml(platform()))
+    options = ("kubectl=k3s kubectl\nnamespace=shop\ntimeout=120\nrollback=true\n"
+               "rollback-timeout=15\nlock-timeout=5\nserver-dry-run=true\nrequest-timeout=30s\n"
+               "validate=false\ncommit=0123abc\nrun-url=https://ci.example/run/1\n")
+    bundle = master.bundle(platform(api_image="api:v2", worker_image="worker:v2"), options)
+    master.cluster.slow_rollout("deployment", NS, "worker", 120)
+    argv = ["bash", str(SCRIPT), "deploy", "--bundle", str(bundle), "--deploy-id", "opt-1",
+            "--state-dir", str(master.state_root)]
+    process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while master.cluster.revision("deployment", NS, "worker") != "2":
+            assert time.monotonic() < deadline, "the deploy never applied"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert "commit=0123abc\n" in (master.state_root / "opt-1" / "deploy.txt").read_text()
+    kept = (master.state_root / "opt-1" / "options").read_text()
+    assert "kubectl=k3s kubectl\n" in kept and "rollback-timeout=15\n" in kept
+    calls = (master.bin / "k3s.log").read_text().splitlines()
+    assert calls and "apply" in calls
+    (master.bin / "k3s.log").unlink()
+
+    run = master.run(["bash", str(SCRIPT), "rollback", "--deploy-id", "opt-1",
+                      "--state-dir", str(master.state_root)])
+
+    assert run.code == 10, run.stdout
+    assert master.cluster.image_of("deployment", NS, "worker") == "worker:v1"
+    assert "rollout" in (master.bin / "k3s.log").read_text().splitlines()
+
+
+@pytest.mark.parametrize(("options", "code", "says"), [
+    ("colour=red\n", 5, "options line 1 is not a known NAME=VALUE option"),
+    ("timeout=600\nstate-dir=/tmp/elsewhere\n", 5, "options line 2 is not a known"),
+    ("timeout=600\ndeploy-id=other\n", 5, "options line 2 is not a known"),
+    ("kubectl=kubectl $(touch pwned)\n", 2, "--kubectl must be words"),
+    ("rollback=yes\n", 2, "--rollback must be true or false"),
+])
+def test_a_bad_options_file_in_the_bundle_changes_nothing(master: Master, options: str, code: int,
+                                                           says: str) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    before = master.objects()
+    bundle = master.bundle(platform(api_image="api:v2"), options)
+
+    run = master.run(["bash", str(SCRIPT), "deploy", "--bundle", str(bundle), "--deploy-id", "o-2",
+                      "--state-dir", str(master.state_root)])
+
+    assert run.code == code, run.stdout
+    assert says in run.stdout
+    assert master.objects() == before
+    assert not list(master.root.rglob("pwned"))
 
 
 # -- failures before anything changed -------------------------------------------------------------

@@ -128,12 +128,64 @@ def test_the_master_is_reached_through_ssm_only() -> None:
     assert variable_default("instance_type") == "t3.micro"
 
 
+def resource_block(kind: str, name: str) -> str:
+    block = re.search(rf'^resource "{kind}" "{name}" {{\n(.*?)^}}', source("main.tf"), re.S | re.M)
+    assert block, f"resource {kind}.{name} not found in main.tf"
+    return block[1]
+
+
+def file_read_by(block: str) -> Path:
+    """The file a block reads with file("${path.module}/...")."""
+    match = re.search(r'file\("\$\{path\.module\}/([^"]+)"\)', block)
+    assert match, f"no file() in {block!r}"
+    return (MODULE / match[1]).resolve()
+
+
 def test_the_instance_role_uses_the_example_iam_policy() -> None:
-    match = re.search(r'file\("\$\{path\.module\}/([^"]+)"\)', source("main.tf"))
-    assert match, "the instance role policy should be read from examples/iam"
-    policy = (MODULE / match[1]).resolve()
+    policy = file_read_by(resource_block("aws_iam_role_policy", "staged_files"))
     assert policy == ROOT / "examples" / "iam" / "k3s-master-role-policy.json"
     assert json.loads(policy.read_text(encoding="utf-8"))["Statement"]
+
+
+def custom_document_policy_statements() -> list[dict[str, Any]]:
+    path = ROOT / "examples" / "iam" / "deploy-role-policy-custom-document.json"
+    return json.loads(path.read_text(encoding="utf-8"))["Statement"]
+
+
+def test_the_ssm_document_is_the_example_document() -> None:
+    """The terraform example creates the action's custom SSM document from the same file the
+    action's own code generates (examples/iam/k3s-deploy-document.json), as a Command document,
+    named as the custom-document deploy role policy expects."""
+    from deploykit.command import document_content
+
+    block = resource_block("aws_ssm_document", "k3s_deploy")
+    document = file_read_by(block)
+    assert document == ROOT / "examples" / "iam" / "k3s-deploy-document.json"
+    assert json.loads(document.read_text(encoding="utf-8")) == document_content()
+    assert re.search(r'^\s*document_type\s*=\s*"Command"$', block, re.M)
+    assert re.search(r'^\s*document_format\s*=\s*"JSON"$', block, re.M)
+    assert re.search(r"^\s*name\s*=\s*var\.ssm_document_name$", block, re.M)
+    documents = {
+        statement["Resource"]
+        for statement in custom_document_policy_statements()
+        if ":document/" in statement["Resource"]
+    }
+    assert documents == {f"arn:aws:ssm:*:123456789012:document/{variable_default('ssm_document_name')}"}
+    assert "aws_ssm_document.k3s_deploy.name" in source("outputs.tf")
+
+
+def test_the_master_carries_the_deploy_target_tag_of_the_custom_document_policy() -> None:
+    """The custom-document policy allows SendCommand only on instances tagged
+    k3s-deploy-target=true: the example's master has that tag unless the key is set empty."""
+    key = variable_default("deploy_target_tag_key")
+    conditions = [
+        statement["Condition"]
+        for statement in custom_document_policy_statements()
+        if statement["Action"] == "ssm:SendCommand" and "Condition" in statement
+    ]
+    assert conditions == [{"StringEquals": {f"ssm:resourceTag/{key}": "true"}}]
+    assert re.search(r'compact\(\[var\.deploy_target_tag_key\]\)\s*:\s*key\s*=>\s*"true"', source("main.tf"))
+    assert "local.deploy_target_tag" in resource_block("aws_instance", "k3s_master")
 
 
 def test_user_data_placeholders_are_the_template_variables() -> None:

@@ -165,7 +165,10 @@ def test_local_transport_without_a_kubeconfig_fails_before_anything_runs(job: Jo
     assert job.cluster.get("namespace", "", NS) is None
 
 
-def test_local_arguments_are_the_ones_the_ssm_lines_pass(tmp_path: Path) -> None:
+def test_local_arguments_and_options_are_the_ones_the_ssm_command_passes(tmp_path: Path) -> None:
+    import dataclasses
+    import shlex
+
     (tmp_path / "k8s").mkdir()
     settings = parse_settings({"aws-region": "eu-west-1", "manifests": "k8s", "dry-run": "false",
                                "lock-timeout": "42", "server-dry-run": "false"},
@@ -174,20 +177,18 @@ def test_local_arguments_are_the_ones_the_ssm_lines_pass(tmp_path: Path) -> None
 
     staging = Staging("bucket-1", "", "123456789012", True)
     line = next(li for li in command.deploy_lines(settings, staging, "d-1", "0" * 64, "1" * 64)
-                if li.startswith("bash "))
-    import shlex
-
-    ssm_words = shlex.split(line)[2:-2]
+                if li.startswith("bash ./"))
+    ssm_words = shlex.split(line.replace('"$entry"', "deploy").replace('"$id"', "d-1")
+                            .replace('"$state"', "STATE"))[2:-2]
     local_words = script_arguments(settings, "d-1", Path("manifests.tar.gz"), Path("STATE"))
-    # Same options with the same values; the local run adds only its diff size limit.
-    def options(words: list[str]) -> dict[str, str]:
-        return dict(zip(words[1::2], words[2::2], strict=True))
-
-    ssm, local = options(ssm_words), options(local_words)
-    assert ssm_words[0] == local_words[0] == "deploy"
-    local.pop("--max-diff-bytes")
-    ssm["--state-dir"] = "STATE"
-    assert ssm == local
+    assert ssm_words == local_words == ["deploy", "--bundle", "manifests.tar.gz", "--deploy-id",
+                                        "d-1", "--state-dir", "STATE"]
+    # The options travel in the bundle: the same, but the local run's diff size limit.
+    local_options = command.bundle_options(dataclasses.replace(settings, transport="local"))
+    ssm_options = command.bundle_options(settings)
+    assert local_options.pop("max-diff-bytes") == str(command.LOCAL_MAX_DIFF_BYTES)
+    assert local_options == ssm_options
+    assert ssm_options["lock-timeout"] == "42" and ssm_options["server-dry-run"] == "false"
 
 
 def test_local_deploy_cancelled_mid_rollout_undoes_what_it_changed(job: Job) -> None:

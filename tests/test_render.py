@@ -354,3 +354,16 @@ def test_the_deploy_lock_lease_in_the_manifests_is_refused(workspace):
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\n"
         "metadata: {name: my-app-leader, namespace: kube-system}\n")
     assert "my-app-leader" in [m.name for m in bundle(workspace).manifests]
+
+
+def test_the_script_options_travel_in_the_bundle_one_line_each(tmp_path: Path) -> None:
+    """The options are covered by the bundle's sha256; a value cannot add a line (an option)."""
+    (tmp_path / "k8s").mkdir()
+    (tmp_path / "k8s" / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n")
+    bundle = build_bundle(tmp_path / "k8s", tmp_path, (), {"namespace": "shop", "timeout": "600"})
+    with tarfile.open(fileobj=io.BytesIO(bundle.data)) as tar:
+        options = tar.extractfile("bundle/options").read().decode()
+    assert options == "namespace=shop\ntimeout=600\n"
+    for hostile in ("shop\ntimeout=1", "shop\rx", "a\x00b"):
+        with pytest.raises(ValueError, match="one line"):
+            build_bundle(tmp_path / "k8s", tmp_path, (), {"namespace": hostile})

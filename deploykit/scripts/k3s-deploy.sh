@@ -37,7 +37,10 @@
 #             what that deploy changed, using STATE/ID/revisions.tsv (takes the lock over from
 #             that deploy when its process is gone).
 #
-# Options:
+# Options (on the command line, or as NAME=VALUE lines in the bundle's `options` file, which
+# is how the action passes them: the bundle is verified by its sha256 before it runs, and the
+# command that starts the script carries no option a narrow SSM document would have to allow;
+# the deploy keeps its options in STATE/ID/options for its rollback):
 #   --kubectl CMD           kubectl command, may be several words ("k3s kubectl"); default kubectl
 #   --namespace NS          namespace whose pods and events are reported (default: the
 #                           workloads' namespaces)
@@ -599,22 +602,59 @@ parse_arguments() {
     case "$option" in
     --bundle) bundle=$value ;;
     --deploy-id) deploy_id=$value ;;
-    --kubectl) kubectl_words=$value ;;
-    --namespace) report_namespace=$value ;;
-    --timeout) timeout_seconds=$value ;;
-    --rollback) rollback_enabled=$value ;;
-    --rollback-timeout) rollback_timeout_seconds=$value ;;
-    --lock-timeout) lock_timeout_seconds=$value ;;
-    --server-dry-run) server_dry_run=$value ;;
-    --max-diff-bytes) max_diff_bytes=$value ;;
-    --request-timeout) request_timeout=$value ;;
-    --validate) validate=$value ;;
     --state-dir) state_root=$value ;;
-    --commit) commit=$value ;;
-    --run-url) run_url=$value ;;
-    *) usage_error "unknown option $option" ;;
+    *) set_option "${option#--}" "$value" || usage_error "unknown option $option" ;;
     esac
   done
+  validate_arguments
+}
+
+# The options a deploy runs with: given on the command line, or (the action's way) in the
+# bundle's `options` file, which the master verified with the bundle's sha256. The entry point,
+# --bundle, --deploy-id and --state-dir never come from a file.
+set_option() {
+  case "$1" in
+  kubectl) kubectl_words=$2 ;;
+  namespace) report_namespace=$2 ;;
+  timeout) timeout_seconds=$2 ;;
+  rollback) rollback_enabled=$2 ;;
+  rollback-timeout) rollback_timeout_seconds=$2 ;;
+  lock-timeout) lock_timeout_seconds=$2 ;;
+  server-dry-run) server_dry_run=$2 ;;
+  max-diff-bytes) max_diff_bytes=$2 ;;
+  request-timeout) request_timeout=$2 ;;
+  validate) validate=$2 ;;
+  commit) commit=$2 ;;
+  run-url) run_url=$2 ;;
+  *) return 1 ;;
+  esac
+}
+
+options_text() {
+  printf '%s=%s\n' kubectl "$kubectl_words" namespace "$report_namespace" \
+    timeout "$timeout_seconds" rollback "$rollback_enabled" \
+    rollback-timeout "$rollback_timeout_seconds" lock-timeout "$lock_timeout_seconds" \
+    server-dry-run "$server_dry_run" max-diff-bytes "$max_diff_bytes" \
+    request-timeout "$request_timeout" validate "$validate" commit "$commit" run-url "$run_url"
+}
+
+# Reads NAME=VALUE lines (names as the long options, without --) and validates the result like
+# the command line. The file comes from the verified bundle (deploy, dry run) or from the state
+# folder the deploy wrote (rollback); it replaces what the command line said.
+load_options() {
+  local file=$1 line count=0
+  if [[ ! -f "$file" ]]; then
+    return 0
+  fi
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    count=$((count + 1))
+    if [[ -z "$line" ]]; then
+      continue
+    fi
+    if [[ "$line" != *=* ]] || ! set_option "${line%%=*}" "${line#*=}"; then
+      fail_early 5 check "${file##*/} line $count is not a known NAME=VALUE option: the bundle is damaged or was made by another version of the action"
+    fi
+  done <"$file"
   validate_arguments
 }
 
@@ -657,6 +697,10 @@ validate_arguments() {
   fi
   if [[ -z "$state_root" ]]; then
     usage_error "--state-dir is empty"
+  fi
+  # Written to the workloads, the lock and the state folder's options file: one printable line.
+  if [[ ! "$commit" =~ ^[[:graph:]]{0,100}$ || ! "$run_url" =~ ^[[:graph:]]{0,500}$ ]]; then
+    usage_error "--commit and --run-url must be one word of printable characters"
   fi
   state_dir="$state_root/$deploy_id"
 }
@@ -1075,9 +1119,13 @@ unpack_bundle() {
     fail_early 5 check "bundle $bundle not found"
   fi
   make_work_dir
+  if ! command -v tar >/dev/null 2>&1 || ! command -v gzip >/dev/null 2>&1; then
+    fail_early 3 tools "missing: tar or gzip (install it or fix PATH)"
+  fi
   if ! tar -xzf "$bundle" -C "$work_dir" --no-same-owner --no-same-permissions; then
     fail_early 5 check "bundle $bundle is not a readable .tar.gz"
   fi
+  load_options "$work_dir/bundle/options"
   bundle_phase_files=()
   for name in "${PHASE_FILES[@]}"; do
     if [[ -f "$work_dir/bundle/$name" ]]; then
@@ -1469,8 +1517,9 @@ record_revisions() {
   printf -v meta 'deploy_id=%s\ncommit=%s\nrun_url=%s\nstarted=%s\n' \
     "$deploy_id" "$commit" "$run_url" "$REPLY"
   # The action's rollback command runs the copy of this script: the uploaded one may be gone.
+  # The options too: the rollback command names only the deploy id.
   if ! { mkdir -p -- "$state_dir" && cp -- "${BASH_SOURCE[0]}" "$state_dir/k3s-deploy.sh" &&
-    printf '%s' "$meta" >"$state_dir/deploy.txt"; } 2>/dev/null; then
+    printf '%s' "$meta" >"$state_dir/deploy.txt" && options_text >"$state_dir/options"; } 2>/dev/null; then
     rm -rf -- "$state_dir" 2>/dev/null || true
     fail_early 3 tools "cannot write the state dir $state_dir (run as root, or pass --state-dir)"
   fi
@@ -2379,6 +2428,8 @@ rollback_summary() {
 run_deploy() {
   local rc
   deadline=$(($(date +%s) + timeout_seconds))
+  unpack_bundle
+  deadline=$(($(date +%s) + timeout_seconds))
   lock_duration=$((lock_timeout_seconds + timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
   log "k3s-deploy: deploy $deploy_id${commit:+ (commit $commit)}${run_url:+ from $run_url}"
   check_tools
@@ -2386,7 +2437,6 @@ run_deploy() {
   acquire_lock
   # The budget starts once the lock is held: waiting for another deploy is not rollout time.
   deadline=$(($(date +%s) + timeout_seconds))
-  unpack_bundle
   check_bundle
   server_dry_run_bundle
   if ! lock_still_ours read; then
@@ -2428,10 +2478,11 @@ run_deploy() {
 run_dry_run() {
   local count
   deadline=$(($(date +%s) + timeout_seconds))
+  unpack_bundle
+  deadline=$(($(date +%s) + timeout_seconds))
   log "k3s-deploy: dry run $deploy_id: checks and kubectl diff only, nothing is changed (no lock taken)"
   check_tools
   check_api
-  unpack_bundle
   check_bundle
   server_dry_run_bundle
   diff_bundle
@@ -2454,6 +2505,9 @@ run_dry_run() {
 }
 
 run_rollback() {
+  if [[ -d "$state_dir" && ! -f "$state_dir/$ROLLED_BACK_FILE" ]]; then
+    load_options "$state_dir/options"
+  fi
   deadline=$(($(date +%s) + rollback_timeout_seconds))
   lock_duration=$((lock_timeout_seconds + rollback_timeout_seconds + LOCK_MARGIN_SECONDS))
   log "k3s-deploy: rollback of deploy $deploy_id"

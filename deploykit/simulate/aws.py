@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -547,11 +548,12 @@ class SimulatedAWS:
     def send_command(self, response: SimpleSystemManagerResponse) -> ActionResult:
         param = response._get_param
         document_name = param("DocumentName")
-        if document_name != RUN_SHELL_SCRIPT:
-            raise _ssm_error("InvalidDocument", f"the simulated agent only runs {RUN_SHELL_SCRIPT}")
         parameters = param("Parameters", {}) or {}
-        script = self._script_from(parameters)
-        execution_timeout = self._execution_timeout_from(parameters)
+        if document_name == RUN_SHELL_SCRIPT:
+            script = self._script_from(parameters)
+            execution_timeout = self._execution_timeout_from(parameters)
+        else:
+            script, execution_timeout = self._script_from_document(response, document_name, parameters)
         targets = param("Targets", []) or []
         instance_ids = self._resolve_instances(response, param("InstanceIds", []) or [], targets)
 
@@ -876,6 +878,13 @@ class SimulatedAWS:
         return "\n".join(commands) + "\n"
 
     @staticmethod
+    def _script_from_document(
+        response: SimpleSystemManagerResponse, name: str, given: Mapping[str, list[str]]
+    ) -> tuple[str, float]:
+        documents = response.ssm_backend._get_documents(name.rsplit("document/", 1)[-1])
+        return document_script(documents.get_default_version().content_json, name, given)
+
+    @staticmethod
     def _execution_timeout_from(parameters: Mapping[str, list[str]]) -> float:
         given = parameters.get("executionTimeout") or [str(DEFAULT_EXECUTION_TIMEOUT)]
         text = given[0]
@@ -1005,6 +1014,61 @@ class SimulatedAWS:
 
 # --------------------------------------------------------------------------------------------
 # Installing the stand-in into moto
+
+
+def document_script(
+    content: Mapping[str, Any], name: str, given: Mapping[str, list[str]]
+) -> tuple[str, float]:
+    """A custom Command document (schema 2.2, one aws:runShellScript step), as SSM runs it:
+    every parameter checked against its allowedValues or allowedPattern (an unknown one,
+    a missing required one or a value that does not match is refused with
+    InvalidParameters, and nothing runs), then each {{ name }} replaced by its value."""
+    declared: Mapping[str, Mapping[str, Any]] = content.get("parameters") or {}
+    values: dict[str, str] = {}
+    for key, value in given.items():
+        if key not in declared:
+            raise _ssm_error("InvalidParameters", f"document {name} has no parameter {key}")
+        if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], str):
+            raise _ssm_error("InvalidParameters", f"parameter {key} must be one String")
+        values[key] = value[0]
+    for key, spec in declared.items():
+        if key not in values:
+            if "default" not in spec:
+                raise _ssm_error("InvalidParameters", f"document {name} needs parameter {key}")
+            values[key] = str(spec["default"])
+        allowed_values = spec.get("allowedValues")
+        pattern = spec.get("allowedPattern")
+        # re.search with the document's anchors, as SSM applies the pattern (a `$` there
+        # matches before a last line break too; the documents quote every value anyway).
+        if (allowed_values is not None and values[key] not in allowed_values) or (
+            pattern is not None and not re.search(pattern, values[key])
+        ):
+            raise _ssm_error(
+                "InvalidParameters",
+                f"Parameter {key} value does not match the allowed values or pattern of document {name}",
+            )
+    steps = content.get("mainSteps") or []
+    if (
+        content.get("schemaVersion") != "2.2"
+        or len(steps) != 1
+        or steps[0].get("action") != "aws:runShellScript"
+    ):
+        raise _ssm_error(
+            "InvalidDocument",
+            "the simulated agent runs schema 2.2 documents of one aws:runShellScript step",
+        )
+
+    def filled(text: str) -> str:
+        return re.sub(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}", lambda m: values.get(m.group(1), m.group(0)), text)
+
+    inputs = steps[0].get("inputs") or {}
+    lines = [filled(line) for line in inputs.get("runCommand") or []]
+    timeout = filled(str(inputs.get("timeoutSeconds", DEFAULT_EXECUTION_TIMEOUT)))
+    if not timeout.isdigit() or not 1 <= int(timeout) <= MAX_EXECUTION_TIMEOUT:
+        raise _ssm_error(
+            "InvalidParameters", f"timeoutSeconds must be 1 to {MAX_EXECUTION_TIMEOUT}, got {timeout!r}"
+        )
+    return "\n".join(lines) + "\n", float(timeout)
 
 
 class _ResponsePatch:

@@ -16,6 +16,7 @@ from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from tests import markdown
 from tests.e2e.conftest import API, NS, World, platform_manifests
+from tests.ssm_program import entry_point
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +47,7 @@ def results(run) -> dict[str, dict]:
 
 def deploy_script_runs(world: World) -> list[str]:
     """The instances on which a deploy command (not a rollback) ran."""
-    return [run["instance_id"] for run in world.sim.commands_run if " deploy --bundle " in run["script"]]
+    return [run["instance_id"] for run in world.sim.commands_run if entry_point(run["script"]) == "deploy"]
 
 
 def test_fleet_deploys_every_matching_master_by_instance_ids_never_by_tag(fleet: World) -> None:

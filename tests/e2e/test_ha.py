@@ -16,6 +16,7 @@ import pytest
 from deploykit.simulate.aws import Master, SimulatedAWS
 from deploykit.simulate.cluster import Cluster
 from tests.e2e.conftest import API, NS, World, platform_manifests
+from tests.ssm_program import entry_point
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +58,7 @@ def deploys_on(sim: SimulatedAWS, servers: list[Master]) -> list[str]:
     return [
         run["instance_id"]
         for run in sim.commands_run
-        if run["instance_id"] in ids and " deploy --bundle " in run["script"]
+        if run["instance_id"] in ids and entry_point(run["script"]) == "deploy"
     ]
 
 

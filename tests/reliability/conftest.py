@@ -28,6 +28,7 @@ from deploykit.simulate.runner import ENTRYPOINT, ActionRun, parse_key_values, r
 from tests import sample_platform as platform
 from tests.reliability import figures
 from tests.sample_platform import API, NS, WORKER
+from tests.ssm_program import entry_point
 
 WORKLOADS = (("deployment", NS, "api"), ("deployment", NS, "worker"))
 # Seconds a test waits at most for commands still running on the master after the action ended
@@ -201,11 +202,11 @@ class Rig:
 
     def deploy_runs(self) -> list[dict[str, object]]:
         """Deploy commands (not rollbacks) the master really started."""
-        return [run for run in self.sim.commands_run if " deploy --bundle " in str(run["script"])]
+        return [run for run in self.sim.commands_run if entry_point(run["script"]) == "deploy"]
 
     def rollback_runs(self) -> list[dict[str, object]]:
         """Rollback commands the master really started."""
-        return [run for run in self.sim.commands_run if " rollback --deploy-id " in str(run["script"])]
+        return [run for run in self.sim.commands_run if entry_point(run["script"]) == "rollback"]
 
     def images(self) -> dict[tuple[str, str, str], str | None]:
         cluster = self.cluster

@@ -3,6 +3,11 @@
 
 data "aws_partition" "current" {}
 
+locals {
+  # { k3s-deploy-target = "true" }, or no tag when the key is empty.
+  deploy_target_tag = { for key in compact([var.deploy_target_tag_key]) : key => "true" }
+}
+
 # Amazon Linux 2023 ships the SSM agent, bash 5 and the AWS CLI v2: everything the deploy
 # command lines and script need besides K3s itself.
 data "aws_ami" "al2023" {
@@ -51,6 +56,21 @@ resource "aws_iam_role_policy" "staged_files" {
   name   = "k3s-deploy-staged-files"
   role   = aws_iam_role.k3s_master.id
   policy = file("${path.module}/../../../iam/k3s-master-role-policy.json")
+}
+
+# The SSM Command document of the action's input `ssm-document`: a deploy role allowed this
+# document only (examples/iam/deploy-role-policy-custom-document.json) can start the deploy and
+# its rollback, and no other command. Its content is examples/iam/k3s-deploy-document.json,
+# generated from the action's code (one source for both): copy that file along when you copy this
+# module, and take the file of the same release as the action. The action refuses a document made
+# for another release; an apply after an upgrade updates the document and makes the new version
+# its default.
+resource "aws_ssm_document" "k3s_deploy" {
+  name            = var.ssm_document_name
+  document_type   = "Command"
+  document_format = "JSON"
+  content         = file("${path.module}/../../../iam/k3s-deploy-document.json")
+  tags            = var.tags
 }
 
 resource "aws_iam_instance_profile" "k3s_master" {
@@ -113,7 +133,9 @@ resource "aws_instance" "k3s_master" {
     delete_on_termination = true
   }
 
-  tags        = merge(var.tags, { Name = var.name })
+  # Name: the tag the action's default instance-tag-key looks for. The deploy target tag: the one
+  # the custom-document policy's SendCommand condition needs (examples/iam/README.md).
+  tags        = merge(var.tags, { Name = var.name }, local.deploy_target_tag)
   volume_tags = merge(var.tags, { Name = var.name })
 
   lifecycle {

@@ -8,6 +8,16 @@ output "name_tag" {
   value       = aws_instance.k3s_master.tags["Name"]
 }
 
+output "ssm_document_name" {
+  description = "The SSM Command document to give the action as its ssm-document input (with examples/iam/deploy-role-policy-custom-document.json)."
+  value       = aws_ssm_document.k3s_deploy.name
+}
+
+output "deploy_target_tag" {
+  description = "The tag the custom-document deploy role policy requires on the master: the action's instance-tag-key and instance-tag with that policy."
+  value       = local.deploy_target_tag
+}
+
 output "private_ip" {
   description = "The master's private IP address."
   value       = aws_instance.k3s_master.private_ip

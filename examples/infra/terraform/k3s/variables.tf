@@ -59,3 +59,20 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "ssm_document_name" {
+  description = "Name of the SSM Command document created from examples/iam/k3s-deploy-document.json: the action's ssm-document input, and the document named in the custom-document deploy role policy."
+  type        = string
+  default     = "k3s-deploy"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.-]{3,128}$", var.ssm_document_name)) && !can(regex("^(?i)(aws|amazon|amzn)", var.ssm_document_name))
+    error_message = "ssm_document_name must be 3-128 letters, digits, _ . or -, and must not start with aws, amazon or amzn (reserved by AWS)."
+  }
+}
+
+variable "deploy_target_tag_key" {
+  description = "Tag key set to \"true\" on the master: the custom-document deploy role policy allows SendCommand only on instances with it (instance-tag-key k3s-deploy-target, instance-tag \"true\"). Protect the key from being edited (examples/iam/README.md). Empty: no such tag."
+  type        = string
+  default     = "k3s-deploy-target"
+}
