@@ -219,6 +219,23 @@ def diff_section(diff: str) -> list[str]:
     return ["### Diff", "", f"```diff\n{body}\n```", ""]
 
 
+def wide_changes_section(changes: list[Any]) -> list[str]:
+    """The cluster-scoped and kube-system objects the deploy created or changed (the script's
+    `cluster_changes`: "created KIND/NAME", "changed KIND kube-system/NAME")."""
+    lines = [
+        "### Changed outside the deploy's namespaces",
+        "",
+        "Cluster-scoped objects and objects in kube-system that this deploy created or changed:",
+        "",
+        "| Change | Object |",
+        "|---|---|",
+    ]
+    for item in changes:
+        change, _, what = _one_line(item).partition(" ")
+        lines.append(f"| {_text(change)} | {_code(what)} |")
+    return [*lines, ""]
+
+
 def summary_markdown(outcome: Outcome, region: str) -> str:
     report = outcome.report
     headline = STATUS_HEADLINES.get(outcome.status, outcome.status)
@@ -267,6 +284,9 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
                 f"| {_text(w.get('updated', '?'))} | {_text(revision)} | {_text(w.get('result', ''))} |"
             )
         lines.append("")
+    changes = report.get("cluster_changes") if report else None
+    if changes and isinstance(changes, list):
+        lines += wide_changes_section(changes)
     failure = report.get("failure") if report else None
     if isinstance(failure, dict) and failure.get("pod"):
         lines += failure_section(failure)

@@ -421,6 +421,34 @@ def test_a_bad_options_file_in_the_bundle_changes_nothing(master: Master, option
     assert not list(master.root.rglob("pwned"))
 
 
+def test_the_report_names_what_the_deploy_changed_outside_its_namespaces(master: Master) -> None:
+    """#15 finding 6: cluster-scoped objects (the kinds `kubectl api-resources --namespaced=false`
+    lists) and kube-system objects the deploy created or changed are named in the report; an
+    apply that leaves them as they were names nothing."""
+    def docs(verbs: list[str]) -> list[dict]:
+        return [
+            namespace(),
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": "shop-reader"},
+             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": verbs}]},
+            configmap("shop-extra", ns="kube-system", owner="shop"),
+            configmap(LOG_LEVEL="info"),
+        ]
+
+    first = master.deploy(docs(["get"]), "wide-1")
+    again = master.deploy(docs(["get"]), "wide-2")
+    changed = master.deploy(docs(["get", "list"]), "wide-3")
+
+    assert first.code == again.code == changed.code == 0, first.stdout + changed.stdout
+    assert sorted(first.report["cluster_changes"]) == [
+        "created ClusterRole/shop-reader", "created ConfigMap kube-system/shop-extra",
+        f"created Namespace/{NS}"]
+    assert "cluster_changes" not in again.report
+    assert changed.report["cluster_changes"] == ["changed ClusterRole/shop-reader"]
+    assert "cluster-wide and kube-system objects this deploy changed: changed ClusterRole/shop-reader" \
+        in changed.stdout
+
+
 # -- failures before anything changed -------------------------------------------------------------
 
 

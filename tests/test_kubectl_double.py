@@ -195,10 +195,10 @@ def test_every_kubectl_call_of_the_script_is_accepted_by_real_kubectl(
         assert "refused" in said, (argv, said)
 
 
-def jsonpath_templates(script_calls: list[list[str]]) -> dict[str, str]:
+def jsonpath_templates(script_calls: list[list[str]]) -> dict[str, set[str]]:
     """template -> what the script reads with it: a workload, the pod list, one pod, the lock,
-    or the bundle listing."""
-    templates = {}
+    or the bundle listing (one template may serve several: resourceVersion)."""
+    templates: dict[str, set[str]] = {}
     for argv in script_calls:
         for arg in argv:
             if arg.startswith("jsonpath="):
@@ -212,7 +212,7 @@ def jsonpath_templates(script_calls: list[list[str]]) -> dict[str, str]:
                     kind = "pod"
                 else:
                     kind = "object"
-                templates[arg[len("jsonpath="):]] = kind
+                templates.setdefault(arg[len("jsonpath="):], set()).add(kind)
     return templates
 
 
@@ -240,7 +240,7 @@ def real_jsonpath(real_kubectl, template: str, obj: dict, where: Path) -> str:
 
 def test_script_jsonpath_on_workloads_prints_what_real_kubectl_prints(
         script_calls, real_kubectl, rolling_cluster: Double, tmp_path: Path) -> None:
-    templates = [t for t, kind in jsonpath_templates(script_calls).items() if kind == "object"]
+    templates = [t for t, kinds in jsonpath_templates(script_calls).items() if "object" in kinds]
     assert templates
     for kind, name in [("deployment", "api"), ("deployment", "worker"), ("statefulset", "redis")]:
         served = json.loads(rolling_cluster("get", kind, name, "-n", NS, "-o", "json").stdout)
@@ -257,7 +257,7 @@ def test_script_jsonpath_on_pods_prints_what_real_kubectl_prints(
     Real kubectl reuses one printer across the objects of a file and loses its range state, so
     the line is evaluated per pod by real kubectl and the filter by equality here (the real
     tier runs the whole template on a real API server)."""
-    templates = [t for t, kind in jsonpath_templates(script_calls).items() if kind == "pods"]
+    templates = [t for t, kinds in jsonpath_templates(script_calls).items() if "pods" in kinds]
     assert templates
     pods = json.loads(rolling_cluster("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
     assert any(p["status"]["containerStatuses"][0]["state"].get("waiting") for p in pods)
@@ -281,7 +281,7 @@ def test_script_jsonpath_on_pods_prints_what_real_kubectl_prints(
 
 def test_script_jsonpath_on_one_pod_prints_what_real_kubectl_prints(
         script_calls, real_kubectl, rolling_cluster: Double, tmp_path: Path) -> None:
-    templates = [t for t, kind in jsonpath_templates(script_calls).items() if kind == "pod"]
+    templates = [t for t, kinds in jsonpath_templates(script_calls).items() if "pod" in kinds]
     assert templates
     pods = json.loads(rolling_cluster("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
     waiting = [p for p in pods if p["status"]["containerStatuses"][0]["state"].get("waiting")]
@@ -296,7 +296,7 @@ def test_script_jsonpath_on_one_pod_prints_what_real_kubectl_prints(
 
 def test_script_jsonpath_on_the_lock_prints_what_real_kubectl_prints(
         script_calls, real_kubectl, double: Double, tmp_path: Path) -> None:
-    templates = [t for t, kind in jsonpath_templates(script_calls).items() if kind == "lease"]
+    templates = [t for t, kinds in jsonpath_templates(script_calls).items() if "lease" in kinds]
     assert len(templates) >= 2  # the lock's fields, and the resourceVersion a write returns
     path = tmp_path / "lease.yaml"
     path.write_text(LEASE_ON_STDIN.replace('  resourceVersion: "7"\n', ""))

@@ -98,7 +98,7 @@ def hostile_outcome(value: str) -> Outcome:
     return Outcome(status="rolled-back", rolled_back=True, message=value, images=[value, "b:1"],
                    instance_id=value, diff=value, results=[instance],
                    report={"failure": failure, "workloads": [workload], "pods": [value],
-                           "events": [value]})
+                           "events": [value], "cluster_changes": [f"created {value}", value]})
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -114,3 +114,17 @@ def test_nothing_untrusted_renders_as_markup_in_the_summary(value: str) -> None:
     flat = " ".join(value.splitlines())
     shown = shown.replace("\u2060", "")  # the word joiner that keeps an address from linking
     assert shown.count(flat) >= 8, shown  # message, failure, workload, instance... all shown as is
+
+
+def test_the_summary_lists_what_the_deploy_changed_outside_its_namespaces() -> None:
+    outcome = Outcome(status="success", report={"workloads": [], "cluster_changes": [
+        "created ClusterRole/shop-reader", "changed ConfigMap kube-system/shop-extra"]})
+    rendered = markdown.render(summary_markdown(outcome, "eu-west-1"))
+    assert "Changed outside the deploy&#x27;s namespaces" in rendered or \
+        "Changed outside the deploy's namespaces" in rendered
+    rows = re.findall(r"<tr>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*</tr>", rendered, re.S)
+    assert rows[-2:] == [("created", "<code>ClusterRole/shop-reader</code>"),
+                         ("changed", "<code>ConfigMap kube-system/shop-extra</code>")]
+    quiet = markdown.render(summary_markdown(Outcome(status="success", report={"workloads": []}),
+                                             "eu-west-1"))
+    assert "Changed outside" not in quiet

@@ -206,6 +206,13 @@ rollback_status="not-needed"
 report_pods=()
 report_events=()
 diff_changes=()
+# Objects whose change reaches past the deploy's own namespaces: cluster-scoped ones and those in
+# kube-system (#15). Their resourceVersion before the apply; what changed goes in the report.
+wide_kind=()
+wide_ns=()
+wide_name=()
+wide_before=()
+wide_changes=() # "created KIND/NAME", "changed KIND kube-system/NAME"
 wl_kind=()
 wl_ns=()
 wl_name=()
@@ -465,6 +472,15 @@ report_head() {
       changes+="${changes:+,}$REPLY"
     done
     head+=',"changes":['"$changes"']'
+  fi
+  if ((${#wide_changes[@]} > 0)); then
+    changes=""
+    for item in "${wide_changes[@]:0:20}"; do
+      truncate_text "$REPORT_LINE_MAX" "$item"
+      json_string "$REPLY"
+      changes+="${changes:+,}$REPLY"
+    done
+    head+=',"cluster_changes":['"$changes"']'
   fi
   workloads_json "$workload_count"
   REPLY="$head,\"workloads\":$REPLY"
@@ -1636,6 +1652,78 @@ first_error_line() {
 # The revision each changed workload holds after the apply goes to STATE/ID/applied.tsv: a
 # rollback (this run's, or the action's rollback command later) undoes a workload only while
 # it still holds it, so a change someone else made since is never undone.
+# The bundle's cluster-scoped and kube-system objects (the API says which kinds are cluster-scoped)
+# and their resourceVersion before anything is applied. Objects of a kind the bundle itself
+# defines are not known to the API yet: only their CustomResourceDefinition is listed.
+find_wide_objects() {
+  local line kind ns name rest cluster_kinds=" " i
+  if grep -q $'^[^\t]*\t\t' "$work_dir/bundle/objects.tsv"; then
+    if kube_capture api-resources --namespaced=false --no-headers \
+      --request-timeout="$request_timeout"; then
+      while IFS= read -r line; do
+        kind=${line##* }
+        if [[ "$kind" =~ ^[A-Za-z][A-Za-z0-9]*$ ]]; then
+          cluster_kinds+="$kind "
+        fi
+      done <<<"$REPLY"
+    else
+      log "warning: could not list the cluster-scoped kinds (kubectl api-resources): $(first_line "$KUBE_ERR"); the report names only kube-system objects"
+    fi
+  fi
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    kind=${line%%$'\t'*} rest=${line#*$'\t'}
+    ns=${rest%%$'\t'*} rest=${rest#*$'\t'}
+    name=${rest%%$'\t'*}
+    if [[ -z "$ns" && "$cluster_kinds" == *" $kind "* ]] || [[ "$ns" == kube-system ]]; then
+      wide_kind+=("$kind") wide_ns+=("$ns") wide_name+=("$name")
+    fi
+  done <"$work_dir/bundle/objects.tsv"
+  for i in "${!wide_kind[@]}"; do
+    read_resource_version "$i"
+    wide_before[i]=$REPLY
+  done
+}
+
+# Sets REPLY to wide object $1's resourceVersion ("" when it does not exist; "?" when unknown).
+read_resource_version() {
+  local i=$1 where=()
+  if [[ -n "${wide_ns[i]}" ]]; then
+    where=(-n "${wide_ns[i]}")
+  fi
+  if ! kube_capture get "${wide_kind[i]}" "${wide_name[i]}" "${where[@]}" --ignore-not-found \
+    --request-timeout="$request_timeout" -o 'jsonpath={.metadata.resourceVersion}'; then
+    REPLY="?"
+  elif [[ ! "$REPLY" =~ ^[[:alnum:]]*$ ]]; then
+    REPLY="?"
+  fi
+}
+
+# After the apply (whole or not): the wide objects whose resourceVersion moved.
+note_wide_changes() {
+  local i shown
+  for i in "${!wide_kind[@]}"; do
+    read_resource_version "$i"
+    if [[ "$REPLY" == "${wide_before[i]}" || "$REPLY" == "?" || "${wide_before[i]}" == "?" ]]; then
+      continue
+    fi
+    shown="${wide_kind[i]}/${wide_name[i]}"
+    if [[ -n "${wide_ns[i]}" ]]; then
+      shown="${wide_kind[i]} ${wide_ns[i]}/${wide_name[i]}"
+    fi
+    if [[ -z "$REPLY" ]]; then
+      wide_changes+=("deleted $shown")
+    elif [[ -z "${wide_before[i]}" ]]; then
+      wide_changes+=("created $shown")
+    else
+      wide_changes+=("changed $shown")
+    fi
+  done
+  if ((${#wide_changes[@]} > 0)); then
+    join_by_comma "${wide_changes[@]}"
+    log "cluster-wide and kube-system objects this deploy changed: ${REPLY//,/, }"
+  fi
+}
+
 after_apply() {
   local i lines=""
   for i in "${!wl_name[@]}"; do
@@ -2443,6 +2531,7 @@ run_deploy() {
     fail_early 6 lock "the deploy lock (Lease $LOCK_NAMESPACE/$LOCK_NAME) was taken by someone else before this deploy changed anything: $(lock_holder_text)"
   fi
   record_revisions
+  find_wide_objects
   # From here bash runs apply_bundle, wait_for_workloads and verify_health with errexit off
   # (a function called in an `||` list). That is the decision, not an accident: once the
   # cluster has changed, no unexpected failure may end the script before the rollback and the
@@ -2450,6 +2539,9 @@ run_deploy() {
   # or 2 (timed out); the rest (log lines, annotations) may fail without changing the outcome.
   rc=0
   apply_bundle || rc=$?
+  if ((rc != 2)); then
+    note_wide_changes
+  fi
   if ((rc == 0)); then
     after_apply
     wait_for_workloads || rc=$?

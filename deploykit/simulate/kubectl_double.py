@@ -1146,6 +1146,7 @@ COMMAND_FLAGS = {
     "annotate": (Flag("overwrite", boolean=True),),
     "logs": (Flag("container", "c"), Flag("previous", "p", boolean=True), Flag("tail")),
     "diff": (Flag("filename", "f", repeatable=True),),
+    "api-resources": (Flag("namespaced", boolean=True), Flag("no-headers", boolean=True)),
 }
 
 
@@ -2178,7 +2179,30 @@ def command_diff(positional: list[str], flags: dict) -> int:
     return 1 if differs else 0
 
 
+def command_api_resources(positional: list[str], flags: dict) -> int:
+    """`kubectl api-resources [--namespaced=BOOL] [--no-headers]`: the kinds the API serves
+    (the built-in ones the double knows and those of the cluster's CRDs), in kubectl's columns
+    NAME SHORTNAMES APIVERSION NAMESPACED KIND. `--namespaced` filters only when given."""
+    if positional:
+        raise KubectlError(f"error: unexpected arguments: {positional}")
+    with open_state(state_path(), write=False) as state:
+        require_api(state)
+        kinds = known_kinds(state)
+    wanted = flags.get("namespaced")
+    rows = [["NAME", "SHORTNAMES", "APIVERSION", "NAMESPACED", "KIND"]]
+    for kind in sorted(kinds, key=lambda k: (k.group, k.plural)):
+        if wanted is not None and kind.namespaced != wanted:
+            continue
+        version = f"{kind.group}/{kind.versions[-1]}" if kind.group else kind.versions[-1]
+        rows.append([kind.plural, ",".join(kind.short_names), version, str(kind.namespaced).lower(),
+                     kind.kind])
+    table = format_table(rows).splitlines(keepends=True)
+    print("".join(table[1:] if flags.get("no-headers") else table), end="")
+    return 0
+
+
 COMMANDS = {
+    "api-resources": command_api_resources,
     "create": command_create,
     "replace": command_replace,
     "annotate": command_annotate,

@@ -6,6 +6,7 @@ honest."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,70 @@ def test_the_double_masks_secret_data_in_a_diff_as_kubectl_does(
     assert seen["real"] == ["+  password: '*** (after)'", "+  token: '***'",
                             "-  password: '*** (before)'"], seen["real"]
     assert seen["double"] == seen["real"]
+
+
+def wide_docs(ns: str, verbs: list[str]) -> list[dict[str, Any]]:
+    """A namespace of the deploy's own, a ConfigMap in it, and two objects whose change reaches
+    past it: a ClusterRole and a ConfigMap in kube-system."""
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": f"{ns}-reader"},
+         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": verbs}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{ns}-extra",
+                                                              "namespace": "kube-system"},
+         "data": {"owner": ns}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app", "namespace": ns},
+         "data": {"LOG_LEVEL": "info"}},
+    ]
+
+
+def test_the_report_names_the_cluster_wide_and_kube_system_objects_a_deploy_changed(
+    control_plane: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    """#15 finding 6: a deploy that creates or changes cluster-scoped objects (a Namespace, a
+    ClusterRole) or objects in kube-system says so; one that leaves them as they are does not.
+    The API says which kinds are cluster-scoped (kubectl api-resources); the double agrees."""
+    steps = [["get"], ["get"], ["get", "list"]]
+    expected = [
+        [f"created ClusterRole/{ns}-reader", f"created ConfigMap kube-system/{ns}-extra",
+         f"created Namespace/{ns}"],
+        [],
+        [f"changed ClusterRole/{ns}-reader"],
+    ]
+    seen = {}
+    try:
+        for name, host in (("real", ScriptHost(tmp_path / "real", control_plane.env())),
+                           ("double", double_host(tmp_path / "double"))):
+            seen[name] = []
+            for number, verbs in enumerate(steps):
+                run = host.deploy(wide_docs(ns, verbs), f"wide-{number}")
+                assert run.code == 0, run.stdout
+                seen[name].append(sorted(run.report.get("cluster_changes", [])))
+    finally:
+        control_plane.kubectl("delete", "clusterrole", f"{ns}-reader", "--ignore-not-found")
+        control_plane.kubectl("delete", "configmap", "-n", "kube-system", f"{ns}-extra",
+                              "--ignore-not-found")
+    assert seen["real"] == expected, seen["real"]
+    assert seen["double"] == seen["real"]
+
+
+def test_the_double_knows_which_kinds_are_cluster_scoped_as_the_api_does(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The script reads the cluster-scoped kinds from `kubectl api-resources`: every kind the
+    double serves must be namespaced or not exactly as on the real API."""
+    def scoped(env: dict[str, str]) -> dict[str, str]:
+        kinds: dict[str, str] = {}
+        for namespaced in ("true", "false"):
+            done = subprocess.run(["kubectl", "api-resources", f"--namespaced={namespaced}",
+                                   "--no-headers"], env=env, capture_output=True, text=True,
+                                  timeout=60, check=True)
+            for line in done.stdout.splitlines():
+                kinds[line.split()[-1]] = namespaced
+        return kinds
+
+    real = scoped(control_plane.env())
+    double = scoped(double_host(tmp_path / "double").env())
+    assert double, "the double lists no kinds"
+    assert {kind: real.get(kind) for kind in double} == double
