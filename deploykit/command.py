@@ -104,7 +104,7 @@ PARAMETERS = (
         "region",
         "region",
         "the staging bucket's region",
-        pattern=r"^([a-z]{2}(-[a-z]+)+-[0-9])?$",
+        pattern=r"^([a-z]{2}(-[a-z]+)+-[0-9]{1,2})?$",
         default="",
     ),
     Parameter(

@@ -690,3 +690,11 @@ def test_a_document_of_another_version_is_refused_with_how_to_update_it():
     with pytest.raises(AwsCallFailed) as denied:
         command.check_document(_Documents(error="AccessDeniedException"), "k3s-deploy")
     assert "ssm:DescribeDocument" in str(denied.value.message) + str(denied.value.fix)
+
+
+@pytest.mark.parametrize("region", ["eu-west-1", "us-gov-west-1", "ap-southeast-10", "cn-northwest-1"])
+def test_the_document_takes_every_region_the_inputs_take(region: str) -> None:
+    from deploykit.inputs import _REGION
+
+    pattern = next(p.pattern for p in command.PARAMETERS if p.name == "region")
+    assert _REGION.match(region) and re.search(pattern, region)
