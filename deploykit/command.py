@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from deploykit import contract
 from deploykit.awsapi import aws_call, error_code
+from deploykit.contract import EXIT_CHECKSUM_MISMATCH, EXIT_DOWNLOAD_FAILED
 from deploykit.errors import AwsCallFailed, InputError
 from deploykit.inputs import Settings
 from deploykit.stage import Staging
 
 SCRIPT_NAME = "k3s-deploy.sh"
 BUNDLE_NAME = "manifests.tar.gz"
-# Exit codes of the command lines themselves (the script's own are in its header).
-EXIT_DOWNLOAD_FAILED = 90
-EXIT_CHECKSUM_MISMATCH = 91
 # The SSM agent treats 194 as "reboot now and run again": never let it through.
 REBOOT_EXIT_CODE = 194
 # A command not started within this many seconds is never run (SSM minimum: 30).
@@ -200,7 +199,9 @@ def program(assignments: Mapping[str, str]) -> list[str]:
         '  if [ ! -f "$state/$id/k3s-deploy.sh" ]; then echo "k3s-deploy: nothing recorded for'
         ' deploy $id on this master: nothing to roll back"; sweep; exit 0; fi',
         "  rc=0",
-        '  bash "$state/$id/k3s-deploy.sh" rollback --deploy-id "$id" --state-dir "$state" || rc=$?',
+        '  bash "$state/$id/k3s-deploy.sh" '
+        + " ".join(contract.script_arguments("rollback", '"$id"', '"$state"'))
+        + " || rc=$?",
         "  sweep",
         f'  [ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
         '  exit "$rc"',
@@ -229,8 +230,9 @@ def program(assignments: Mapping[str, str]) -> list[str]:
         "files are not the ones this deploy uploaded; refusing to run them' >&2; "
         f"exit {EXIT_CHECKSUM_MISMATCH}; }}",
         "rc=0",
-        f'bash ./{SCRIPT_NAME} "$entry" --bundle {BUNDLE_NAME} --deploy-id "$id" --state-dir "$state"'
-        " || rc=$?",
+        f"bash ./{SCRIPT_NAME} "
+        + " ".join(contract.script_arguments('"$entry"', '"$id"', '"$state"', BUNDLE_NAME))
+        + " || rc=$?",
         f'[ "$rc" -ne {REBOOT_EXIT_CODE} ] || rc=1',
         'exit "$rc"',
     ]

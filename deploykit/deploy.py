@@ -10,16 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from deploykit import build, command, ha, registry, report, stage, target, wait
+from deploykit import build, command, contract, ha, registry, report, stage, target, wait
 from deploykit.awsapi import AwsClients
 from deploykit.errors import (
-    FIX_BUNDLE_REJECTED,
-    FIX_CHECKSUM,
-    FIX_IMAGE_PULL,
-    FIX_K3S_UNRESPONSIVE,
-    FIX_LOCK,
-    FIX_MISSING_TOOL,
-    FIX_ROLLOUT_STUCK,
     FIX_SSM_AGENT,
     FIX_TLS_TIMEOUT,
     DeployError,
@@ -35,8 +28,6 @@ from deploykit.report import Outcome
 # How long past the SSM execution timeout the action keeps waiting before it gives up on the
 # command itself (the agent reports a kill a little late).
 WAIT_MARGIN = 30
-# Exit codes that mean the script never ran anything on the cluster.
-NOTHING_RAN = {command.EXIT_DOWNLOAD_FAILED, command.EXIT_CHECKSUM_MISMATCH, 2, 3, 4, 5, 6}
 
 
 @dataclass
@@ -268,7 +259,7 @@ def _conclude_without_report(
         outcome.status = "timed-out"
         outcome.message = f"SSM stopped the command ({invocation.status_details or 'TimedOut'})."
     else:
-        meaning = report.EXIT_MEANINGS.get(code, f"the command ended with exit code {code}")
+        meaning = contract.meaning(code)
         outcome.status = "failed"
         outcome.message = f"SSM says {invocation.status}: {meaning}."
     if never_started:
@@ -276,7 +267,7 @@ def _conclude_without_report(
             f"The master did not pick up the command ({invocation.status_details}); nothing ran."
         )
         return
-    if _rolls_back(settings) and code not in NOTHING_RAN:
+    if _rolls_back(settings) and not contract.nothing_changed(code):
         outcome.rolled_back = _remote_rollback(settings, aws, gh, deploy_id, sent.instance_id)
         if outcome.rolled_back and outcome.status == "failed":
             outcome.status = "rolled-back"
@@ -442,23 +433,11 @@ def _fix_for(settings: Settings, invocation: wait.Invocation) -> str:
     code = invocation.response_code
     if invocation.status_details in ("DeliveryTimedOut", "Undeliverable"):
         return FIX_SSM_AGENT
-    if code == 3:
-        return FIX_MISSING_TOOL
-    if code == 4:
-        return FIX_K3S_UNRESPONSIVE
-    if code == 5:
-        return FIX_BUNDLE_REJECTED
-    if code == 6:
-        return FIX_LOCK
-    if code == command.EXIT_CHECKSUM_MISMATCH:
-        return FIX_CHECKSUM
-    if code == command.EXIT_DOWNLOAD_FAILED:
+    if code == contract.EXIT_DOWNLOAD_FAILED:
         return _fix_download(settings)
-    if "TLS handshake timeout" in text:
+    if contract.fix(code) is None and "TLS handshake timeout" in text:
         return FIX_TLS_TIMEOUT
-    if any(reason in text for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
-        return FIX_IMAGE_PULL
-    return FIX_ROLLOUT_STUCK
+    return contract.advice(code, text)
 
 
 def _fix_download(settings: Settings) -> str:

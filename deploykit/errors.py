@@ -97,6 +97,15 @@ FIX_MISSING_TOOL = (
     "coreutils, tar, gzip and kubectl), or set the `kubectl` input to the command that runs "
     "kubectl there (e.g. `k3s kubectl`); SSM runs the script as root, with a short PATH."
 )
+# With transport local the script runs in the action's container against the job's kubeconfig.
+FIX_MISSING_TOOL_LOCAL = (
+    "The action's image has bash, coreutils, tar, gzip and kubectl: set the `kubectl` input to a "
+    "command the image has (`kubectl`), or run the job's own kubectl with transport ssm."
+)
+FIX_KUBE_API_LOCAL = (
+    "The cluster's API did not answer: check the kubeconfig (`kubectl --kubeconfig FILE get "
+    "--raw=/readyz`), and that its server address is reachable from the action's container."
+)
 FIX_BUNDLE_REJECTED = (
     "Nothing was changed. Fix the manifest the message names: on the master, "
     "`kubectl apply --dry-run=server -f FILE` shows the same error; an object's namespace must "

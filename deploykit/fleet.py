@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from deploykit import command, report, stage, wait
+from deploykit import command, contract, report, stage, wait
 from deploykit.awsapi import AwsClients, aws_call
 from deploykit.errors import DeployError, JobCancelled, RemoteCommandFailed, TargetNotFound
 from deploykit.github import Workflow
@@ -50,19 +50,6 @@ FIX_FLEET = (
     "The results table in the step summary says what happened on each instance; the log has the "
     "output of the failed ones. Run the deploy again once they are fixed: the others are up to date."
 )
-
-# Deploy script exit code -> (status, rolled back) (docs/internals.md).
-SCRIPT_RESULTS: dict[int, tuple[str, bool]] = {
-    0: ("success", False),
-    7: ("rolled-back", True),
-    8: ("failed", False),
-    9: ("failed", False),
-    10: ("timed-out", True),
-    11: ("timed-out", False),
-    12: ("timed-out", False),
-}
-NOTHING_RAN = frozenset({2, 3, 4, 5, 6, command.EXIT_DOWNLOAD_FAILED, command.EXIT_CHECKSUM_MISMATCH})
-ROLLBACK_DONE = 10  # exit code of the script's rollback entry point when it undid something
 
 
 @dataclass
@@ -577,14 +564,15 @@ def record_invocation(result: InstanceResult, command_id: str, entry: dict[str, 
     if status == "Success" and code == 0:
         result.status, result.message, result.reported = "success", "every workload is ready", True
         return
-    if code in SCRIPT_RESULTS and status == "Failed":
-        result.status, result.rolled_back = SCRIPT_RESULTS[code]
-        result.message = report.EXIT_MEANINGS.get(code, f"exit code {code}")
+    ended = contract.EXITS.get(code)
+    if ended and ended.changed and status == "Failed":
+        result.status, result.rolled_back = ended.status, ended.rolled_back
+        result.message = ended.meaning
         result.reported = True
         return
-    if code in NOTHING_RAN and status == "Failed":
+    if contract.nothing_changed(code) and status == "Failed":
         result.status, result.reported = "failed", True
-        result.message = report.EXIT_MEANINGS.get(code, f"exit code {code}")
+        result.message = contract.meaning(code)
         return
     # Stopped by SSM or someone, or died: the script could not say what it had changed.
     if status == "TimedOut":
@@ -644,7 +632,7 @@ def _roll_back_unreported(
             if result is None:
                 continue
             plugin = (entry.get("CommandPlugins") or [{}])[0]
-            undone = int(plugin.get("ResponseCode", -1)) == ROLLBACK_DONE
+            undone = int(plugin.get("ResponseCode", -1)) == contract.ROLLBACK_DONE
             result.rolled_back = undone
             if undone:
                 if result.status == "failed":

@@ -23,10 +23,8 @@ from typing import IO
 
 import yaml
 
-from deploykit import command, report
+from deploykit import command, contract, report
 from deploykit.errors import (
-    FIX_IMAGE_PULL,
-    FIX_LOCK,
     FIX_ROLLOUT_STUCK,
     DeployError,
     JobCancelled,
@@ -71,19 +69,6 @@ SCRIPT_ENV_KEEP_PREFIXES = ("LC_",)
 # A kubeconfig whose user runs a credential plugin (`exec`: `aws eks get-token`,
 # gke-gcloud-auth-plugin, kubelogin) needs its cloud's credentials: they pass only then.
 EXEC_PLUGIN_ENV_PREFIXES = ("AWS_", "AZURE_", "ARM_", "GOOGLE_", "CLOUDSDK_", "KUBELOGIN_")
-FIX_KUBE_API = (
-    "The cluster's API did not answer: check the kubeconfig (`kubectl --kubeconfig FILE get "
-    "--raw=/readyz`), and that its server address is reachable from the action's container."
-)
-
-
-def script_arguments(settings: Settings, deploy_id: str, bundle: Path | None, state_dir: Path) -> list[str]:
-    """The script's entry point and arguments: the same as the SSM command passes (command.py),
-    with local paths; the options are in the bundle. `bundle` None means the rollback."""
-    common = ["--deploy-id", deploy_id, "--state-dir", str(state_dir)]
-    if bundle is None:
-        return ["rollback", *common]
-    return ["dry-run" if settings.dry_run else "deploy", "--bundle", str(bundle), *common]
 
 
 def kubeconfig_files(settings: Settings, base: Mapping[str, str]) -> list[Path]:
@@ -224,7 +209,9 @@ def deploy_local(
         bundle_path.write_bytes(bundle.data)
         state_dir = root / "state"
         script_environment = script_env(settings, root, os.environ if env is None else env)
-        argv = ["bash", str(script), *script_arguments(settings, deploy_id, bundle_path, state_dir)]
+        entry = "dry-run" if settings.dry_run else "deploy"
+        arguments = contract.script_arguments(entry, deploy_id, str(state_dir), str(bundle_path))
+        argv = ["bash", str(script), *arguments]
         gh.log(
             f"Transport local: running the deploy script here against the cluster of {where} "
             f"(deploy id {deploy_id}; no AWS call)"
@@ -258,15 +245,16 @@ def deploy_local(
             outcome.diff = report.parse_diff("\n".join(run.stdout))
         if found is None:
             outcome.status = "failed"
-            meaning = report.EXIT_MEANINGS.get(code, f"it ended with exit code {code}")
+            meaning = contract.meaning(code)
             outcome.message = f"The deploy script did not report: {meaning}."
-            if code not in {2, 3, 4, 5, 6} and settings.rollback and not settings.dry_run:
+            if not contract.nothing_changed(code) and settings.rollback and not settings.dry_run:
                 outcome.rolled_back = _rollback(settings, gh, deploy_id, state_dir, script_environment, root)
                 outcome.status = "rolled-back" if outcome.rolled_back else "failed"
             raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
         report.conclude(outcome, found, code)
         if code != 0:
-            raise RemoteCommandFailed(outcome.message, fix=_fix(code, "\n".join(run.stdout)))
+            fix = contract.advice(code, "\n".join(run.stdout), "local")
+            raise RemoteCommandFailed(outcome.message, fix=fix)
 
 
 def _cancel(
@@ -331,7 +319,7 @@ def _rollback(
     if not kept.is_file():
         gh.log("Nothing recorded by the deploy: nothing to roll back")
         return False
-    argv = ["bash", str(kept), *script_arguments(settings, deploy_id, None, state_dir)]
+    argv = ["bash", str(kept), *contract.script_arguments("rollback", deploy_id, str(state_dir))]
     run = ScriptRun(argv, env, root)
     cancelling = limit is not None
     if limit is None:
@@ -345,13 +333,3 @@ def _rollback(
         return False
     found = report.parse_report(run.stderr)
     return bool(found and found.get("rollback") == "done")
-
-
-def _fix(code: int, log: str) -> str:
-    if code == 4:
-        return FIX_KUBE_API
-    if code == 6:
-        return FIX_LOCK
-    if any(reason in log for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
-        return FIX_IMAGE_PULL
-    return FIX_ROLLOUT_STUCK

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from deploykit import contract
+
 REPORT_BEGIN = "===K3S-DEPLOY-REPORT-BEGIN==="
 REPORT_END = "===K3S-DEPLOY-REPORT-END==="
 # The dry run's `kubectl diff`, on stdout (docs/internals.md).
@@ -15,23 +17,6 @@ DIFF_END = "===K3S-DEPLOY-DIFF-END==="
 # How much of a diff the step summary shows (GitHub takes 1 MiB in all).
 SUMMARY_DIFF_CHARS = 60_000
 STDOUT_LIMIT, STDERR_LIMIT = 24_000, 8_000  # what GetCommandInvocation returns at most
-
-# Exit codes of the deploy script and of the command lines around it (docs/internals.md).
-EXIT_MEANINGS = {
-    2: "the deploy script was called wrongly",
-    3: "a tool the deploy script needs is missing on the master",
-    4: "the Kubernetes API on the master is not healthy",
-    5: "the cluster rejected the bundle before anything changed",
-    6: "another deploy holds the cluster's deploy lock",
-    7: "the deploy failed and the changed workloads were rolled back",
-    8: "the deploy failed and the rollback failed too",
-    9: "the deploy failed and nothing was rolled back",
-    10: "the deploy timed out and the changed workloads were rolled back",
-    11: "the deploy timed out and the rollback failed",
-    12: "the deploy timed out and nothing was rolled back",
-    90: "the master could not download the staged files from S3",
-    91: "the staged files did not match their sha256 sums, so the master refused to run them",
-}
 
 
 @dataclass
@@ -96,7 +81,7 @@ def conclude(outcome: Outcome, found: dict[str, Any] | None, code: int) -> None:
         outcome.status = "timed-out"
     else:
         outcome.status = "rolled-back" if rolled_back else "failed"
-    outcome.message = str(found.get("message") or EXIT_MEANINGS.get(code, ""))
+    outcome.message = str(found.get("message") or contract.meaning(code))
     if found.get("rollback") == "failed":
         outcome.message += " The rollback failed too: check the workloads by hand."
 
@@ -240,8 +225,10 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
     report = outcome.report
     headline = STATUS_HEADLINES.get(outcome.status, outcome.status)
     if outcome.dry_run:
-        headline = "🔍 Dry run: nothing was changed" if outcome.status == "success" else (
-            f"{headline} (dry run: nothing was changed)"
+        headline = (
+            "🔍 Dry run: nothing was changed"
+            if outcome.status == "success"
+            else (f"{headline} (dry run: nothing was changed)")
         )
     lines = [f"## {headline}", ""]
     if outcome.message:

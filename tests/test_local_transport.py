@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from deploykit import command, local
+from deploykit import command, contract, local
 from deploykit.inputs import parse_settings
-from deploykit.local import script_arguments
 from deploykit.simulate.cluster import Cluster
 from deploykit.simulate.runner import parse_key_values
 from tests import markdown
@@ -180,7 +179,7 @@ def test_local_arguments_and_options_are_the_ones_the_ssm_command_passes(tmp_pat
                 if li.startswith("bash ./"))
     ssm_words = shlex.split(line.replace('"$entry"', "deploy").replace('"$id"', "d-1")
                             .replace('"$state"', "STATE"))[2:-2]
-    local_words = script_arguments(settings, "d-1", Path("manifests.tar.gz"), Path("STATE"))
+    local_words = contract.script_arguments("deploy", "d-1", "STATE", "manifests.tar.gz")
     assert ssm_words == local_words == ["deploy", "--bundle", "manifests.tar.gz", "--deploy-id",
                                         "d-1", "--state-dir", "STATE"]
     # The options travel in the bundle: the same, but the local run's diff size limit.
@@ -278,3 +277,26 @@ def test_a_kubeconfig_with_a_credential_plugin_gets_the_cloud_credentials(tmp_pa
         assert not any(k.startswith(("GITHUB_", "INPUT_", "ACTIONS_")) for k in got), got
         assert got["HTTPS_PROXY"] == "http://proxy:3128" and got["LC_ALL"] == "C.UTF-8"
         assert got["KUBECONFIG"] == str(kubeconfig)
+
+
+@pytest.mark.parametrize(("case", "code", "advice"), [
+    ("a tool the script needs is missing", 3, "set the `kubectl` input to a command"),
+    ("the bundle is rejected before anything changed", 5, "Nothing was changed."),
+])
+def test_local_advice_follows_the_exit_code(job: Job, case: str, code: int, advice: str) -> None:
+    """#13: with transport local, exit 3 (a tool missing) and exit 5 (the bundle rejected,
+    nothing changed) gave the advice for a stuck rollout (check the pods' logs)."""
+    inputs: dict[str, str] = {}
+    if code == 3:
+        inputs["kubectl"] = "no-such-kubectl"
+    else:
+        (job.workspace / "k8s" / "base" / "orphan.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: orphan\n  namespace: nowhere\n")
+
+    run = job.deploy(**inputs)
+
+    assert run.returncode == 1, run.log
+    assert run.outputs["status"] == "failed", case
+    how = [line for line in run.log.splitlines() if "How to fix:" in line]
+    assert how and advice in how[0], (case, how)
+    assert "A rollout did not become ready" not in run.log
