@@ -401,7 +401,7 @@ def check_document(ssm: Any, name: str) -> None:
     where = "examples/iam/k3s-deploy-document.json (or the Terraform example's aws_ssm_document)"
     from botocore.exceptions import ClientError
 
-    arn = f"arn:aws:ssm:REGION:ACCOUNT:document/{name}"
+    arn = f"the document's ARN (arn:aws:ssm:<region>:<account>:document/{name})"
     with aws_call(f"read SSM document {name}", "ssm:DescribeDocument", arn):
         try:
             described = ssm.describe_document(Name=name)["Document"]

@@ -1484,12 +1484,21 @@ def test_a_deploy_whose_lease_is_taken_stops_and_undoes_nothing(master: Master) 
     while master.cluster.revision("deployment", NS, "api") != "2":
         assert time.monotonic() < deadline, "the deploy never applied"
         time.sleep(0.1)
-    lease = master.lock()
-    assert lease is not None
-    lease["spec"]["holderIdentity"] = "intruder"
-    lease["metadata"]["annotations"] = {}
-    subprocess.run([str(master.bin / "kubectl"), "replace", "-f", "-"], input=json.dumps(lease),
-                   env=master.env(), check=True, capture_output=True, text=True)
+    # The intruder takes the lease as a contender would: read, then a conditional replace, read
+    # again when the heartbeat renewed it in between (a Conflict).
+    for _ in range(20):
+        lease = master.lock()
+        assert lease is not None
+        lease["spec"]["holderIdentity"] = "intruder"
+        lease["metadata"]["annotations"] = {}
+        taken = subprocess.run([str(master.bin / "kubectl"), "replace", "-f", "-"],
+                               input=json.dumps(lease), env=master.env(), capture_output=True,
+                               text=True, check=False)
+        if taken.returncode == 0:
+            break
+        assert "Conflict" in taken.stderr or "modified" in taken.stderr, taken.stderr
+    else:
+        raise AssertionError("the intruder never took the lease")
     run = master.finished(process)
 
     assert run.code == 8, run.stdout

@@ -69,7 +69,8 @@ def test_max_concurrency_caps_the_instances_running_at_once(sim, ssm):
     assert most_at_once(sim.commands_run) == 2
     # in the order of the command's instances
     started = sorted(sim.commands_run, key=lambda r: r["started"])
-    assert [r["instance_id"] for r in started[:2]] == [m.instance_id for m in masters[:2]]
+    # (the first two start together: which of them starts first is up to the threads)
+    assert {r["instance_id"] for r in started[:2]} == {m.instance_id for m in masters[:2]}
 
 
 def test_a_percentage_of_concurrency_is_of_the_targets_rounded_up(sim, ssm):
