@@ -77,6 +77,9 @@ RUN_SHELL_SCRIPT = "AWS-RunShellScript"
 # allowed value of `documentVersion`, and the action refuses a document with another one.
 DOCUMENT_VERSION = "1"
 DEPLOY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Empty (not used by this entry point or delivery), or a presigned GET URL / a sha256 sum.
+PRESIGNED_URL_PATTERN = r"^(https?://[A-Za-z0-9.:-]+/[A-Za-z0-9._~/%&=+?-]*)?$"
+SHA256_PATTERN = r"^([0-9a-f]{64})?$"
 
 
 @dataclass(frozen=True)
@@ -123,21 +126,21 @@ PARAMETERS = (
         "scriptUrl",
         "script_url",
         "presigned GET URL of the script (delivery presigned)",
-        pattern=r"^(https?://[A-Za-z0-9.:-]+/[A-Za-z0-9._~/%&=+?-]*)?$",
+        pattern=PRESIGNED_URL_PATTERN,
         default="",
     ),
     Parameter(
         "bundleUrl",
         "bundle_url",
         "presigned GET URL of the bundle (delivery presigned)",
-        pattern=r"^(https?://[A-Za-z0-9.:-]+/[A-Za-z0-9._~/%&=+?-]*)?$",
+        pattern=PRESIGNED_URL_PATTERN,
         default="",
     ),
     Parameter(
-        "scriptSha256", "script_sum", "sha256 of the staged script", pattern=r"^([0-9a-f]{64})?$", default=""
+        "scriptSha256", "script_sum", "sha256 of the staged script", pattern=SHA256_PATTERN, default=""
     ),
     Parameter(
-        "bundleSha256", "bundle_sum", "sha256 of the staged bundle", pattern=r"^([0-9a-f]{64})?$", default=""
+        "bundleSha256", "bundle_sum", "sha256 of the staged bundle", pattern=SHA256_PATTERN, default=""
     ),
 )
 # Document-only parameters: the run limit (the document's timeoutSeconds) and its version.
