@@ -15,15 +15,12 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from deploykit.errors import BuildFailed, InputError, PushFailed, RegistryLoginFailed
 from deploykit.github import Workflow
 from deploykit.images import ImageRef, parse_image
 from deploykit.registry import LOGIN_REFUSED_FIX, RegistryLogin, image_registry
-
-if TYPE_CHECKING:
-    from deploykit.inputs import Settings
 
 LATEST = "latest"
 MAX_BUILDS = 20
@@ -151,25 +148,32 @@ def parse_build_args(value: str) -> tuple[tuple[str, str], ...]:
 # Building and pushing
 
 
-def build_images(settings: Settings, gh: Workflow, client: Any = None) -> dict[str, str]:
+def build_images(
+    builds: tuple[BuildSpec, ...],
+    gh: Workflow,
+    *,
+    login: RegistryLogin | None = None,
+    build_args: tuple[tuple[str, str], ...] = (),
+    cache: bool = False,
+    client: Any = None,
+) -> dict[str, str]:
     """Build and push every image of the `build` input; return {reference: digest}.
 
     `client` is a docker.DockerClient; by default one for the engine of the environment.
     """
-    if not settings.builds:
+    if not builds:
         return {}
     client = client or _engine_client()
-    login = settings.registry
     if login is not None:
         _log_in(client, login)
         gh.log(f"Logged in to {login.registry} as {login.username}")
     digests: dict[str, str] = {}
-    for spec in settings.builds:
+    for spec in builds:
         auth = _auth_for(login, spec.image)
         with gh.group(f"Build and push {spec.image}"):
             # Opt-in: the previous `latest` is whatever its last pusher made it.
-            cache = _previous_latest(client, spec, auth, gh) if settings.build_cache else []
-            image_id = _build(client, spec, dict(settings.build_args), cache, gh)
+            cache_from = _previous_latest(client, spec, auth, gh) if cache else []
+            image_id = _build(client, spec, dict(build_args), cache_from, gh)
             client.api.tag(image_id, spec.image.repository, LATEST, force=True)
             digest = _push(client, spec.image, auth, gh)
             if spec.image.tag != LATEST:

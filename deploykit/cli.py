@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TextIO
 
+from deploykit.contract import Status
 from deploykit.errors import DeployError, JobCancelled
 from deploykit.github import Workflow
 from deploykit.inputs import INPUTS, parse_settings, read_action_inputs
@@ -90,7 +91,7 @@ def run_deploy(
     region = ""
 
     def out_of_time() -> None:
-        outcome.status = "cancelled"
+        outcome.status = Status.CANCELLED
         outcome.message = (
             f"The job was cancelled and its clean-up was still running after {CANCEL_DEADLINE:.0f} s; "
             "the action's post step deletes what is left."
@@ -108,19 +109,19 @@ def run_deploy(
 
         deploy(settings, AwsClients(settings.aws_region), gh, outcome)
     except DeployError as exc:
-        if outcome.status == "success":
-            outcome.status = "failed"
+        if outcome.status == Status.SUCCESS:
+            outcome.status = Status.FAILED
         outcome.message = outcome.message or exc.message
         outcome.fix = exc.fix or ""
         gh.error(exc.title, exc.message + (f"\nHow to fix: {exc.fix}" if exc.fix else ""))
     except JobCancelled:
         if cancel is not None:
             cancel.disarm()
-        outcome.status = "cancelled"
+        outcome.status = Status.CANCELLED
         outcome.message = "The job was cancelled; the log says what was stopped and deleted."
         gh.error("Deploy cancelled", outcome.message)
     except Exception as exc:  # a bug: still write the outputs, and show where it happened
-        outcome.status = "failed"
+        outcome.status = Status.FAILED
         outcome.message = f"unexpected error: {type(exc).__name__}: {exc}"
         gh.log(traceback.format_exc())
         gh.error("Unexpected error", outcome.message)
@@ -128,7 +129,7 @@ def run_deploy(
         if cancel is not None:
             cancel.disarm()
         _finish_run(gh, outcome, started, region)
-    return 0 if outcome.status == "success" else 1
+    return 0 if outcome.status == Status.SUCCESS else 1
 
 
 def _finish_run(gh: Workflow, outcome: Outcome, started: float, region: str) -> None:

@@ -350,14 +350,14 @@ def deploy_lines(
     return deploy_request(settings, staging, deploy_id, script_sha256, bundle_sha256, urls).lines()
 
 
-def rollback_request(settings: Settings, deploy_id: str) -> Request:
-    """Run the rollback entry point of the copy the deploy left on the master."""
-    del settings  # the rollback runs with the options the deploy kept
+def rollback_request(deploy_id: str) -> Request:
+    """Run the rollback entry point of the copy the deploy left on the master (with the options
+    the deploy kept in its state folder)."""
     return Request({"entryPoint": "rollback", "deployId": deploy_id})
 
 
-def rollback_lines(settings: Settings, deploy_id: str) -> list[str]:
-    return rollback_request(settings, deploy_id).lines()
+def rollback_lines(deploy_id: str) -> list[str]:
+    return rollback_request(deploy_id).lines()
 
 
 # -- the custom document ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ single-master and fleet deploys through SSM, and the local transport.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from deploykit.errors import (
     FIX_BUNDLE_REJECTED,
@@ -20,6 +21,19 @@ from deploykit.errors import (
     FIX_MISSING_TOOL_LOCAL,
     FIX_ROLLOUT_STUCK,
 )
+
+
+class Status(StrEnum):
+    """How a run ended, for the whole run (the `status` output) and for each target (fleet
+    mode's `results`). A str: it is written and compared as its value."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+    TIMED_OUT = "timed-out"
+    CANCELLED = "cancelled"
+    # Fleet mode: this server never took the command; the next server of its cluster did.
+    FAILED_OVER = "failed-over"
 
 
 def script_arguments(entry: str, deploy_id: str, state_dir: str, bundle: str | None = None) -> list[str]:
@@ -46,7 +60,7 @@ EXIT_CHECKSUM_MISMATCH = 91
 class Exit:
     code: int
     meaning: str
-    status: str  # the run's status when the script ended so (and reported)
+    status: Status  # the run's status when the script ended so (and reported)
     rolled_back: bool  # the script undid what it changed
     changed: bool  # the cluster may have changed: the action's rollback is worth sending
     fix: str | None = None  # the advice for transport ssm (None: decided by the output)
@@ -56,12 +70,12 @@ class Exit:
 EXITS = {
     e.code: e
     for e in (
-        Exit(0, "every workload is ready and healthy", "success", False, True),
-        Exit(2, "the deploy script was called wrongly", "failed", False, False),
+        Exit(0, "every workload is ready and healthy", Status.SUCCESS, False, True),
+        Exit(2, "the deploy script was called wrongly", Status.FAILED, False, False),
         Exit(
             3,
             "a tool the deploy script needs is missing on the master",
-            "failed",
+            Status.FAILED,
             False,
             False,
             FIX_MISSING_TOOL,
@@ -70,7 +84,7 @@ EXITS = {
         Exit(
             4,
             "the Kubernetes API on the master is not healthy",
-            "failed",
+            Status.FAILED,
             False,
             False,
             FIX_K3S_UNRESPONSIVE,
@@ -79,29 +93,37 @@ EXITS = {
         Exit(
             5,
             "the cluster rejected the bundle before anything changed",
-            "failed",
+            Status.FAILED,
             False,
             False,
             FIX_BUNDLE_REJECTED,
         ),
-        Exit(6, "another deploy holds the cluster's deploy lock", "failed", False, False, FIX_LOCK),
-        Exit(7, "the deploy failed and the changed workloads were rolled back", "rolled-back", True, True),
-        Exit(8, "the deploy failed and the rollback failed too", "failed", False, True),
-        Exit(9, "the deploy failed and nothing was rolled back", "failed", False, True),
-        Exit(10, "the deploy timed out and the changed workloads were rolled back", "timed-out", True, True),
-        Exit(11, "the deploy timed out and the rollback failed", "timed-out", False, True),
-        Exit(12, "the deploy timed out and nothing was rolled back", "timed-out", False, True),
+        Exit(6, "another deploy holds the cluster's deploy lock", Status.FAILED, False, False, FIX_LOCK),
+        Exit(
+            7, "the deploy failed and the changed workloads were rolled back", Status.ROLLED_BACK, True, True
+        ),
+        Exit(8, "the deploy failed and the rollback failed too", Status.FAILED, False, True),
+        Exit(9, "the deploy failed and nothing was rolled back", Status.FAILED, False, True),
+        Exit(
+            10,
+            "the deploy timed out and the changed workloads were rolled back",
+            Status.TIMED_OUT,
+            True,
+            True,
+        ),
+        Exit(11, "the deploy timed out and the rollback failed", Status.TIMED_OUT, False, True),
+        Exit(12, "the deploy timed out and nothing was rolled back", Status.TIMED_OUT, False, True),
         Exit(
             EXIT_DOWNLOAD_FAILED,
             "the master could not download the staged files from S3",
-            "failed",
+            Status.FAILED,
             False,
             False,
         ),
         Exit(
             EXIT_CHECKSUM_MISMATCH,
             "the staged files did not match their sha256 sums, so the master refused to run them",
-            "failed",
+            Status.FAILED,
             False,
             False,
             FIX_CHECKSUM,

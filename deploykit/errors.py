@@ -45,6 +45,10 @@ class RemoteCommandFailed(DeployError):
     title = "Deploy command failed on the master"
 
 
+class LocalScriptFailed(RemoteCommandFailed):
+    title = "Deploy script failed"
+
+
 class BuildFailed(DeployError):
     title = "Image build failed"
 

@@ -30,14 +30,14 @@ from datetime import datetime
 from typing import Any
 
 from deploykit import command, contract, report, stage, wait
-from deploykit.awsapi import AwsClients, aws_call
-from deploykit.errors import DeployError, JobCancelled, RemoteCommandFailed, TargetNotFound
-from deploykit.github import Workflow
-from deploykit.ha import ONLINE, group_by_cluster
+from deploykit.awsapi import aws_call
+from deploykit.contract import Status
+from deploykit.errors import DeployError, RemoteCommandFailed, TargetNotFound
 from deploykit.inputs import Settings
-from deploykit.render import Bundle
-from deploykit.report import Outcome
-from deploykit.target import Master, server_of, ssm_ping_status
+from deploykit.master import show_output
+from deploykit.results import TargetResult
+from deploykit.run import WAIT_MARGIN, Files, Run
+from deploykit.target import ONLINE, Master, group_by_cluster, server_of, ssm_ping_status
 
 BATCH_SIZE = 50  # SendCommand takes at most 50 InstanceIds
 MAX_DELIVERY_TIMEOUT = 2_592_000  # SendCommand's TimeoutSeconds upper bound (30 days)
@@ -46,46 +46,12 @@ FULL_OUTPUT_LIMIT = 10  # failed instances whose whole output is read and shown 
 UNREACHABLE_CHECK_EVERY = 10.0  # seconds between looks for HA servers that went away
 COMMAND_TERMINAL = frozenset({"Success", "Failed", "Cancelled", "TimedOut"})
 ALL_INSTANCES = "100%"
-FIX_FLEET = (
-    "The results table in the step summary says what happened on each instance; the log has the "
-    "output of the failed ones. Run the deploy again once they are fixed: the others are up to date."
-)
 
 
 @dataclass
 class Fleet:
     members: list[Master]  # one server per cluster, its Online peers in `standby`
     unreachable: list[Master]  # clusters with no server Online
-
-
-@dataclass
-class InstanceResult:
-    instance_id: str
-    name: str
-    cluster: str
-    command_id: str = ""
-    status: str = "failed"  # success, failed, rolled-back, timed-out, cancelled, failed-over
-    rolled_back: bool = False
-    exit_code: int | None = None
-    ssm_status: str = ""
-    message: str = "not sent"
-    seconds: float | None = None
-    never_started: bool = False
-    reported: bool = False  # the deploy script itself said how it ended (its exit code)
-
-    def as_output(self) -> dict[str, Any]:
-        return {
-            "instance-id": self.instance_id,
-            "name": self.name,
-            "cluster": self.cluster,
-            "command-id": self.command_id,
-            "status": self.status,
-            "rolled-back": self.rolled_back,
-            "exit-code": self.exit_code,
-            "ssm-status": self.ssm_status,
-            "seconds": None if self.seconds is None else round(self.seconds, 1),
-            "message": self.message,
-        }
 
 
 @dataclass
@@ -102,8 +68,6 @@ class FleetCommand:
 
     @property
     def deadline(self) -> float:
-        from deploykit.deploy import WAIT_MARGIN
-
         return self.sent_at + self.delivery_timeout + self.execution_timeout + WAIT_MARGIN
 
 
@@ -202,132 +166,214 @@ def _log_fleet(
 
 
 # --------------------------------------------------------------------------------------------
-# The story, for a fleet
+# The transport, for a fleet
 
 
-def deploy_fleet(
-    settings: Settings,
-    aws: AwsClients,
-    gh: Workflow,
-    outcome: Outcome,
-    clock: Any,
-    deploy_id: str,
-    bundle: Bundle,
-) -> None:
-    """Stage once, send to every cluster, wait for all, roll back what could not, report."""
-    from deploykit import deploy as story
+class FleetTransport:
+    """Many clusters through SSM, one staged bundle for all (see transport.Transport)."""
 
-    fleet = find_fleet(aws.ec2, aws.ssm, settings, gh.log)
-    results: list[InstanceResult] = [_result_for(m) for m in fleet.members]
-    for server in fleet.unreachable:
-        result = _result_for(server)
-        result.message = f"not Online in SSM ({server.ping_status or 'unknown to SSM'}); not sent"
-        if settings.instance_ids:  # asked for by id: a failure; found by tag: not in the fleet
-            results.append(result)
-    outcome.results = [r.as_output() for r in results]
-    outcome.instance_id = ",".join(r.instance_id for r in results)
+    many = True
+    failure = RemoteCommandFailed
 
-    staging: stage.Staging | None = None
-    commands: list[FleetCommand] = []
-    try:
-        if fleet.members:
-            account = stage.caller_account(aws.sts)
-            staging = story._stage(settings, aws, gh, deploy_id, account, bundle, clock)
-            outcome.bucket = staging.bucket
-            script = command.deploy_script()
-            stage.upload(aws.s3, staging, command.SCRIPT_NAME, script)
-            stage.upload(aws.s3, staging, command.BUNDLE_NAME, bundle.data)
-            sums = (story._sha256(script), bundle.sha256)
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.fleet = Fleet([], [])
+        self.results_: list[TargetResult] = []
+        self.commands: list[FleetCommand] = []  # every deploy command sent, all rounds
+        self.round: list[FleetCommand] = []  # the commands of the round being watched
+        self.round_number = 0
+        self.members: list[Master] = []  # the servers the round went to
+        self.request_for: Callable[[int], command.Request] | None = None
 
-            def request_for(count: int) -> command.Request:
-                return command.deploy_request(
-                    settings, staging, deploy_id, *sums, _presigned(settings, aws, gh, staging, count)
-                )
+    @property
+    def stages(self) -> bool:
+        return bool(self.fleet.members)  # nothing to stage when no cluster can take it
 
-            _run_rounds(settings, aws, gh, outcome, clock, deploy_id, fleet, request_for, results, commands)
-            if settings.dry_run:
-                for result in results:
-                    if result.status == "success":
-                        result.message = "dry run passed; nothing changed"
-        _roll_back_unreported(settings, aws, gh, clock, deploy_id, results)
-        _show_failed_output(aws, gh, results)
-    except JobCancelled:
-        aws.hurry()
-        outcome.status = "cancelled"
-        outcome.message = "The job was cancelled."
-        _abandon_on_cancel(settings, aws, gh, deploy_id, commands)
-        raise
-    finally:
-        outcome.results = [r.as_output() for r in results]
-        if staging is not None:
-            story._clean_up(settings, aws, gh, staging)
-    _conclude(outcome, results, dry_run=settings.dry_run)
+    def find_targets(self) -> None:
+        settings, outcome = self.run.settings, self.run.outcome
+        self.fleet = find_fleet(self.run.aws.ec2, self.run.aws.ssm, settings, self.run.gh.log)
+        self.results_ = [_result_for(m) for m in self.fleet.members]
+        for server in self.fleet.unreachable:
+            result = _result_for(server)
+            result.message = f"not Online in SSM ({server.ping_status or 'unknown to SSM'}); not sent"
+            if settings.instance_ids:  # asked for by id: a failure; found by tag: not in the fleet
+                self.results_.append(result)
+        outcome.results = [r.as_output() for r in self.results_]
+        outcome.instance_id = ",".join(r.instance_id for r in self.results_)
 
+    def send(self, files: Files, staging: stage.Staging | None) -> None:
+        """Send to the chosen server of every cluster (wait() sends the failover rounds)."""
+        if not self.fleet.members:
+            return
+        assert staging is not None
+        run = self.run
 
-def _result_for(server: Master) -> InstanceResult:
-    return InstanceResult(server.instance_id, server.name, server.cluster)
+        def request_for(count: int) -> command.Request:
+            urls = _presigned(run, staging, count)
+            return command.deploy_request(
+                run.settings, staging, run.deploy_id, files.script_sum, files.bundle_sum, urls
+            )
 
+        self.request_for = request_for
+        self.members = self.fleet.members
+        self._send_round()
 
-def _run_rounds(
-    settings: Settings,
-    aws: AwsClients,
-    gh: Workflow,
-    outcome: Outcome,
-    clock: Any,
-    deploy_id: str,
-    fleet: Fleet,
-    request_for: Callable[[int], command.Request],
-    results: list[InstanceResult],
-    commands: list[FleetCommand],
-) -> None:
-    """Send to the chosen servers; a cluster whose server never took the command gets it
-    through its next server in the next round, until none is left."""
-    by_id = {r.instance_id: r for r in results}
-    members = fleet.members
-    round_number = 0
-    while members:
-        round_number += 1
-        comment = f"k3s-deploy {deploy_id}" + (f" failover {round_number - 1}" if round_number > 1 else "")
-        ids = [m.instance_id for m in members]
-        sent = send_to_fleet(aws, gh, settings, ids, request_for(len(ids)), comment, clock)
-        commands.extend(sent)
-        outcome.command_id = ",".join(c.command_id for c in commands)
+    def _send_round(self) -> None:
+        assert self.request_for is not None
+        run = self.run
+        self.round_number += 1
+        comment = f"k3s-deploy {run.deploy_id}" + (
+            f" failover {self.round_number - 1}" if self.round_number > 1 else ""
+        )
+        ids = [m.instance_id for m in self.members]
+        sent = send_to_fleet(run, ids, self.request_for(len(ids)), comment)
+        self.commands.extend(sent)
+        run.outcome.command_id = ",".join(c.command_id for c in self.commands)
+        by_id = {r.instance_id: r for r in self.results_}
         for fleet_command in sent:
             for instance_id in fleet_command.instance_ids:
                 by_id[instance_id].command_id = fleet_command.command_id
                 by_id[instance_id].message = "sent"
-        standby = {m.instance_id: m for m in members if m.standby}
-        wait_for_fleet(aws.ssm, sent, settings, gh.log, standby, clock=clock.monotonic, sleep=clock.sleep)
+                by_id[instance_id].sent = True
+        self.round = sent
+
+    def wait(self) -> None:
+        """Wait for every command; a cluster whose server never took the command gets it
+        through its next server in a new round, until none is left."""
+        if not self.fleet.members:
+            return
+        run = self.run
+        while True:
+            standby = {m.instance_id: m for m in self.members if m.standby}
+            wait_for_fleet(
+                run.aws.ssm,
+                self.round,
+                run.settings,
+                run.gh.log,
+                standby,
+                clock=run.clock.monotonic,
+                sleep=run.clock.sleep,
+            )
+            by_id = {r.instance_id: r for r in self.results_}
+            for fleet_command in self.round:
+                for entry in list_invocations(run.aws.ssm, fleet_command.command_id):
+                    result = by_id.get(entry["InstanceId"])
+                    if result is None:  # not sent to it: SSM names only the instance ids given
+                        continue
+                    record_invocation(result, fleet_command.command_id, entry)
+                    if fleet_command.hit_deadline and not result.reported and not result.never_started:
+                        result.status = Status.TIMED_OUT
+            self.members = _failovers(self.members, by_id, self.results_, run.gh.log)
+            if not self.members:
+                return
+            self._send_round()
+
+    def results(self) -> list[TargetResult]:
+        if self.run.settings.dry_run:
+            for result in self.results_:
+                if result.status == Status.SUCCESS:
+                    result.message = "dry run passed; nothing changed"
+        _show_failed_output(self.run, self.results_)
+        return self.results_
+
+    def roll_back(self, results: list[TargetResult]) -> None:
+        """Send the rollback entry point to the instances whose script could not report, and
+        wait for it."""
+        run = self.run
+        run.gh.log(
+            f"Rolling back {len(results)} instance(s) whose deploy could not report: "
+            + ", ".join(r.instance_id for r in results)
+        )
+        try:
+            sent = send_to_fleet(
+                run,
+                [r.instance_id for r in results],
+                command.rollback_request(run.deploy_id),
+                f"k3s-deploy rollback {run.deploy_id}",
+                execution_timeout=command.rollback_execution_timeout(run.settings),
+                limits=(ALL_INSTANCES, ALL_INSTANCES),  # every instance rolls back, whatever the others do
+            )
+        except DeployError as exc:
+            run.gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
+            return
+        wait_for_fleet(
+            run.aws.ssm, sent, run.settings, run.gh.log, clock=run.clock.monotonic, sleep=run.clock.sleep
+        )
+        by_id = {r.instance_id: r for r in results}
         for fleet_command in sent:
-            for entry in list_invocations(aws.ssm, fleet_command.command_id):
+            for entry in list_invocations(run.aws.ssm, fleet_command.command_id):
                 result = by_id.get(entry["InstanceId"])
-                if result is None:  # not sent to it: SSM names only the instance ids given
+                if result is None:
                     continue
-                record_invocation(result, fleet_command.command_id, entry)
-                if fleet_command.hit_deadline and not result.reported and not result.never_started:
-                    result.status = "timed-out"
-        members = _failovers(members, by_id, results, gh.log)
+                plugin = (entry.get("CommandPlugins") or [{}])[0]
+                undone = int(plugin.get("ResponseCode", -1)) == contract.ROLLBACK_DONE
+                result.undone(undone)
+                if undone:
+                    result.message += "; rolled back by the action"
+                else:
+                    result.message += f"; the action's rollback did not undo anything ({entry.get('Status')})"
+
+    def cancel(self) -> None:
+        """The job was cancelled: stop the commands still running and send the rollback to
+        their instances, without waiting (the runner kills the step a few seconds from now).
+        The rollback entry point undoes only what an unfinished deploy recorded, so it is
+        harmless where the deploy had finished."""
+        run = self.run
+        running = [c for c in self.commands if not c.ended]
+        for fleet_command in running:
+            try:
+                cancel_command(run.aws.ssm, fleet_command.command_id)
+                run.gh.log(f"Cancelled command {fleet_command.command_id}")
+            except DeployError as exc:
+                run.gh.warning(f"Could not cancel command {fleet_command.command_id}: {exc.message}")
+        instance_ids = [i for c in running for i in c.instance_ids]
+        if not run.rolls_back or not instance_ids:
+            return
+        try:
+            send_to_fleet(
+                run,
+                instance_ids,
+                command.rollback_request(run.deploy_id),
+                f"k3s-deploy rollback {run.deploy_id}",
+                execution_timeout=command.rollback_execution_timeout(run.settings),
+                limits=(ALL_INSTANCES, ALL_INSTANCES),
+                tries=1,
+                sleep=_no_sleep,
+            )
+            run.gh.log("Not waiting for the rollback: the job is being cancelled")
+        except DeployError as exc:
+            run.gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
+
+    def close(self) -> None:
+        self.run.outcome.results = [r.as_output() for r in self.results_]
 
 
-def _presigned(
-    settings: Settings, aws: AwsClients, gh: Workflow, staging: stage.Staging, count: int
-) -> dict[str, str] | None:
+def _no_sleep(seconds: float) -> None:
+    pass
+
+
+def _result_for(server: Master) -> TargetResult:
+    return TargetResult(server.instance_id, server.name, server.cluster)
+
+
+def _presigned(run: Run, staging: stage.Staging, count: int) -> dict[str, str] | None:
     """With `delivery: presigned`, URLs for one round: signed now (locally, no call), and valid
     until its last wave may start (the single-instance story's few minutes would not last).
     A URL signed with temporary credentials still dies with them."""
+    settings = run.settings
     if settings.delivery != "presigned":
         return None
     lifetime = delivery_timeout(count, settings.max_concurrency, command.execution_timeout(settings))
-    urls = command.presigned_urls(aws.s3_presign, staging, min(lifetime + 60, MAX_PRESIGNED_SECONDS))
+    urls = command.presigned_urls(run.aws.s3_presign, staging, min(lifetime + 60, MAX_PRESIGNED_SECONDS))
     for url in urls.values():
-        gh.mask(url)  # the runner hides them wherever they show up
+        run.gh.mask(url)  # the runner hides them wherever they show up
     return urls
 
 
 def _failovers(
     members: list[Master],
-    by_id: dict[str, InstanceResult],
-    results: list[InstanceResult],
+    by_id: dict[str, TargetResult],
+    results: list[TargetResult],
     log: Callable[[str], None],
 ) -> list[Master]:
     following: list[Master] = []
@@ -336,7 +382,7 @@ def _failovers(
         if not (result.never_started and member.standby):
             continue
         nxt = replace(member.standby[0], standby=member.standby[1:])
-        result.status = "failed-over"
+        result.status = Status.FAILED_OVER
         result.message = f"never took the command ({result.ssm_status}); deployed through {nxt.instance_id}"
         log(
             f"Server {member.instance_id} of cluster {member.cluster} never took the command "
@@ -349,19 +395,18 @@ def _failovers(
 
 
 def send_to_fleet(
-    aws: AwsClients,
-    gh: Workflow,
-    settings: Settings,
+    run: Run,
     instance_ids: list[str],
     request: command.Request,
     comment: str,
-    clock: Any,
     *,
     execution_timeout: int | None = None,
     limits: tuple[str, str] | None = None,
     tries: int = 5,
+    sleep: Callable[[float], None] | None = None,
 ) -> list[FleetCommand]:
     """SendCommand to the fleet by instance ids, one command per 50."""
+    settings, aws, gh = run.settings, run.aws, run.gh
     execution_timeout = execution_timeout or command.execution_timeout(settings)
     max_concurrency, max_errors = limits or (settings.max_concurrency, settings.max_errors)
     batches = [
@@ -389,11 +434,11 @@ def send_to_fleet(
             document=settings.ssm_document,
             what=what,
             lookup_instance=chunk[0],
-            sleep=clock.sleep,
+            sleep=sleep or run.clock.sleep,
             tries=tries,
         )
         sent.append(
-            FleetCommand(command_id, list(chunk), label, clock.monotonic(), delivery, execution_timeout)
+            FleetCommand(command_id, list(chunk), label, run.clock.monotonic(), delivery, execution_timeout)
         )
         gh.log(
             f"Sent command {command_id} to {what} by instance ids (max-concurrency {max_concurrency}, "
@@ -542,7 +587,7 @@ def list_invocations(ssm: Any, command_id: str, *, details: bool = True) -> list
     return entries
 
 
-def record_invocation(result: InstanceResult, command_id: str, entry: dict[str, Any]) -> None:
+def record_invocation(result: TargetResult, command_id: str, entry: dict[str, Any]) -> None:
     """What one ListCommandInvocations entry (with Details) says about one instance."""
     plugin = (entry.get("CommandPlugins") or [{}])[0]
     code = int(plugin.get("ResponseCode", -1)) if plugin else -1
@@ -555,14 +600,14 @@ def record_invocation(result: InstanceResult, command_id: str, entry: dict[str, 
     if isinstance(started, datetime) and isinstance(finished, datetime):
         result.seconds = (finished - started).total_seconds()
     if status not in wait.TERMINAL:
-        result.status, result.message = "timed-out", f"still {status} at the deadline; cancelled"
+        result.status, result.message = Status.TIMED_OUT, f"still {status} at the deadline; cancelled"
         return
     if result.never_started:
-        result.status = "failed"
+        result.status = Status.FAILED
         result.message = f"the instance never took the command ({details or status}); nothing ran"
         return
     if status == "Success" and code == 0:
-        result.status, result.message, result.reported = "success", "every workload is ready", True
+        result.status, result.message, result.reported = Status.SUCCESS, "every workload is ready", True
         return
     ended = contract.EXITS.get(code)
     if ended and ended.changed and status == "Failed":
@@ -571,14 +616,14 @@ def record_invocation(result: InstanceResult, command_id: str, entry: dict[str, 
         result.reported = True
         return
     if contract.nothing_changed(code) and status == "Failed":
-        result.status, result.reported = "failed", True
+        result.status, result.reported = Status.FAILED, True
         result.message = contract.meaning(code)
         return
     # Stopped by SSM or someone, or died: the script could not say what it had changed.
     if status == "TimedOut":
-        result.status, result.message = "timed-out", f"SSM stopped the command ({details or status})"
+        result.status, result.message = Status.TIMED_OUT, f"SSM stopped the command ({details or status})"
     else:
-        result.status = "failed"
+        result.status = Status.FAILED
         result.message = f"SSM says {status}" + (f" ({details})" if details and details != status else "")
         result.message += f", exit code {code}"
 
@@ -587,65 +632,11 @@ def record_invocation(result: InstanceResult, command_id: str, entry: dict[str, 
 # After the wait
 
 
-def _roll_back_unreported(
-    settings: Settings,
-    aws: AwsClients,
-    gh: Workflow,
-    clock: Any,
-    deploy_id: str,
-    results: list[InstanceResult],
-) -> None:
-    """Send the rollback entry point to the instances whose script could not report."""
-    if not settings.rollback or settings.dry_run:  # a dry run changes nothing
-        return
-    doomed = [
-        r
-        for r in results
-        if r.command_id and not r.reported and not r.never_started and r.status in ("failed", "timed-out")
-    ]
-    if not doomed:
-        return
-    gh.log(
-        f"Rolling back {len(doomed)} instance(s) whose deploy could not report: "
-        + ", ".join(r.instance_id for r in doomed)
-    )
-    try:
-        sent = send_to_fleet(
-            aws,
-            gh,
-            settings,
-            [r.instance_id for r in doomed],
-            command.rollback_request(settings, deploy_id),
-            f"k3s-deploy rollback {deploy_id}",
-            clock,
-            execution_timeout=command.rollback_execution_timeout(settings),
-            limits=(ALL_INSTANCES, ALL_INSTANCES),  # every instance rolls back, whatever the others do
-        )
-    except DeployError as exc:
-        gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
-        return
-    wait_for_fleet(aws.ssm, sent, settings, gh.log, clock=clock.monotonic, sleep=clock.sleep)
-    by_id = {r.instance_id: r for r in doomed}
-    for fleet_command in sent:
-        for entry in list_invocations(aws.ssm, fleet_command.command_id):
-            result = by_id.get(entry["InstanceId"])
-            if result is None:
-                continue
-            plugin = (entry.get("CommandPlugins") or [{}])[0]
-            undone = int(plugin.get("ResponseCode", -1)) == contract.ROLLBACK_DONE
-            result.rolled_back = undone
-            if undone:
-                if result.status == "failed":
-                    result.status = "rolled-back"
-                result.message += "; rolled back by the action"
-            else:
-                result.message += f"; the action's rollback did not undo anything ({entry.get('Status')})"
-
-
-def _show_failed_output(aws: AwsClients, gh: Workflow, results: list[InstanceResult]) -> None:
+def _show_failed_output(run: Run, results: list[TargetResult]) -> None:
     """The whole output of the first failed instances (ListCommandInvocations cuts it at 2,500
     characters), and their own message from the script's report."""
-    failed = [r for r in results if r.status != "success" and r.command_id and not r.never_started]
+    aws, gh = run.aws, run.gh
+    failed = [r for r in results if r.status != Status.SUCCESS and r.command_id and not r.never_started]
     for result in failed[:FULL_OUTPUT_LIMIT]:
         try:
             with aws_call(f"read the output of command {result.command_id}", "ssm:GetCommandInvocation"):
@@ -655,86 +646,8 @@ def _show_failed_output(aws: AwsClients, gh: Workflow, results: list[InstanceRes
             continue
         found = report.parse_report(invocation.stderr)
         if found and found.get("message"):
-            result.message = f"{found['message']}" + (
-                "; rolled back by the action" if "rolled back by the action" in result.message else ""
-            )
-        with gh.group(f"Output of the deploy on {result.instance_id} ({result.status})"):
-            gh.echo_untrusted(invocation.stdout)
-            rest = report.strip_report(invocation.stderr)
-            if rest.strip():
-                gh.echo_untrusted(rest)
+            result.message = str(found["message"])
+        show_output(gh, f"Output of the deploy on {result.instance_id} ({result.status})", invocation)
     if len(failed) > FULL_OUTPUT_LIMIT:
         left_out = len(failed) - FULL_OUTPUT_LIMIT
         gh.log(f"Output of {left_out} more failed instance(s) left out; see Run Command")
-
-
-def _abandon_on_cancel(
-    settings: Settings, aws: AwsClients, gh: Workflow, deploy_id: str, commands: list[FleetCommand]
-) -> None:
-    """The job was cancelled: stop the commands still running and send the rollback to their
-    instances, without waiting (the runner kills the step a few seconds from now). The rollback
-    entry point undoes only what an unfinished deploy recorded, so it is harmless where the
-    deploy had finished."""
-    running = [c for c in commands if not c.ended]
-    for fleet_command in running:
-        try:
-            cancel_command(aws.ssm, fleet_command.command_id)
-            gh.log(f"Cancelled command {fleet_command.command_id}")
-        except DeployError as exc:
-            gh.warning(f"Could not cancel command {fleet_command.command_id}: {exc.message}")
-    instance_ids = [i for c in running for i in c.instance_ids]
-    if not settings.rollback or settings.dry_run or not instance_ids:
-        return
-    try:
-        send_to_fleet(
-            aws,
-            gh,
-            settings,
-            instance_ids,
-            command.rollback_request(settings, deploy_id),
-            f"k3s-deploy rollback {deploy_id}",
-            _NoWait(),
-            execution_timeout=command.rollback_execution_timeout(settings),
-            limits=(ALL_INSTANCES, ALL_INSTANCES),
-            tries=1,
-        )
-        gh.log("Not waiting for the rollback: the job is being cancelled")
-    except DeployError as exc:
-        gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
-
-
-class _NoWait:
-    monotonic = staticmethod(time.monotonic)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        pass
-
-
-def _conclude(outcome: Outcome, results: list[InstanceResult], *, dry_run: bool = False) -> None:
-    """`success` only when every instance succeeded; otherwise the worst of the others."""
-    counted = [r for r in results if r.status != "failed-over"]
-    outcome.results = [r.as_output() for r in results]
-    failed = [r for r in counted if r.status != "success"]
-    deployed = len(counted) - len(failed)
-    if not counted:
-        outcome.status, outcome.message = "failed", "No instance to deploy to."
-        raise RemoteCommandFailed(outcome.message, fix=FIX_FLEET)
-    if not failed:
-        outcome.status = "success"
-        outcome.message = (
-            f"Dry run on all {len(counted)} instance(s): each cluster accepts the bundle; nothing changed."
-            if dry_run
-            else f"Deployed to all {len(counted)} instance(s); every workload is ready."
-        )
-        return
-    statuses = {r.status for r in failed}
-    outcome.status = next((s for s in ("cancelled", "failed", "timed-out") if s in statuses), "rolled-back")
-    outcome.rolled_back = all(r.rolled_back for r in failed)
-    outcome.message = (
-        f"Deployed to {deployed} of {len(counted)} instance(s); "
-        + "; ".join(f"{r.instance_id}: {r.status}" for r in failed[:10])
-        + (f"; and {len(failed) - 10} more" if len(failed) > 10 else "")
-        + "."
-    )
-    raise RemoteCommandFailed(outcome.message, fix=FIX_FLEET)

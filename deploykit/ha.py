@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deploykit import command, wait
 from deploykit.errors import DeployError
+from deploykit.target import ONLINE, Master, ssm_ping_status
 
-if TYPE_CHECKING:
-    from deploykit.target import Master
-
-ONLINE = "Online"
 # Statuses of a command that the agent has not picked up yet.
 WAITING_FOR_AGENT = frozenset({"Pending", "Delayed"})
 # While a command waits for its agent, how soon and how often the action asks SSM whether the
@@ -36,30 +32,6 @@ PENDING_CHECK_AFTER = 5.0
 PENDING_CHECK_EVERY = 5.0
 # SSM reports DeliveryTimedOut a little after TimeoutSeconds.
 DELIVERY_MARGIN = 30.0
-
-
-def tag_value(instance: dict[str, Any], key: str) -> str:
-    return next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == key), "")
-
-
-def rank(instance: dict[str, Any], statuses: dict[str, str]) -> tuple[bool, datetime, str]:
-    """The core issue's order: SSM Online first, then the oldest launch, then the lowest id."""
-    online = statuses.get(instance["InstanceId"]) == ONLINE
-    launched = instance.get("LaunchTime") or datetime.max.replace(tzinfo=UTC)
-    return (not online, launched, instance["InstanceId"])
-
-
-def group_by_cluster(
-    instances: list[dict[str, Any]], statuses: dict[str, str], cluster_tag_key: str
-) -> list[list[dict[str, Any]]]:
-    """The instances by cluster, each cluster's servers ranked, clusters in the order of their
-    best server. Instances without the cluster tag are clusters of one."""
-    clusters: dict[str, list[dict[str, Any]]] = {}
-    for instance in instances:
-        name = tag_value(instance, cluster_tag_key)
-        clusters.setdefault(name or f"\0{instance['InstanceId']}", []).append(instance)
-    groups = [sorted(servers, key=lambda i: rank(i, statuses)) for servers in clusters.values()]
-    return sorted(groups, key=lambda servers: rank(servers[0], statuses))
 
 
 def send_with_failover(
@@ -162,8 +134,6 @@ def await_delivery(
 
 
 def ping_status(ssm: Any, instance_id: str) -> str:
-    from deploykit.target import ssm_ping_status
-
     try:
         return ssm_ping_status(ssm, [instance_id]).get(instance_id, "")
     except DeployError:

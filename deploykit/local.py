@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -24,16 +25,12 @@ from typing import IO
 import yaml
 
 from deploykit import command, contract, report
-from deploykit.errors import (
-    FIX_ROLLOUT_STUCK,
-    DeployError,
-    JobCancelled,
-    RemoteCommandFailed,
-)
-from deploykit.github import Workflow
+from deploykit.contract import Status
+from deploykit.errors import FIX_ROLLOUT_STUCK, DeployError, LocalScriptFailed
 from deploykit.inputs import Settings
-from deploykit.render import Bundle
-from deploykit.report import Outcome
+from deploykit.results import TargetResult, judge_report
+from deploykit.run import Files, Run
+from deploykit.stage import Staging
 
 # No SSM output limit here: the whole diff reaches the log (the summary still cuts it).
 # After SIGTERM the script releases what it holds and exits; then SIGKILL.
@@ -185,108 +182,161 @@ class ScriptRun:
                 continue
 
 
-def deploy_local(
-    settings: Settings,
-    gh: Workflow,
-    outcome: Outcome,
-    deploy_id: str,
-    bundle: Bundle,
-    *,
-    env: Mapping[str, str] | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> None:
-    """Run the deploy (or dry run) here; fills `outcome`; raises DeployError when it fails."""
-    where = (
-        f"kubeconfig {settings.kubeconfig}"
-        if settings.kubeconfig
-        else ("KUBECONFIG" if (env or os.environ).get("KUBECONFIG") else "~/.kube/config")
-    )
-    with tempfile.TemporaryDirectory(prefix="k3s-deploy-local-") as tmp:
-        root = Path(tmp)
-        script = root / command.SCRIPT_NAME
-        script.write_bytes(command.deploy_script())
-        bundle_path = root / command.BUNDLE_NAME
-        bundle_path.write_bytes(bundle.data)
-        state_dir = root / "state"
-        script_environment = script_env(settings, root, os.environ if env is None else env)
+class LocalTransport:
+    """The script run here, in a temporary folder with its state dir beside it (see
+    transport.Transport). There is one target: the cluster of the kubeconfig."""
+
+    stages = False
+    many = False
+    failure = LocalScriptFailed
+
+    def __init__(self, run: Run, env: Mapping[str, str] | None = None) -> None:
+        self.run = run
+        self.env = os.environ if env is None else env
+        self.result = TargetResult("")
+        self.root: Path | None = None
+        self.script_env: dict[str, str] = {}
+        self.script: ScriptRun | None = None
+        self.rollback: ScriptRun | None = None
+        self.deadline = 0.0
+
+    @property
+    def state_dir(self) -> Path:
+        assert self.root is not None
+        return self.root / "state"
+
+    def find_targets(self) -> None:
+        pass  # the kubeconfig's cluster: the script checks its API first
+
+    def send(self, files: Files, staging: Staging | None) -> None:
+        settings, gh = self.run.settings, self.run.gh
+        where = (
+            f"kubeconfig {settings.kubeconfig}"
+            if settings.kubeconfig
+            else ("KUBECONFIG" if self.env.get("KUBECONFIG") else "~/.kube/config")
+        )
+        self.root = Path(tempfile.mkdtemp(prefix="k3s-deploy-local-"))
+        script = self.root / command.SCRIPT_NAME
+        script.write_bytes(files.script)
+        bundle_path = self.root / command.BUNDLE_NAME
+        bundle_path.write_bytes(files.bundle)
+        self.script_env = script_env(settings, self.root, self.env)
         entry = "dry-run" if settings.dry_run else "deploy"
-        arguments = contract.script_arguments(entry, deploy_id, str(state_dir), str(bundle_path))
-        argv = ["bash", str(script), *arguments]
+        arguments = contract.script_arguments(
+            entry, self.run.deploy_id, str(self.state_dir), str(bundle_path)
+        )
         gh.log(
             f"Transport local: running the deploy script here against the cluster of {where} "
-            f"(deploy id {deploy_id}; no AWS call)"
+            f"(deploy id {self.run.deploy_id}; no AWS call)"
         )
-        deadline = clock() + command.execution_timeout(settings)
-        run = ScriptRun(argv, script_environment, root)
-        try:
-            with gh.group("Output of the deploy script"), gh.untrusted():
-                ended = run.follow(gh.log, deadline, clock)
-        except JobCancelled:
-            outcome.status = "cancelled"
-            outcome.message = "The job was cancelled."
-            _cancel(settings, gh, run, deploy_id, state_dir, script_environment, root)
-            raise
+        self.deadline = self.run.clock.monotonic() + command.execution_timeout(settings)
+        self.script = ScriptRun(["bash", str(script), *arguments], self.script_env, self.root)
+        self.result.sent = True
+
+    def wait(self) -> None:
+        assert self.script is not None
+        gh = self.run.gh
+        with gh.group("Output of the deploy script"), gh.untrusted():
+            ended = self.script.follow(gh.log, self.deadline, self.run.clock.monotonic)
         if not ended:
-            run.stop()
-            outcome.status = "timed-out"
-            outcome.message = (
-                f"The deploy script was still running after {command.execution_timeout(settings)} s; "
-                "it was stopped."
+            self.script.stop()
+            self.result.status = Status.TIMED_OUT
+            self.result.message = (
+                f"The deploy script was still running after "
+                f"{command.execution_timeout(self.run.settings)} s; it was stopped."
             )
-            if settings.rollback and not settings.dry_run:
-                outcome.rolled_back = _rollback(settings, gh, deploy_id, state_dir, script_environment, root)
-            raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
+            self.result.fix = FIX_ROLLOUT_STUCK
+
+    def results(self) -> list[TargetResult]:
+        assert self.script is not None
+        result, run = self.result, self.script
+        if result.status == Status.TIMED_OUT:
+            return [result]
         code = run.process.returncode
+        result.exit_code = code
         found = report.parse_report(run.stderr)
         rest = report.strip_report(run.stderr)
         if rest.strip():
-            gh.echo_untrusted(rest)
-        if settings.dry_run:
-            outcome.diff = report.parse_diff("\n".join(run.stdout))
+            self.run.gh.echo_untrusted(rest)
+        if self.run.settings.dry_run:
+            result.diff = report.parse_diff("\n".join(run.stdout))
         if found is None:
-            outcome.status = "failed"
-            meaning = contract.meaning(code)
-            outcome.message = f"The deploy script did not report: {meaning}."
-            if not contract.nothing_changed(code) and settings.rollback and not settings.dry_run:
-                outcome.rolled_back = _rollback(settings, gh, deploy_id, state_dir, script_environment, root)
-                outcome.status = "rolled-back" if outcome.rolled_back else "failed"
-            raise RemoteCommandFailed(outcome.message, fix=FIX_ROLLOUT_STUCK)
-        report.conclude(outcome, found, code)
+            result.status = Status.FAILED
+            result.message = f"The deploy script did not report: {contract.meaning(code)}."
+            result.fix = FIX_ROLLOUT_STUCK
+            return [result]
+        judge_report(result, found, code)
         if code != 0:
-            fix = contract.advice(code, "\n".join(run.stdout), "local")
-            raise RemoteCommandFailed(outcome.message, fix=fix)
+            result.fix = contract.advice(code, "\n".join(run.stdout), "local")
+        return [result]
 
+    def roll_back(self, results: list[TargetResult]) -> None:
+        for result in results:
+            result.undone(self._rollback())
 
-def _cancel(
-    settings: Settings,
-    gh: Workflow,
-    run: ScriptRun,
-    deploy_id: str,
-    state_dir: Path,
-    env: Mapping[str, str],
-    root: Path,
-) -> None:
-    """Stops the script within the cancel budget. Its SIGTERM trap undoes what it changed and
-    releases the lock; the rollback entry point runs only for what the trap could not undo,
-    with the time that is left, and is stopped (releasing the lock) before the folder goes."""
-    started = time.monotonic()
-    run.stop(grace=CANCEL_BUDGET - 1.0)
-    for line in _drain(run):
-        gh.log(line)
-    state = state_dir / deploy_id
-    if not settings.rollback or settings.dry_run or not (state / "revisions.tsv").is_file():
-        if (state / "rolled-back.txt").is_file():
-            gh.log("The deploy script undid its changes before it stopped")
-        return
-    left = CANCEL_BUDGET - (time.monotonic() - started)
-    if left < 1.0:
-        gh.warning(
-            "The deploy was stopped before it could undo its changes, and the job is being "
-            "cancelled: nothing was rolled back. The deploy lock expires by itself.",
-            title="Rollback not done",
-        )
-        return
-    _rollback(settings, gh, deploy_id, state_dir, env, root, limit=left)
+    def cancel(self) -> None:
+        """Stops the script within the cancel budget. Its SIGTERM trap undoes what it changed
+        and releases the lock; the rollback entry point runs only for what the trap could not
+        undo, with the time that is left, and is stopped (releasing the lock) before the folder
+        goes."""
+        gh = self.run.gh
+        started = time.monotonic()
+        if self.rollback is not None:
+            # The action's own rollback was running: its SIGTERM trap releases the lock.
+            self.rollback.stop(grace=CANCEL_BUDGET - 1.0)
+            gh.warning("The job was cancelled during the rollback.", title="Rollback unconfirmed")
+            return
+        if self.script is None:
+            return
+        self.script.stop(grace=CANCEL_BUDGET - 1.0)
+        for line in _drain(self.script):
+            gh.log(line)
+        state = self.state_dir / self.run.deploy_id
+        if not self.run.rolls_back or not (state / "revisions.tsv").is_file():
+            if (state / "rolled-back.txt").is_file():
+                gh.log("The deploy script undid its changes before it stopped")
+            return
+        left = CANCEL_BUDGET - (time.monotonic() - started)
+        if left < 1.0:
+            gh.warning(
+                "The deploy was stopped before it could undo its changes, and the job is being "
+                "cancelled: nothing was rolled back. The deploy lock expires by itself.",
+                title="Rollback not done",
+            )
+            return
+        self._rollback(limit=left)
+
+    def close(self) -> None:
+        """Nothing runs from the folder any more (wait, roll_back and cancel stop what they
+        start): remove it."""
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _rollback(self, *, limit: float | None = None) -> bool:
+        """The script's rollback entry point, from the copy and the revisions the deploy left
+        in its state dir, within `limit` seconds (default: its whole budget). True when it
+        undid what changed. It is never left running: close() removes the folder it runs from."""
+        assert self.root is not None
+        gh, deploy_id = self.run.gh, self.run.deploy_id
+        kept = self.state_dir / deploy_id / command.SCRIPT_NAME
+        if not kept.is_file():
+            gh.log("Nothing recorded by the deploy: nothing to roll back")
+            return False
+        argv = ["bash", str(kept), *contract.script_arguments("rollback", deploy_id, str(self.state_dir))]
+        cancelling = limit is not None
+        if limit is None:
+            limit = command.rollback_execution_timeout(self.run.settings)
+        self.rollback = run = ScriptRun(argv, self.script_env, self.root)
+        with gh.group("Output of the rollback"):
+            ended = run.follow(gh.log, time.monotonic() + limit, time.monotonic)
+        self.rollback = None
+        if not ended:
+            # SIGTERM: the rollback entry point releases the lock it took over as it exits.
+            run.stop(grace=0.5 if cancelling else TERMINATE_GRACE)
+            gh.warning("The rollback did not finish in time.", title="Rollback unconfirmed")
+            return False
+        found = report.parse_report(run.stderr)
+        return bool(found and found.get("rollback") == "done")
 
 
 def _drain(run: ScriptRun) -> list[str]:
@@ -300,36 +350,3 @@ def _drain(run: ScriptRun) -> list[str]:
         if line is None:
             return lines
         lines.append(line)
-
-
-def _rollback(
-    settings: Settings,
-    gh: Workflow,
-    deploy_id: str,
-    state_dir: Path,
-    env: Mapping[str, str],
-    root: Path,
-    *,
-    limit: float | None = None,
-) -> bool:
-    """The script's rollback entry point, from the copy and the revisions the deploy left in
-    its state dir, within `limit` seconds (default: its whole budget). True when it undid what
-    changed. It is never left running: the caller removes the folder it runs from."""
-    kept = state_dir / deploy_id / command.SCRIPT_NAME
-    if not kept.is_file():
-        gh.log("Nothing recorded by the deploy: nothing to roll back")
-        return False
-    argv = ["bash", str(kept), *contract.script_arguments("rollback", deploy_id, str(state_dir))]
-    run = ScriptRun(argv, env, root)
-    cancelling = limit is not None
-    if limit is None:
-        limit = command.rollback_execution_timeout(settings)
-    with gh.group("Output of the rollback"):
-        ended = run.follow(gh.log, time.monotonic() + limit, time.monotonic)
-    if not ended:
-        # SIGTERM: the rollback entry point releases the lock it took over as it exits.
-        run.stop(grace=0.5 if cancelling else TERMINATE_GRACE)
-        gh.warning("The rollback did not finish in time.", title="Rollback unconfirmed")
-        return False
-    found = report.parse_report(run.stderr)
-    return bool(found and found.get("rollback") == "done")

@@ -1,4 +1,4 @@
-"""Read what the master reported, decide the deploy's status, and write it up for people."""
+"""Read what the master reported (its report, its diff) and write the run up for people."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deploykit import contract
+from deploykit.contract import Status
 
 REPORT_BEGIN = "===K3S-DEPLOY-REPORT-BEGIN==="
 REPORT_END = "===K3S-DEPLOY-REPORT-END==="
@@ -23,7 +23,7 @@ STDOUT_LIMIT, STDERR_LIMIT = 24_000, 8_000  # what GetCommandInvocation returns 
 class Outcome:
     """What the run writes to its outputs; filled in as the story goes."""
 
-    status: str = "failed"
+    status: Status = Status.FAILED
     rolled_back: bool = False
     instance_id: str = ""
     command_id: str = ""
@@ -63,27 +63,6 @@ def parse_diff(stdout: str) -> str | None:
     if DIFF_END in body:
         return "\n".join(body[: len(body) - 1 - body[::-1].index(DIFF_END)])
     return "\n".join([*body, "... (the output was cut before the end of the diff)"])
-
-
-def conclude(outcome: Outcome, found: dict[str, Any] | None, code: int) -> None:
-    """Status, rolled-back and message from the deploy script's report and exit code, for a
-    script that did report (both transports)."""
-    outcome.report = found
-    if found is None:
-        return
-    if code == 0:
-        outcome.status = "success"
-        outcome.message = str(found.get("message") or "Every workload is ready.")
-        return
-    rolled_back = found.get("rollback") == "done"
-    outcome.rolled_back = rolled_back
-    if found.get("result") == "timed-out":
-        outcome.status = "timed-out"
-    else:
-        outcome.status = "rolled-back" if rolled_back else "failed"
-    outcome.message = str(found.get("message") or contract.meaning(code))
-    if found.get("rollback") == "failed":
-        outcome.message += " The rollback failed too: check the workloads by hand."
 
 
 def strip_report(stderr: str) -> str:
@@ -137,15 +116,21 @@ def console_url(region: str, command_id: str) -> str:
 
 
 STATUS_HEADLINES = {
-    "success": "✅ Deployed",
-    "rolled-back": "↩️ Deploy failed and was rolled back",
-    "failed": "❌ Deploy failed",
-    "timed-out": "⏱️ Deploy timed out",
-    "cancelled": "🛑 Deploy cancelled",
+    Status.SUCCESS: "✅ Deployed",
+    Status.ROLLED_BACK: "↩️ Deploy failed and was rolled back",
+    Status.FAILED: "❌ Deploy failed",
+    Status.TIMED_OUT: "⏱️ Deploy timed out",
+    Status.CANCELLED: "🛑 Deploy cancelled",
 }
 
 
-RESULT_ICONS = {"success": "✅", "rolled-back": "↩️", "failed": "❌", "timed-out": "⏱️", "cancelled": "🛑"}
+RESULT_ICONS = {
+    Status.SUCCESS: "✅",
+    Status.ROLLED_BACK: "↩️",
+    Status.FAILED: "❌",
+    Status.TIMED_OUT: "⏱️",
+    Status.CANCELLED: "🛑",
+}
 
 
 def results_table(results: list[dict[str, Any]], region: str) -> list[str]:
@@ -227,7 +212,7 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
     if outcome.dry_run:
         headline = (
             "🔍 Dry run: nothing was changed"
-            if outcome.status == "success"
+            if outcome.status == Status.SUCCESS
             else (f"{headline} (dry run: nothing was changed)")
         )
     lines = [f"## {headline}", ""]

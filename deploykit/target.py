@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from deploykit.awsapi import aws_call
 from deploykit.errors import FIX_SSM_AGENT, TargetNotFound, TargetNotReady
-from deploykit.ha import group_by_cluster, tag_value
 from deploykit.inputs import Settings
 
 ONLINE = "Online"
@@ -32,6 +31,30 @@ class Master:
     def failover_order(self) -> tuple[Master, ...]:
         """This server, then its standbys: the order a deploy is sent in (ha.py)."""
         return (self, *self.standby)
+
+
+def tag_value(instance: dict[str, Any], key: str) -> str:
+    return next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == key), "")
+
+
+def rank(instance: dict[str, Any], statuses: dict[str, str]) -> tuple[bool, datetime, str]:
+    """The core issue's order: SSM Online first, then the oldest launch, then the lowest id."""
+    online = statuses.get(instance["InstanceId"]) == ONLINE
+    launched = instance.get("LaunchTime") or datetime.max.replace(tzinfo=UTC)
+    return (not online, launched, instance["InstanceId"])
+
+
+def group_by_cluster(
+    instances: list[dict[str, Any]], statuses: dict[str, str], cluster_tag_key: str
+) -> list[list[dict[str, Any]]]:
+    """The instances by cluster, each cluster's servers ranked, clusters in the order of their
+    best server. Instances without the cluster tag are clusters of one."""
+    clusters: dict[str, list[dict[str, Any]]] = {}
+    for instance in instances:
+        name = tag_value(instance, cluster_tag_key)
+        clusters.setdefault(name or f"\0{instance['InstanceId']}", []).append(instance)
+    groups = [sorted(servers, key=lambda i: rank(i, statuses)) for servers in clusters.values()]
+    return sorted(groups, key=lambda servers: rank(servers[0], statuses))
 
 
 def ssm_ping_status(ssm: Any, instance_ids: list[str]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploykit import command, deploy, errors
+from deploykit import command, errors, master
 from deploykit.inputs import Settings, parse_settings
 from deploykit.wait import Invocation
 
@@ -37,27 +37,27 @@ def failed(code: int, stdout: str = "", details: str = "Failed") -> Invocation:
     ],
 )
 def test_each_exit_code_gets_its_own_advice(settings: Settings, code: int, fix: str) -> None:
-    assert deploy._fix_for(settings, failed(code)) == fix
+    assert master.fix_for(settings, failed(code)) == fix
 
 
 def test_output_decides_when_the_code_does_not(settings: Settings) -> None:
-    assert deploy._fix_for(settings, failed(7, "pod api-1: ImagePullBackOff")) == errors.FIX_IMAGE_PULL
-    assert deploy._fix_for(settings, failed(8, "net/http: TLS handshake timeout")) == errors.FIX_TLS_TIMEOUT
+    assert master.fix_for(settings, failed(7, "pod api-1: ImagePullBackOff")) == errors.FIX_IMAGE_PULL
+    assert master.fix_for(settings, failed(8, "net/http: TLS handshake timeout")) == errors.FIX_TLS_TIMEOUT
     undelivered = failed(-1, details="DeliveryTimedOut")
-    assert deploy._fix_for(settings, undelivered) == errors.FIX_SSM_AGENT
+    assert master.fix_for(settings, undelivered) == errors.FIX_SSM_AGENT
 
 
 def test_download_advice_names_the_bucket_the_deploy_used(settings: Settings) -> None:
-    fix = deploy._fix_for(settings, failed(command.EXIT_DOWNLOAD_FAILED))
+    fix = master.fix_for(settings, failed(command.EXIT_DOWNLOAD_FAILED))
     assert "s3:GetObject on arn:aws:s3:::k3s-deploy-*/*" in fix
     own = dataclasses.replace(settings, bucket="team-artifacts")
-    assert "arn:aws:s3:::team-artifacts/*" in deploy._fix_for(own, failed(command.EXIT_DOWNLOAD_FAILED))
+    assert "arn:aws:s3:::team-artifacts/*" in master.fix_for(own, failed(command.EXIT_DOWNLOAD_FAILED))
 
 
 def test_download_advice_with_presigned_urls_asks_for_curl_and_a_route_not_a_permission(
     settings: Settings,
 ) -> None:
     presigned = dataclasses.replace(settings, delivery="presigned")
-    fix = deploy._fix_for(presigned, failed(command.EXIT_DOWNLOAD_FAILED))
+    fix = master.fix_for(presigned, failed(command.EXIT_DOWNLOAD_FAILED))
     assert "curl" in fix and "route to S3" in fix
     assert "s3:GetObject" not in fix

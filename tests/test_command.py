@@ -193,7 +193,7 @@ def assignments(lines: list[str]) -> dict[str, list[str]]:
 @pytest.mark.parametrize("which", ["settings", "hostile_settings"])
 def test_deploy_and_rollback_lines_parse_under_plain_sh(request, staging, which):
     settings = request.getfixturevalue(which)
-    for lines in (deploy_lines(settings, staging), command.rollback_lines(settings, HOSTILE)):
+    for lines in (deploy_lines(settings, staging), command.rollback_lines(HOSTILE)):
         result = subprocess.run([SH, "-n"], input="\n".join(lines) + "\n", capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
@@ -220,7 +220,7 @@ def test_every_value_in_the_deploy_lines_is_one_shell_word_with_its_exact_value(
 
 
 def test_every_value_in_the_rollback_lines_is_one_shell_word_with_its_exact_value(hostile_settings):
-    found = assignments(command.rollback_lines(hostile_settings, HOSTILE))
+    found = assignments(command.rollback_lines(HOSTILE))
     assert found["entry"] == ["entry=rollback"]
     assert found["id"] == [f"id={HOSTILE}"]
     defaults = {p.variable: p.default for p in command.PARAMETERS if p.variable not in ("entry", "id")}
@@ -270,7 +270,7 @@ def test_rollback_lines_delete_only_the_download_folders_of_a_deploy_that_is_gon
     other = instance.tmp / f"k3s-deploy.20250304-050607-ffffffff.{gone}.Qq1rRs2t"
     for folder in (dead, running, other):
         (folder / "bundle").mkdir(parents=True)
-    result = instance.run(command.rollback_lines(settings, deploy_id))
+    result = instance.run(command.rollback_lines(deploy_id))
     assert result.returncode == 0, result.stderr
     assert not dead.exists()
     assert running.exists() and other.exists()
@@ -320,7 +320,7 @@ def test_rollback_lines_run_the_copy_the_deploy_left_with_exact_values(instance,
     folder = instance.state / HOSTILE
     folder.mkdir()
     (folder / "k3s-deploy.sh").write_bytes(FAKE_SCRIPT)
-    result = instance.run(command.rollback_lines(hostile_settings, HOSTILE), FAKE_EXIT="194")
+    result = instance.run(command.rollback_lines(HOSTILE), FAKE_EXIT="194")
     assert result.returncode == 1
     args = instance.args()
     assert args[args.index("--state-dir") + 1] == str(instance.state)
@@ -330,7 +330,7 @@ def test_rollback_lines_run_the_copy_the_deploy_left_with_exact_values(instance,
 
 
 def test_rollback_lines_with_nothing_recorded_succeed_without_running_anything(instance, settings):
-    result = instance.run(command.rollback_lines(settings, "20250304-050607-0a1b2c3d"))
+    result = instance.run(command.rollback_lines("20250304-050607-0a1b2c3d"))
     assert result.returncode == 0
     assert "nothing to roll back" in result.stdout
     assert not (instance.s3 / "args").exists()
@@ -584,7 +584,7 @@ def test_the_document_runs_the_same_program_as_run_shell_script_apart_from_how_v
     for request in (
         command.deploy_request(settings, plain, DEPLOY_ID, sha(FAKE_SCRIPT), sha(BUNDLE)),
         command.deploy_request(settings, plain, DEPLOY_ID, sha(FAKE_SCRIPT), sha(BUNDLE), PRESIGNED),
-        command.rollback_request(settings, DEPLOY_ID),
+        command.rollback_request(DEPLOY_ID),
     ):
         lines, limit = document_lines(request)
         assert limit == 780
@@ -619,7 +619,7 @@ def test_the_document_deploys_rolls_back_and_refuses_tampered_files_like_the_pla
     assert not (instance.s3 / "args").exists()
     (instance.state / DEPLOY_ID).mkdir()
     (instance.state / DEPLOY_ID / "k3s-deploy.sh").write_bytes(FAKE_SCRIPT)
-    assert instance.run(document_lines(command.rollback_request(settings, DEPLOY_ID))[0]).returncode == 0
+    assert instance.run(document_lines(command.rollback_request(DEPLOY_ID))[0]).returncode == 0
     args = instance.args()
     args[args.index("--state-dir") + 1] = "STATE"
     assert args == expected_args("rollback", DEPLOY_ID)
@@ -647,7 +647,7 @@ def test_the_document_refuses_any_value_that_could_leave_its_quotes(settings, st
 
 
 def test_the_document_refuses_unknown_parameters_and_another_version(settings, staging):
-    parameters = command.rollback_request(settings, DEPLOY_ID).send_parameters("k3s-deploy", 780)
+    parameters = command.rollback_request(DEPLOY_ID).send_parameters("k3s-deploy", 780)
     assert "has no parameter commands" in _refused({**parameters, "commands": ["touch pwned"]})
     assert "does not match" in _refused({**parameters, "documentVersion": ["0"]})
     assert "needs parameter deployId" in _refused({"entryPoint": ["rollback"]})

@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 
 from deploykit.errors import InputError, RemoteCommandFailed
-from deploykit.fleet import (
-    InstanceResult,
-    _conclude,
-    concurrency_for,
-    delivery_timeout,
-    record_invocation,
-)
-from deploykit.ha import group_by_cluster
+from deploykit.fleet import concurrency_for, delivery_timeout, record_invocation
 from deploykit.inputs import parse_settings
 from deploykit.report import Outcome, summary_markdown
+from deploykit.results import TargetResult, conclude
+from deploykit.target import group_by_cluster
 from tests import markdown
 
 A, B, C = "i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb", "i-0cccccccccccccccc"
@@ -173,7 +168,7 @@ def entry(status: str, code: int, details: str = "", started: bool = True) -> di
     ],
 )
 def test_the_exit_code_says_what_happened_on_the_instance(given, status, rolled_back, reported):
-    result = InstanceResult(A, "k3s", "")
+    result = TargetResult(A, "k3s", "")
     record_invocation(result, "cmd", given)
     assert (result.status, result.rolled_back, result.reported) == (status, rolled_back, reported)
     assert result.seconds == 42.0
@@ -183,7 +178,7 @@ def test_the_exit_code_says_what_happened_on_the_instance(given, status, rolled_
 @pytest.mark.parametrize("details", ["DeliveryTimedOut", "Undeliverable", "Terminated", "Cancelled"])
 def test_a_command_that_never_started_is_known_as_such(details):
     status = "TimedOut" if details == "DeliveryTimedOut" else "Cancelled"
-    result = InstanceResult(A, "k3s", "")
+    result = TargetResult(A, "k3s", "")
     record_invocation(result, "cmd", entry(status, -1, details, started=False))
     assert result.never_started
     assert result.status == "failed"
@@ -193,16 +188,16 @@ def test_a_command_that_never_started_is_known_as_such(details):
 # The fleet's status
 
 
-def results(*statuses: tuple[str, bool]) -> list[InstanceResult]:
+def results(*statuses: tuple[str, bool]) -> list[TargetResult]:
     return [
-        InstanceResult(f"i-{n:017x}", "", "", status=status, rolled_back=rolled_back)
+        TargetResult(f"i-{n:017x}", "", "", status=status, rolled_back=rolled_back)
         for n, (status, rolled_back) in enumerate(statuses)
     ]
 
 
 def test_success_only_when_every_instance_succeeded():
     outcome = Outcome()
-    _conclude(outcome, results(("success", False), ("success", False)))
+    conclude(outcome, results(("success", False), ("success", False)), many=True)
     assert outcome.status == "success"
     assert outcome.message == "Deployed to all 2 instance(s); every workload is ready."
 
@@ -219,14 +214,14 @@ def test_success_only_when_every_instance_succeeded():
 def test_otherwise_the_worst_status_and_rolled_back_only_if_every_failure_was(statuses, status, rolled_back):
     outcome = Outcome()
     with pytest.raises(RemoteCommandFailed):
-        _conclude(outcome, results(*statuses))
+        conclude(outcome, results(*statuses), many=True)
     assert (outcome.status, outcome.rolled_back) == (status, rolled_back)
     assert outcome.message.startswith(f"Deployed to {sum(s == 'success' for s, _ in statuses)} of 2")
 
 
 def test_a_failed_over_server_does_not_count_against_the_fleet():
     outcome = Outcome()
-    _conclude(outcome, results(("failed-over", False), ("success", False)))
+    conclude(outcome, results(("failed-over", False), ("success", False)), many=True)
     assert outcome.status == "success"
 
 
@@ -235,8 +230,8 @@ def test_the_summary_has_one_row_per_instance_and_every_command():
     outcome.results = [
         r.as_output()
         for r in (
-            InstanceResult(A, "k3s-a", "prod", "c-1", "success", exit_code=0, message="all ready"),
-            InstanceResult(B, "k3s-b", "", "c-2", "rolled-back", True, 7, message="api | crash"),
+            TargetResult(A, "k3s-a", "prod", "c-1", "success", exit_code=0, message="all ready"),
+            TargetResult(B, "k3s-b", "", "c-2", "rolled-back", True, 7, message="api | crash"),
         )
     ]
     text = summary_markdown(outcome, "eu-west-1")

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from deploykit import report
-from deploykit.report import Outcome, conclude, parse_diff, summary_markdown
+from deploykit.report import Outcome, parse_diff, summary_markdown
+from deploykit.results import TargetResult, judge_report
 from tests import markdown
 
 FAILURE = {"workload": "deployment/api", "namespace": "production-platform", "pod": "api-7d9c-x2x",
@@ -32,13 +33,13 @@ def test_parse_diff_takes_what_is_between_the_markers() -> None:
     (6, {"result": "failed", "rollback": "not-needed", "message": "m"}, "failed", False),
     (10, {"result": "timed-out", "rollback": "done", "message": "m"}, "timed-out", True),
 ])
-def test_conclude_maps_the_report_to_the_status(code, found, status, rolled_back) -> None:
-    outcome = Outcome()
-    conclude(outcome, found, code)
-    assert (outcome.status, outcome.rolled_back) == (status, rolled_back)
-    assert outcome.message.startswith(found["message"])
+def test_judge_report_maps_the_report_to_the_status(code, found, status, rolled_back) -> None:
+    result = TargetResult("i-1")
+    judge_report(result, found, code)
+    assert (result.status, result.rolled_back, result.reported) == (status, rolled_back, True)
+    assert result.message.startswith(found["message"])
     if found.get("rollback") == "failed":
-        assert "The rollback failed too" in outcome.message
+        assert "The rollback failed too" in result.message
 
 
 def test_the_summary_shows_the_failed_container_and_its_log() -> None:
