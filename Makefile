@@ -29,8 +29,9 @@ $(CHECKOV_VENV)/.installed: tests/requirements-checkov.txt
 	touch $@
 
 # The demo needs no lint or infra tools: only the action's venv and the simulated master's.
+# devkit (the rig) is not installed: `-m` from the project root finds it.
 demo: $(VENV)/.installed $(MASTER_VENV)/.installed
-	$(PY) -m deploykit demo
+	$(PY) -m devkit demo
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 # The reliability suite (tests/reliability: faults, cancels, SSM outcomes, bad input, security)

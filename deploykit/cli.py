@@ -195,11 +195,6 @@ def _parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser("deploy", help="deploy manifests (flags are the action's inputs)")
     for name, (default, help_text) in INPUTS.items():
         deploy.add_argument(f"--{name}", dest=name, help=f"{help_text} (default: {default or 'none'})")
-    commands.add_parser("demo", help="deploy the example platform to a simulated AWS and K3s master")
-    bench = commands.add_parser(
-        "bench", help="measure the action on a simulated AWS account (docs/PERFORMANCE.md)"
-    )
-    bench.add_argument("--quick", action="store_true", help="tiny sizes, for CI: checks the bench runs")
     sweep = commands.add_parser("sweep", help="list (and with --delete, delete) staging buckets left behind")
     sweep.add_argument("--older-than", default="6h", help="only buckets older than this: 30m, 6h, 2d, 0s")
     sweep.add_argument("--delete", action="store_true", help="delete them (default: only list them)")
@@ -219,12 +214,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         cancel = install_cancel_handlers()
         raw = {name: value for name, value in vars(args).items() if name in INPUTS and value is not None}
         return run_deploy(raw, os.environ, cancel=cancel)
-    if args.command == "sweep":
-        return run_sweep(args.older_than, args.delete, args.aws_region, os.environ)
-    if args.command == "bench":
-        from deploykit.bench import run_bench
-
-        return run_bench(quick=args.quick)
-    from deploykit.demo import run_demo
-
-    return run_demo()
+    return run_sweep(args.older_than, args.delete, args.aws_region, os.environ)

@@ -569,7 +569,7 @@ DEPLOY_ID = "20250304-050607-0a1b2c3d"
 
 def document_lines(request: command.Request, timeout: int = 780) -> tuple[list[str], float]:
     """The document's program with the values SSM would put in, after its own checks."""
-    from deploykit.simulate.aws import document_script
+    from devkit.simulate.aws import document_script
 
     script, limit = document_script(
         command.document_content(), "k3s-deploy", request.send_parameters("k3s-deploy", timeout)
@@ -626,7 +626,7 @@ def test_the_document_deploys_rolls_back_and_refuses_tampered_files_like_the_pla
 
 
 def _refused(parameters: dict[str, list[str]]) -> str:
-    from deploykit.simulate.aws import document_script
+    from devkit.simulate.aws import document_script
 
     with pytest.raises(Exception) as caught:
         document_script(command.document_content(), "k3s-deploy", parameters)

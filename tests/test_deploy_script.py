@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploykit.simulate.cluster import Cluster
+from devkit.simulate.cluster import Cluster
 
 SCRIPT = Path(__file__).resolve().parents[1] / "deploykit" / "scripts" / "k3s-deploy.sh"
 NS = "production-platform"

@@ -151,8 +151,7 @@ def printed_texts() -> str:
     """What deploykit can print: its Python strings and its shell scripts (quotes unescaped)."""
     parts: list[str] = []
     for path in sorted(DEPLOYKIT.rglob("*.py")):
-        if "simulate" not in path.parts:
-            parts += _python_strings(path)
+        parts += _python_strings(path)
     for path in sorted(DEPLOYKIT.rglob("*.sh")):
         parts.append(path.read_text(encoding="utf-8").replace('\\"', '"'))
     return "\n".join(parts)

@@ -51,15 +51,11 @@ SSM_ACTIONS_WITHOUT_RESOURCE_TYPES = (
     "ssm:CancelCommand",
 )
 
-# The action's own code: the simulator, the demo and the benchmark drive moto, not the user's
-# account, and sweep.py runs with an operator's credentials (ListAllMyBuckets), never with the
-# deploy role.
-NOT_RUN_BY_THE_DEPLOY_ROLE = ("demo.py", "bench.py", "sweep.py")
+# The action's own code (the rig in devkit/ drives moto, not the user's account). sweep.py runs
+# with an operator's credentials (ListAllMyBuckets), never with the deploy role.
+NOT_RUN_BY_THE_DEPLOY_ROLE = ("sweep.py",)
 ACTION_SOURCES = sorted(
-    path
-    for path in (ROOT / "deploykit").rglob("*.py")
-    if "simulate" not in path.relative_to(ROOT / "deploykit").parts
-    and path.name not in NOT_RUN_BY_THE_DEPLOY_ROLE
+    path for path in (ROOT / "deploykit").rglob("*.py") if path.name not in NOT_RUN_BY_THE_DEPLOY_ROLE
 )
 SERVICES = ("ec2", "ssm", "s3", "sts")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploykit.simulate import kubectl_double
-from deploykit.simulate.cluster import Cluster
+from devkit.simulate import kubectl_double
+from devkit.simulate.cluster import Cluster
 
 # The deploy script's tests own the bundle layout and the platform manifests; reuse them
 # (tests/ is a package in this repository; the fallback keeps the file runnable without it).

@@ -20,8 +20,8 @@ import pytest
 
 from deploykit import command, contract, local
 from deploykit.inputs import parse_settings
-from deploykit.simulate.cluster import Cluster
-from deploykit.simulate.runner import parse_key_values
+from devkit.simulate.cluster import Cluster
+from devkit.simulate.runner import parse_key_values
 from tests import markdown
 from tests import sample_platform as platform
 from tests.e2e.conftest import API, NS, WORKER, platform_manifests

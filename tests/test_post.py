@@ -16,7 +16,7 @@ import pytest
 from botocore.stub import Stubber
 
 from deploykit import post, stage
-from deploykit.simulate.aws import SimulatedAWS
+from devkit.simulate.aws import SimulatedAWS
 
 REGION = "eu-west-1"
 OURS = "k3s-deploy-20250101-000000-deadbeef"

@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto.ssm.responses import SimpleSystemManagerResponse
 
-from deploykit.simulate import SimulatedAWS, SimulationError, find_aws_cli
+from devkit.simulate import SimulatedAWS, SimulationError, find_aws_cli
 
 TERMINAL = {"Success", "Failed", "TimedOut", "Cancelled"}
 

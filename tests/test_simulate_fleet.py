@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from deploykit.simulate import SimulatedAWS
+from devkit.simulate import SimulatedAWS
 
 TERMINAL = {"Success", "Failed", "TimedOut", "Cancelled"}
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from deploykit.simulate.aws import Master, SimulatedAWS
-from deploykit.simulate.cluster import Cluster
+from devkit.simulate.aws import Master, SimulatedAWS
+from devkit.simulate.cluster import Cluster
 from tests import sample_platform as platform
 from tests.e2e.conftest import API, WORKER, platform_manifests
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploykit.simulate.faults import FaultProxy
+from devkit.simulate.faults import FaultProxy
 from tests.e2e.conftest import API, NS
 
 from .conftest import RunAction, World

@@ -41,10 +41,14 @@ def test_image_holds_the_entry_file_and_the_deploy_script(action_image: str) -> 
     assert "missing" not in out, out
 
 
-def test_image_leaves_out_test_only_code_and_caches(action_image: str) -> None:
+def test_image_leaves_out_the_rig_the_tests_and_caches(action_image: str) -> None:
+    # The development rig (devkit/: the simulator, the demo, the benchmark) is not the product:
+    # no copy of it, nor of its old place inside deploykit, may reach the image or its venv.
+    rig = "-name devkit -o -name simulate -o -name bench.py -o -name demo.py"
     rc, out = sh(
         action_image,
-        "test ! -e /app/deploykit/simulate && test ! -e /app/tests"
+        "test ! -e /app/tests"
+        f' && test -z "$(find /app {rig})" && test -z "$(find /opt/venv -name devkit)"'
         " && test -z \"$(find /app -name __pycache__ -o -name '*.pyc')\" && echo clean",
     )
     assert rc == 0 and "clean" in out, out

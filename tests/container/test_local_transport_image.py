@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.simulate import kubectl_double
-from deploykit.simulate.cluster import Cluster
+from devkit.simulate import kubectl_double
+from devkit.simulate.cluster import Cluster
 from tests import markdown
 from tests.e2e.conftest import API, NS, WORKER, platform_manifests
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.simulate.aws import Master, SimulatedAWS
-from deploykit.simulate.cluster import Cluster
-from deploykit.simulate.runner import ActionRun, run_action
+from devkit.simulate.aws import Master, SimulatedAWS
+from devkit.simulate.cluster import Cluster
+from devkit.simulate.runner import ActionRun, run_action
 from tests import sample_platform as platform
 from tests.sample_platform import API, NS, WORKER  # noqa: F401 - the suites import them from here
 

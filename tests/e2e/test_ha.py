@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.simulate.aws import Master, SimulatedAWS
-from deploykit.simulate.cluster import Cluster
+from devkit.simulate.aws import Master, SimulatedAWS
+from devkit.simulate.cluster import Cluster
 from tests.e2e.conftest import API, NS, World, platform_manifests
 from tests.ssm_program import entry_point
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deploykit.simulate.runner import ActionRun, run_action
+from devkit.simulate.runner import ActionRun, run_action
 from tests import markdown
 from tests.e2e.conftest import API, NS, WORKER, World, platform_manifests
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploykit.simulate.aws import SimulatedAWS
-from deploykit.simulate.runner import ActionRun, parse_key_values, run_action
+from devkit.simulate.aws import SimulatedAWS
+from devkit.simulate.runner import ActionRun, parse_key_values, run_action
 from tests import markdown
 from tests.real.plane import (
     API_IMAGE,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from deploykit.simulate.cluster import Cluster
+from devkit.simulate.cluster import Cluster
 from tests.real.plane import API_IMAGE, WORKER_IMAGE, ControlPlane, platform_docs, redis_volume
 from tests.real.script import ScriptHost
 from tests.test_deploy_script import Run

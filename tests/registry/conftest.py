@@ -35,9 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.simulate.aws import Master, SimulatedAWS
-from deploykit.simulate.cluster import Cluster
-from deploykit.simulate.runner import ActionRun, run_action
+from devkit.simulate.aws import Master, SimulatedAWS
+from devkit.simulate.cluster import Cluster
+from devkit.simulate.runner import ActionRun, run_action
 from tests import sample_platform as platform
 from tests.sample_platform import NS  # noqa: F401 - the registry tests import it from here
 

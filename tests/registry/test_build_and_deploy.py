@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from deploykit.simulate.runner import ActionRun
+from devkit.simulate.runner import ActionRun
 from tests.registry.conftest import NS, Registry, World, open_world
 
 pytestmark = pytest.mark.registry

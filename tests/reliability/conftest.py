@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from deploykit import stage
-from deploykit.simulate.aws import Master, SimulatedAWS
-from deploykit.simulate.cluster import Cluster
-from deploykit.simulate.faults import Call, Fault, FaultProxy
-from deploykit.simulate.runner import ENTRYPOINT, ActionRun, parse_key_values, runner_env
+from devkit.simulate.aws import Master, SimulatedAWS
+from devkit.simulate.cluster import Cluster
+from devkit.simulate.faults import Call, Fault, FaultProxy
+from devkit.simulate.runner import ENTRYPOINT, ActionRun, parse_key_values, runner_env
 from tests import sample_platform as platform
 from tests.reliability import figures
 from tests.sample_platform import API, NS, WORKER

@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from deploykit.simulate.aws import PROJECT_ROOT
-from deploykit.simulate.cluster import Cluster
-from deploykit.simulate.runner import ActionRun
+from devkit.simulate.aws import PROJECT_ROOT
+from devkit.simulate.cluster import Cluster
+from devkit.simulate.runner import ActionRun
 from tests.reliability import figures
 from tests.reliability.conftest import API, NS, WORKER, WORKLOADS, Rig, Started, manifests, release_yaml
 

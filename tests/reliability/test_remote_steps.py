@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from deploykit.simulate.faults import Call
+from devkit.simulate.faults import Call
 from tests.reliability import figures
 from tests.reliability.conftest import API, Rig
 

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 from deploykit import command
 from deploykit.inputs import parse_settings
-from deploykit.simulate.faults import Call
 from deploykit.stage import Staging
+from devkit.simulate.faults import Call
 from tests.reliability import figures
 from tests.reliability.conftest import Rig
 

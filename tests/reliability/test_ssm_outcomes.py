@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from deploykit.simulate.faults import Call
+from devkit.simulate.faults import Call
 from tests.reliability import figures
 from tests.reliability.conftest import NS, Rig
 

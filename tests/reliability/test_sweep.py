@@ -13,7 +13,7 @@ import pytest
 
 from deploykit import stage, sweep
 from deploykit.errors import InputError
-from deploykit.simulate.aws import PROJECT_ROOT, SimulatedAWS
+from devkit.simulate.aws import PROJECT_ROOT, SimulatedAWS
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploykit.simulate.aws import PROJECT_ROOT, SimulatedAWS
+from devkit.simulate.aws import PROJECT_ROOT, SimulatedAWS
 
 ENTRYPOINT = PROJECT_ROOT / "entrypoint.py"
 FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"

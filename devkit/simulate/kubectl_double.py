@@ -9,7 +9,7 @@ rollout undo; delete pod --wait; wait --for=condition=established; global -n and
 --request-timeout) and refuses the rest the way kubectl does (unknown flags, bad flag values,
 unknown commands: exit 1; diff exits 2 on errors). The cluster lives in one JSON file (env
 KUBECTL_DOUBLE_STATE), read and written under an fcntl lock so that concurrent calls see
-consistent state and a create is atomic across processes; `deploykit.simulate.cluster.Cluster`
+consistent state and a create is atomic across processes; `devkit.simulate.cluster.Cluster`
 edits the same file to set up scenarios and to read results.
 
 What it enforces, because the real API server does:

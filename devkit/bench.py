@@ -1,7 +1,7 @@
-"""`python -m deploykit bench`: how fast the action is, measured on this machine.
+"""`python -m devkit bench`: how fast the action is, measured on this machine.
 
 Everything runs against the simulated AWS account (moto's server in this process and the SSM
-agent stand-in, deploykit/simulate/). The action runs as the runner runs it (its own process,
+agent stand-in, devkit/simulate/). The action runs as the runner runs it (its own process,
 INPUT_* variables). The remote side is a command of known duration (`sleep N`, put in place of
 the deploy by the stand-in), so the figures are the action's own: what it adds around the
 remote work, how late it notices the end, how it scales with the fleet. The table is Markdown,
@@ -112,8 +112,8 @@ class ActionRun:
 
 
 def run_action_timed(sim: Any, inputs: dict[str, str], files: Path) -> ActionRun:
-    from deploykit.simulate.aws import PROJECT_ROOT
-    from deploykit.simulate.runner import ENTRYPOINT, parse_key_values, runner_env
+    from devkit.simulate.aws import PROJECT_ROOT
+    from devkit.simulate.runner import ENTRYPOINT, parse_key_values, runner_env
 
     env = runner_env(sim, inputs, PROJECT_ROOT, files)
     for name in ("output", "summary", "state"):
@@ -148,7 +148,7 @@ def run_bench(quick: bool = False, out: Any = None) -> int:
     bench = Bench(sizes, log)
     started = time.monotonic()
     try:
-        from deploykit.simulate.aws import SimulatedAWS
+        from devkit.simulate.aws import SimulatedAWS
     except ImportError as exc:
         print(f"The benchmark needs the simulation extras ({exc}): run `make setup` first.", file=out)
         return 1
@@ -194,7 +194,7 @@ def measure_import(bench: Bench) -> None:
 
 
 def _project_env() -> dict[str, str]:
-    from deploykit.simulate.aws import PROJECT_ROOT
+    from devkit.simulate.aws import PROJECT_ROOT
 
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
 
@@ -204,7 +204,7 @@ def _project_env() -> dict[str, str]:
 
 
 def measure_one_instance(bench: Bench, sim: Any, root: Path) -> None:
-    from deploykit.demo import API, EXAMPLE, WORKER
+    from devkit.demo import API, EXAMPLE, WORKER
 
     seconds = bench.sizes.remote_seconds
     master = sim.add_master("bench-k3s-master")
@@ -324,7 +324,7 @@ def _watch_all(
     durations: tuple[float, ...],
     policy_for: Callable[[Any, str, float], Any],
 ) -> list[tuple[threading.Thread, Sample]]:
-    from deploykit.simulate.aws import CREDENTIALS
+    from devkit.simulate.aws import CREDENTIALS
 
     started = []
     for master, seconds in zip(masters, durations, strict=True):
@@ -395,7 +395,7 @@ def measure_fleet(bench: Bench, sim: Any, root: Path) -> None:
     """Fleets of masters whose remote command is a plain `sleep`: the wall time is the action's
     orchestration (discovery, one staging, the fan-out, the wait, the per-instance results)
     plus the simulated agents' own spread in starting 200 processes."""
-    from deploykit.demo import API, EXAMPLE, WORKER
+    from devkit.demo import API, EXAMPLE, WORKER
 
     seconds = bench.sizes.fleet_seconds
     walls: dict[str, float] = {}

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploykit.simulate import kubectl_double as double
+from devkit.simulate import kubectl_double as double
 
 # A seeded cluster looks like a deploy that finished this long ago.
 SEED_AGE_SECONDS = 3600
@@ -30,6 +30,8 @@ class Cluster:
 
     def install_kubectl(self, bin_dir: str | Path, name: str = "kubectl") -> Path:
         """Writes an executable `kubectl` into bin_dir that serves this cluster."""
+        # The double runs by its file path, self-contained (standard library and yaml only, never
+        # `devkit`): it needs no PYTHONPATH, wherever the caller's environment comes from.
         bin_dir = Path(bin_dir)
         bin_dir.mkdir(parents=True, exist_ok=True)
         wrapper = bin_dir / name

@@ -201,7 +201,9 @@ class Master:
 def _make_master_folder(path: Path) -> None:
     for folder in ("bin", "tmp", "state"):
         (path / folder).mkdir(parents=True, exist_ok=True)
-    # `kubectl` on the master is the test double, run by the interpreter running the tests.
+    # `kubectl` on the master is the test double, run by the interpreter running the tests. It
+    # runs by its file path and imports only the standard library and yaml, never `devkit`, so it
+    # needs no PYTHONPATH: the master's environment is built from scratch without one.
     wrapper = path / "bin" / "kubectl"
     wrapper.write_text(
         f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(KUBECTL_DOUBLE))} "$@"\n'

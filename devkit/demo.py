@@ -1,4 +1,4 @@
-"""`python -m deploykit demo`: the example platform deployed to a simulated AWS and K3s master.
+"""`python -m devkit demo`: the example platform deployed to a simulated AWS and K3s master.
 
 Everything runs on this machine: moto's server plays AWS (EC2, S3, SSM, STS), a stand-in for
 the SSM agent runs the sent commands in a folder that plays the master, with the real AWS CLI
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from deploykit.simulate.runner import ActionRun
+    from devkit.simulate.runner import ActionRun
 
 EXAMPLE = "examples/production-platform/k8s/base"
 API = "docker.io/acme/production-platform-api"
@@ -28,9 +28,9 @@ def _banner(text: str) -> None:
 
 def run_demo() -> int:
     try:
-        from deploykit.simulate.aws import PROJECT_ROOT, SimulatedAWS
-        from deploykit.simulate.cluster import Cluster
-        from deploykit.simulate.runner import run_action
+        from devkit.simulate.aws import PROJECT_ROOT, SimulatedAWS
+        from devkit.simulate.cluster import Cluster
+        from devkit.simulate.runner import run_action
     except ImportError as exc:
         print(f"The demo needs the simulation extras ({exc}): run `make demo` from a clone.")
         return 1
