@@ -428,7 +428,7 @@ def _show_output(gh: Workflow, invocation: wait.Invocation) -> None:
 
 def _fix_for(settings: Settings, invocation: wait.Invocation) -> str:
     """The advice for a deploy command that failed: by the script's exit code (see the header
-    of deploykit/scripts/k3s-deploy.sh), else by what its output shows."""
+    of the deploy script, deploykit/scripts/k3s-deploy/00-header.sh), else by what its output shows."""
     text = invocation.stdout + invocation.stderr
     code = invocation.response_code
     if invocation.status_details in ("DeliveryTimedOut", "Undeliverable"):
