@@ -62,14 +62,18 @@ cluster-up:
 cluster-down:
 	@bash tests/cluster/down
 
-# Lints the code and every example: shell scripts (the terraform user-data template included:
+# Lints the code and every example: shell scripts (the deploy script part by part, then joined
+# as the master gets it; the terraform user-data template included:
 # its ${...} are terraform's placeholders, see its shellcheck directive), YAML, workflows
 # (actionlint, zizmor, schema) and the action metadata (schema). The IAM policies, the terraform
 # and the manifests are checked by tests: tests/test_iam.py (parliament), tests/test_infra.py
 # (checkov) and tests/test_examples.py (kubernetes-validate).
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/shellcheck deploykit/scripts/*.sh .ci/run
+	$(VENV)/bin/shellcheck deploykit/scripts/k3s-deploy/*.sh .ci/run
+	@joined=$$(mktemp -d) && trap 'rm -rf "$$joined"' EXIT && \
+	$(PY) -c 'import sys; from deploykit import command; command.write_deploy_script(sys.argv[1])' "$$joined" && \
+	$(VENV)/bin/shellcheck "$$joined/k3s-deploy.sh" && echo "shellcheck: joined deploy script clean"
 	$(VENV)/bin/shellcheck .ci/*.sh
 	$(VENV)/bin/shellcheck tests/cluster/build tests/cluster/up tests/cluster/down
 	$(VENV)/bin/shellcheck --shell=bash examples/infra/terraform/k3s/*.sh.tftpl

@@ -8,11 +8,14 @@ against the custom document's allowedPattern (input `ssm-document`).
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from deploykit import contract
@@ -40,8 +43,79 @@ WORK_TAG = "tag=$(printf '%s' \"$id\" | tr -c 'A-Za-z0-9._-' _)"
 STATE_DIR = '"${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy}"'
 
 
+# -- the deploy script: parts joined into one file ----------------------------------------------
+#
+# The script is kept as parts a person can read in one sitting (scripts/k3s-deploy/NN-*.sh) and
+# joined here, in name order, into the one file that is staged, hashed and run. A part's leading
+# `# shellcheck` lines are for checking the part alone (it uses globals other parts declare):
+# the join leaves them out, and the joined file is checked without them (make lint). The first
+# part keeps the shebang and the header that lists the exit codes.
+
+SCRIPT_PARTS = "k3s-deploy"
+PART_NAME = re.compile(r"^[0-9]{2}-[a-z0-9-]+\.sh$")
+_LINT_LINE = b"# shellcheck "
+# Wide as the script's own `# -- section ---` lines.
+_RULE_WIDTH = 95
+
+
+def deploy_script_parts() -> list[tuple[str, bytes]]:
+    """The parts in join order (name order), each as its file holds it. Any other file in the
+    folder is an error, never silently left out."""
+    folder = resources.files("deploykit").joinpath("scripts", SCRIPT_PARTS)
+    parts = sorted((entry.name, entry.read_bytes()) for entry in folder.iterdir())
+    for name, text in parts:
+        if not PART_NAME.match(name):
+            raise ValueError(f"{SCRIPT_PARTS}/{name}: not a part's name (NN-name.sh)")
+        if not text.endswith(b"\n") or text.endswith(b"\n\n"):
+            raise ValueError(f"{SCRIPT_PARTS}/{name}: must end with exactly one line break")
+    if not parts or not parts[0][1].startswith(b"#!"):
+        raise ValueError(f"{SCRIPT_PARTS}: the first part must start with the shebang")
+    return parts
+
+
+def part_marker(name: str) -> bytes:
+    """The comment line the join puts before a part, naming the file to edit."""
+    head = f"# == {SCRIPT_PARTS}/{name} "
+    return (head + "=" * max(3, _RULE_WIDTH - len(head)) + "\n").encode()
+
+
+def part_body(text: bytes) -> bytes:
+    """A part without its leading `# shellcheck` lines (those are for checking it alone)."""
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith(_LINT_LINE):
+        lines.pop(0)
+    return b"".join(lines)
+
+
+def _banner(names: list[str]) -> bytes:
+    lines = [f"# Generated: deploykit/command.py joins deploykit/scripts/{SCRIPT_PARTS}/ in name order;"]
+    line = "# edit the parts, not this file. Parts:"
+    for name in names:
+        if len(line) + 1 + len(name) > _RULE_WIDTH:
+            lines.append(line)
+            line = "#  "
+        line += " " + name
+    lines.append(line)
+    return "".join(f"{text}\n" for text in lines).encode()
+
+
 def deploy_script() -> bytes:
-    return resources.files("deploykit").joinpath("scripts", SCRIPT_NAME).read_bytes()
+    """The deploy script as the master gets it: the parts joined (same bytes on every call)."""
+    parts = deploy_script_parts()
+    first, rest = parts[0][1], parts[1:]
+    shebang, header = first.split(b"\n", 1)
+    joined = [shebang + b"\n", _banner([name for name, _ in parts]), header]
+    for name, text in rest:
+        # A blank line between parts, as between the script's sections.
+        joined += [b"\n", part_marker(name), part_body(text)]
+    return b"".join(joined)
+
+
+def write_deploy_script(folder: str | os.PathLike[str]) -> Path:
+    """Writes the joined script to FOLDER/k3s-deploy.sh (for running it by path: tests, lint)."""
+    path = Path(folder) / SCRIPT_NAME
+    path.write_bytes(deploy_script())
+    return path
 
 
 def execution_timeout(settings: Settings) -> int:

@@ -1,8 +1,9 @@
 """What the action and the deploy script agree on about how a run ended: each exit code of
-deploykit/scripts/k3s-deploy.sh (its header lists them; tests/test_contract.py holds the two to
-each other) and of the SSM command around it, with what it means, the status it gives, whether
-the cluster may have changed, and the advice to show. Every caller reads them from here: the
-single-master and fleet deploys through SSM, and the local transport.
+the deploy script (the header in deploykit/scripts/k3s-deploy/00-header.sh lists them;
+tests/test_contract.py holds the two to each other) and of the SSM command around it, with
+what it means, the status it gives, whether the cluster may have changed, and the advice to
+show. Every caller reads them from here: the single-master and fleet deploys through SSM, and
+the local transport.
 """
 
 from __future__ import annotations

@@ -291,8 +291,8 @@ def pack(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-# The deploy script's lock (LOCK_NAMESPACE/LOCK_NAME in scripts/k3s-deploy.sh, which refuses it
-# too): a bundle that held it would overwrite the holder of a running deploy.
+# The deploy script's lock (LOCK_NAMESPACE/LOCK_NAME in scripts/k3s-deploy/10-common.sh, which
+# refuses it too): a bundle that held it would overwrite the holder of a running deploy.
 LOCK_LEASE = ("Lease", "kube-system", "k3s-deploy-lock")
 
 

@@ -1,5 +1,5 @@
 """The `How to fix:` advice after a deploy command failed: chosen by the script's exit code
-(the header of deploykit/scripts/k3s-deploy.sh lists them), then by what the output shows."""
+(deploykit/scripts/k3s-deploy/00-header.sh lists them), then by what the output shows."""
 
 from __future__ import annotations
 

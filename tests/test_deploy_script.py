@@ -1,18 +1,22 @@
 """The deploy script, run for real under bash against the kubectl test double.
 
-Each test builds a bundle as docs/internals.md section 1 lays it out, runs
-deploykit/scripts/k3s-deploy.sh with the double first on PATH, and checks what a user would:
-the exit code, the report on stderr, and the cluster left behind.
+Each test builds a bundle as docs/internals.md section 1 lays it out, runs the deploy script
+(deploykit/scripts/k3s-deploy/, joined as the master gets it) with the double first on PATH,
+and checks what a user would: the exit code, the report on stderr, and the cluster left behind.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploykit import command
 from devkit.simulate.cluster import Cluster
 
-SCRIPT = Path(__file__).resolve().parents[1] / "deploykit" / "scripts" / "k3s-deploy.sh"
+
+@functools.cache
+def script() -> Path:
+    """The deploy script joined from its parts (deploykit/command.py), written once per test
+    process into a new folder of its own: no test runs a joined file left from older parts, and
+    none is rewritten under a bash that is still reading it."""
+    folder = Path(tempfile.mkdtemp(prefix="k3s-deploy-script-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return command.write_deploy_script(folder)
+
+
 NS = "production-platform"
 REPORT_BEGIN = "===K3S-DEPLOY-REPORT-BEGIN==="
 REPORT_END = "===K3S-DEPLOY-REPORT-END==="
@@ -199,7 +214,7 @@ class Master:
         return build_bundle(self.root / f"manifests-{self.bundles}.tar.gz", docs, options)
 
     def command(self, action: str, deploy_id: str, *args: str, **options: object) -> list[str]:
-        argv = ["bash", str(SCRIPT), action, "--deploy-id", deploy_id,
+        argv = ["bash", str(script()), action, "--deploy-id", deploy_id,
                 "--state-dir", str(self.state_root), *args]
         for name, value in options.items():
             argv += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(
@@ -372,7 +387,7 @@ def test_the_options_in_the_bundle_drive_the_deploy_and_its_later_rollback(maste
                "validate=false\ncommit=0123abc\nrun-url=https://ci.example/run/1\n")
     bundle = master.bundle(platform(api_image="api:v2", worker_image="worker:v2"), options)
     master.cluster.slow_rollout("deployment", NS, "worker", 120)
-    argv = ["bash", str(SCRIPT), "deploy", "--bundle", str(bundle), "--deploy-id", "opt-1",
+    argv = ["bash", str(script()), "deploy", "--bundle", str(bundle), "--deploy-id", "opt-1",
             "--state-dir", str(master.state_root)]
     process = subprocess.Popen(argv, env=master.env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -391,7 +406,7 @@ def test_the_options_in_the_bundle_drive_the_deploy_and_its_later_rollback(maste
     assert calls and "apply" in calls
     (master.bin / "k3s.log").unlink()
 
-    run = master.run(["bash", str(SCRIPT), "rollback", "--deploy-id", "opt-1",
+    run = master.run(["bash", str(script()), "rollback", "--deploy-id", "opt-1",
                       "--state-dir", str(master.state_root)])
 
     assert run.code == 10, run.stdout
@@ -412,7 +427,7 @@ def test_a_bad_options_file_in_the_bundle_changes_nothing(master: Master, option
     before = master.objects()
     bundle = master.bundle(platform(api_image="api:v2"), options)
 
-    run = master.run(["bash", str(SCRIPT), "deploy", "--bundle", str(bundle), "--deploy-id", "o-2",
+    run = master.run(["bash", str(script()), "deploy", "--bundle", str(bundle), "--deploy-id", "o-2",
                       "--state-dir", str(master.state_root)])
 
     assert run.code == code, run.stdout
@@ -471,7 +486,7 @@ def test_missing_tool_is_named_and_exits_3(master: Master, missing: str, kubectl
     bundle = master.bundle(platform())
     env = master.env(path=path_without(master.root, missing, master.bin))
 
-    run = master.run(["/usr/bin/bash", str(SCRIPT), "deploy", "--deploy-id", "d1", "--bundle",
+    run = master.run(["/usr/bin/bash", str(script()), "deploy", "--deploy-id", "d1", "--bundle",
                       str(bundle), "--state-dir", str(master.state_root), "--kubectl", kubectl],
                      env=env)
 
@@ -550,7 +565,7 @@ def test_malformed_manifest_is_rejected_before_anything_changes(master: Master) 
     ["redeploy", "--deploy-id", "d1"],
 ])
 def test_bad_arguments_exit_2(master: Master, args: list[str]) -> None:
-    run = master.run(["bash", str(SCRIPT), *args])
+    run = master.run(["bash", str(script()), *args])
 
     assert run.code == 2, run.stdout
     assert run.report["result"] == "failed"
@@ -1388,7 +1403,7 @@ def test_dry_run_without_diff_on_the_master_names_it(master: Master) -> None:
     env = master.env(path=path_without(master.root, "diff", master.bin))
     bundle = master.bundle(platform())
 
-    run = master.run(["/usr/bin/bash", str(SCRIPT), "dry-run", "--deploy-id", "d1", "--bundle",
+    run = master.run(["/usr/bin/bash", str(script()), "dry-run", "--deploy-id", "d1", "--bundle",
                       str(bundle), "--state-dir", str(master.state_root)], env=env)
 
     assert run.code == 3, run.stdout

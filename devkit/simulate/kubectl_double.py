@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A kubectl test double for the simulated K3s master.
 
-It answers exactly the kubectl calls `deploykit/scripts/k3s-deploy.sh` makes (get, including
+It answers exactly the kubectl calls the deploy script (deploykit/scripts/k3s-deploy/) makes (get, including
 --raw=/readyz, -o name|wide|json|jsonpath=, --ignore-not-found, --field-selector, --sort-by;
 apply -f, --dry-run=client|server, --validate; create -f and replace -f (files or `-f -`);
 annotate [--overwrite]; logs [-c] [--previous] [--tail]; diff -f; rollout status --timeout;

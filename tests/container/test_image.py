@@ -34,7 +34,9 @@ def test_image_holds_the_entry_file_and_the_deploy_script(action_image: str) -> 
         "/app/entrypoint.py",
         "/app/deploykit/__init__.py",
         "/app/deploykit/cli.py",
-        "/app/deploykit/scripts/k3s-deploy.sh",
+        # The deploy script's parts: deploykit/command.py joins them when it stages the script.
+        "/app/deploykit/scripts/k3s-deploy/00-header.sh",
+        "/app/deploykit/scripts/k3s-deploy/95-main.sh",
     ]
     rc, out = sh(action_image, "".join(f"test -f {f} || echo missing {f}; " for f in wanted) + "echo checked")
     assert rc == 0 and "checked" in out, out

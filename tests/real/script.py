@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.real.plane import bundle_of
-from tests.test_deploy_script import Run
-
-SCRIPT = Path(__file__).resolve().parents[2] / "deploykit" / "scripts" / "k3s-deploy.sh"
+from tests.test_deploy_script import Run, script
 
 
 class ScriptHost:
@@ -35,7 +33,7 @@ class ScriptHost:
         return bundle_of(docs, self.root / f"bundle-{self.bundles}")
 
     def command(self, action: str, deploy_id: str, *args: str, **options: object) -> list[str]:
-        argv = ["bash", str(SCRIPT), action, "--deploy-id", deploy_id,
+        argv = ["bash", str(script()), action, "--deploy-id", deploy_id,
                 "--state-dir", str(self.state_root), *args]
         for name, value in options.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)
