@@ -242,3 +242,18 @@ def test_relative_links_lead_to_existing_files(page: Path) -> None:
 
 def test_the_link_check_finds_links() -> None:
     assert "../examples/iam/deploy-role-policy.json" in relative_links(TROUBLESHOOTING)
+
+
+# The map in docs/internals.md
+
+
+def test_the_internals_map_names_every_module_and_every_script_part():
+    """A newcomer finds each step from the map: every module of the product package and every
+    part of the deploy script is named in its section 0, so a new one cannot be left off."""
+    text = (DOCS / "internals.md").read_text(encoding="utf-8")
+    section = text[text.index("## 0. The map") : text.index("## 1. ")]
+    modules = {p.stem for p in DEPLOYKIT.glob("*.py")} - {"__init__", "__main__", "release"}
+    missing = [m for m in sorted(modules) if not re.search(rf"\b{m}(\.py|\.[a-z_A-Z]+)", section)]
+    assert missing == []
+    parts = sorted(p.name for p in (DEPLOYKIT / "scripts" / "k3s-deploy").glob("*.sh"))
+    assert [p for p in parts if f"`{p}`" not in section] == []
