@@ -16,7 +16,7 @@ from deploykit.render import Bundle, build_bundle
 from deploykit.report import Outcome
 from deploykit.results import TargetResult, conclude
 from deploykit.run import Clock, Files, Run
-from deploykit.transport import transport_for
+from deploykit.transport import Transport, transport_for
 
 
 def deploy(
@@ -73,9 +73,19 @@ def deploy(
         raise
     finally:
         transport.close()
+        _record_targets(outcome, transport)
         if staging is not None:
             _clean_up(run, staging)
     conclude(outcome, results, many=transport.many, dry_run=settings.dry_run, failure=transport.failure)
+
+
+def _record_targets(outcome: Outcome, transport: Transport) -> None:
+    """The outputs' instance ids and command ids (and fleet mode's results), as far as known."""
+    targets = transport.targets
+    outcome.instance_id = ",".join(t.instance_id for t in targets if t.instance_id)
+    outcome.command_id = ",".join(dict.fromkeys(t.command_id for t in targets if t.command_id))
+    if transport.many:
+        outcome.results = [t.as_output() for t in targets]
 
 
 def _log_bundle(gh: Workflow, settings: Settings, bundle: Bundle) -> None:

@@ -190,7 +190,7 @@ class FleetTransport:
         return bool(self.fleet.members)  # nothing to stage when no cluster can take it
 
     def find_targets(self) -> None:
-        settings, outcome = self.run.settings, self.run.outcome
+        settings = self.run.settings
         self.fleet = find_fleet(self.run.aws.ec2, self.run.aws.ssm, settings, self.run.gh.log)
         self.results_ = [_result_for(m) for m in self.fleet.members]
         for server in self.fleet.unreachable:
@@ -198,8 +198,10 @@ class FleetTransport:
             result.message = f"not Online in SSM ({server.ping_status or 'unknown to SSM'}); not sent"
             if settings.instance_ids:  # asked for by id: a failure; found by tag: not in the fleet
                 self.results_.append(result)
-        outcome.results = [r.as_output() for r in self.results_]
-        outcome.instance_id = ",".join(r.instance_id for r in self.results_)
+
+    @property
+    def targets(self) -> list[TargetResult]:
+        return self.results_
 
     def send(self, files: Files, staging: stage.Staging | None) -> None:
         """Send to the chosen server of every cluster (wait() sends the failover rounds)."""
@@ -228,7 +230,6 @@ class FleetTransport:
         ids = [m.instance_id for m in self.members]
         sent = send_to_fleet(run, ids, self.request_for(len(ids)), comment)
         self.commands.extend(sent)
-        run.outcome.command_id = ",".join(c.command_id for c in self.commands)
         by_id = {r.instance_id: r for r in self.results_}
         for fleet_command in sent:
             for instance_id in fleet_command.instance_ids:
@@ -345,7 +346,7 @@ class FleetTransport:
             run.gh.warning(f"Could not send the rollback command: {exc.message}", title="Rollback not sent")
 
     def close(self) -> None:
-        self.run.outcome.results = [r.as_output() for r in self.results_]
+        pass
 
 
 def _no_sleep(seconds: float) -> None:

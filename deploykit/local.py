@@ -208,6 +208,10 @@ class LocalTransport:
     def find_targets(self) -> None:
         pass  # the kubeconfig's cluster: the script checks its API first
 
+    @property
+    def targets(self) -> list[TargetResult]:
+        return [self.result]
+
     def send(self, files: Files, staging: Staging | None) -> None:
         settings, gh = self.run.settings, self.run.gh
         where = (

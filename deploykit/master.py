@@ -30,7 +30,6 @@ class OneMaster:
         self.sending = False  # SendCommand may be on its way: a cancel must look for it
         self.rolling_back = False  # the rollback command may be on its way
         self.invocation: wait.Invocation | None = None
-        self.deadline_passed = False
 
     def find_targets(self) -> None:
         settings, aws = self.run.settings, self.run.aws
@@ -38,7 +37,10 @@ class OneMaster:
         ec2 = None if settings.instance_id else aws.ec2
         self.master = target.find_master(ec2, aws.ssm, settings, self.run.gh.log)
         self.result.instance_id = self.master.instance_id
-        self.run.outcome.instance_id = self.master.instance_id
+
+    @property
+    def targets(self) -> list[TargetResult]:
+        return [self.result]
 
     def send(self, files: Files, staging: stage.Staging | None) -> None:
         assert self.master is not None and staging is not None
@@ -65,16 +67,12 @@ class OneMaster:
             clock=run.clock.monotonic,
             sleep=run.clock.sleep,
         )
-        self._record_sent(self.sent)
+        self.result.instance_id, self.result.command_id = self.sent.instance_id, self.sent.command_id
+        self.result.sent = True
         gh.log(
             f"Sent command {self.sent.command_id} to {self.sent.instance_id}; watch it at "
             f"{report.console_url(settings.aws_region, self.sent.command_id)}"
         )
-
-    def _record_sent(self, sent: command.SentCommand) -> None:
-        self.result.instance_id, self.result.command_id = sent.instance_id, sent.command_id
-        self.result.sent = True
-        self.run.outcome.instance_id, self.run.outcome.command_id = sent.instance_id, sent.command_id
 
     def wait(self) -> None:
         assert self.sent is not None
@@ -96,7 +94,6 @@ class OneMaster:
                 ),
             )
         except wait.DeadlinePassed:
-            self.deadline_passed = True
             self.result.status = Status.TIMED_OUT
             self.result.message = (
                 f"The command was still running {deadline - sent.sent_at:.0f} s after it was sent; "
@@ -198,9 +195,9 @@ class OneMaster:
         anything (the runner kills the step a few seconds from now)."""
         if self.sent is None and self.sending:
             self.sent = self._find_in_flight()
-            self.run.outcome.command_id = self.sent.command_id if self.sent else ""
             if self.sent is not None:
-                self.run.outcome.instance_id = self.sent.instance_id
+                self.result.instance_id, self.result.command_id = self.sent.instance_id, self.sent.command_id
+                self.result.sent = True
         if self.sent is None:
             return
         sent, aws, gh = self.sent, self.run.aws, self.run.gh

@@ -42,6 +42,11 @@ class Transport(Protocol):
     def find_targets(self) -> None:
         """Find where to deploy; raises when there is nowhere."""
 
+    @property
+    def targets(self) -> list[TargetResult]:
+        """What is known of each target so far (the outputs name them after a failure too)."""
+        ...
+
     def send(self, files: Files, staging: Staging | None) -> None:
         """Start the deploy (or dry run) on every target."""
 

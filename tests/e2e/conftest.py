@@ -6,6 +6,9 @@ the master side runs the real deploy script with the real AWS CLI and the kubect
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ from devkit.simulate.aws import Master, SimulatedAWS
 from devkit.simulate.cluster import Cluster
 from devkit.simulate.runner import ActionRun, run_action
 from tests import sample_platform as platform
-from tests.sample_platform import API, NS, WORKER  # noqa: F401 - the suites import them from here
+from tests.sample_platform import API, NS, WORKER  # the suites import them from here too
 
 
 def platform_manifests(progress_deadline: int = 3) -> dict[str, str]:
@@ -53,6 +56,29 @@ class World:
 
     def buckets(self) -> list[str]:
         return [b["Name"] for b in self.sim.client("s3").list_buckets().get("Buckets", [])]
+
+    @contextlib.contextmanager
+    def cancelling_once_applied(self, image: str) -> Iterator[None]:
+        """While the block runs, CancelCommand the last command sent (as someone in the console
+        would, or as SSM does at an execution timeout) half a second after the api Deployment
+        runs `image`: the script is stopped mid-rollout, before it can report."""
+        ssm = self.sim.client("ssm")
+
+        def cancel() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if self.cluster.image_of("deployment", NS, "api") == image:
+                    time.sleep(0.5)
+                    ssm.cancel_command(CommandId=self.sim.sent_commands()[-1]["command_id"])
+                    return
+                time.sleep(0.1)
+
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+        try:
+            yield
+        finally:
+            canceller.join()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ document's program in and runs it with the real AWS CLI and the real deploy scri
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -63,21 +61,8 @@ def test_the_rollback_command_goes_through_the_custom_document_too(world: World)
     world.write_manifests(platform_manifests(progress_deadline=600))
     assert world.deploy(**{"image-tag": "v1", "ssm-document": NAME}).outputs["status"] == "success"
     world.cluster.break_image(f"{API}:v2", "ContainerCreating")
-    ssm = world.sim.client("ssm")
-
-    def cancel_once_v2_is_applied() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if world.cluster.image_of("deployment", NS, "api") == f"{API}:v2":
-                time.sleep(0.5)
-                ssm.cancel_command(CommandId=world.sim.sent_commands()[-1]["command_id"])
-                return
-            time.sleep(0.1)
-
-    canceller = threading.Thread(target=cancel_once_v2_is_applied)
-    canceller.start()
-    run = world.deploy(**{"image-tag": "v2", "timeout": "120", "ssm-document": NAME})
-    canceller.join()
+    with world.cancelling_once_applied(f"{API}:v2"):
+        run = world.deploy(**{"image-tag": "v2", "timeout": "120", "ssm-document": NAME})
 
     assert run.returncode == 1
     assert run.outputs["status"] == "rolled-back", run.log

@@ -3,9 +3,6 @@ the real deploy script with the real AWS CLI, and the kubectl double holding the
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from tests.e2e.conftest import API, NS, WORKER, World, platform_manifests
@@ -133,22 +130,8 @@ def test_command_stopped_before_it_could_report_is_rolled_back_by_the_action(wor
     world.write_manifests(platform_manifests(progress_deadline=600))
     assert world.deploy(**{"image-tag": "v1"}).outputs["status"] == "success"
     world.cluster.break_image(f"{API}:v2", "ContainerCreating")
-    ssm = world.sim.client("ssm")
-
-    def cancel_once_v2_is_applied() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if world.cluster.image_of("deployment", NS, "api") == f"{API}:v2":
-                time.sleep(0.5)
-                command_id = world.sim.sent_commands()[-1]["command_id"]
-                ssm.cancel_command(CommandId=command_id)
-                return
-            time.sleep(0.1)
-
-    canceller = threading.Thread(target=cancel_once_v2_is_applied)
-    canceller.start()
-    run = world.deploy(**{"image-tag": "v2", "timeout": "120"})
-    canceller.join()
+    with world.cancelling_once_applied(f"{API}:v2"):
+        run = world.deploy(**{"image-tag": "v2", "timeout": "120"})
 
     assert run.returncode == 1
     assert run.outputs["status"] == "rolled-back", run.log
