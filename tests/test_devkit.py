@@ -44,7 +44,7 @@ def test_the_wheel_and_the_product_package_hold_no_rig() -> None:
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["packages"] == ["deploykit"]
     assert not (ROOT / "deploykit" / "simulate").exists()
-    assert not {"bench.py", "demo.py"} & {path.name for path in (ROOT / "deploykit").iterdir()}
+    assert not {"bench.py", "demo.py", "release.py"} & {path.name for path in (ROOT / "deploykit").iterdir()}
     # The action never imports the rig.
     sources = "\n".join(path.read_text() for path in (ROOT / "deploykit").rglob("*.py"))
     assert "devkit" not in sources

@@ -1,4 +1,4 @@
-"""The release's rewriting of action.yml and its tag plan (deploykit/release.py)."""
+"""The release's rewriting of action.yml and its tag plan (devkit/release.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploykit.release import (
+from devkit.release import (
     ReleaseError,
     Version,
     existing_versions,
@@ -158,7 +158,7 @@ def test_command_line_pins_a_file_and_writes_the_plan_to_github_output(tmp_path:
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "deploykit.release", *args],
+            [sys.executable, "-m", "devkit.release", *args],
             capture_output=True,
             text=True,
             cwd=REPO,

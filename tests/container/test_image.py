@@ -46,7 +46,7 @@ def test_image_holds_the_entry_file_and_the_deploy_script(action_image: str) -> 
 def test_image_leaves_out_the_rig_the_tests_and_caches(action_image: str) -> None:
     # The development rig (devkit/: the simulator, the demo, the benchmark) is not the product:
     # no copy of it, nor of its old place inside deploykit, may reach the image or its venv.
-    rig = "-name devkit -o -name simulate -o -name bench.py -o -name demo.py"
+    rig = "-name devkit -o -name simulate -o -name bench.py -o -name demo.py -o -name release.py"
     rc, out = sh(
         action_image,
         "test ! -e /app/tests"

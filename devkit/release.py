@@ -6,8 +6,8 @@ building the Dockerfile, and a user pinned to the release commit's SHA always ge
 image. This module plans the tags and rewrites action.yml; standard library only (the workflow
 runs it with the runner's python3, before anything is installed).
 
-    python3 -m deploykit.release plan --event push --ref-name v1.2.3 --repository o/r --sha SHA
-    python3 -m deploykit.release pin --file action.yml --image ghcr.io/o/r --digest sha256:...
+    python3 -m devkit.release plan --event push --ref-name v1.2.3 --repository o/r --sha SHA
+    python3 -m devkit.release pin --file action.yml --image ghcr.io/o/r --digest sha256:...
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _write_outputs(values: dict[str, str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m deploykit.release", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m devkit.release", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("plan", help="version, image and tags of this release (to GITHUB_OUTPUT)")
     p.add_argument("--event", required=True, help="github.event_name: push (of a tag) or workflow_dispatch")
