@@ -44,8 +44,9 @@ def deploy(
     )
 
     transport = transport_for(run)
-    if settings.transport != "local" and settings.ssm_document != command.RUN_SHELL_SCRIPT:
+    if settings.ssm_document != command.RUN_SHELL_SCRIPT:
         # Before anything is staged: a stale document would refuse the command's parameters.
+        # (inputs.py refuses `ssm-document` with `transport: local`.)
         command.check_document(aws.ssm, settings.ssm_document)
     transport.find_targets()
     files = Files(command.deploy_script(), bundle.data, bundle.sha256)
