@@ -69,6 +69,12 @@ class ImageMissing(DeployError):
     title = "Image not found in its registry"
 
 
+class ImageUnverified(DeployError):
+    """verify-images: true, and a registry answers only clients with a login this step lacks."""
+
+    title = "Image not verified"
+
+
 class JobCancelled(BaseException):
     """Raised by the SIGINT/SIGTERM handler. A BaseException so no `except Exception` eats it."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from deploykit.build import BuildSpec, parse_build_args, parse_builds
 from deploykit.errors import InputError
 from deploykit.images import TAG_PATTERN, ImageRef, parse_image
-from deploykit.registry import RegistryLogin, parse_login
+from deploykit.registry import VERIFY_MODES, RegistryLogin, parse_login
 from deploykit.stage import bucket_name_problem
 
 # name -> (default, help). The default "" means none. action.yml is checked against this table.
@@ -71,8 +71,9 @@ INPUTS: dict[str, tuple[str, str]] = {
     "registry-password": ("", "password or token of the registry login (masked in the log)"),
     "verify-images": (
         "auto",
-        "check that every image to deploy exists in its registry before any AWS change: "
-        "auto (when this step builds images or has a registry login), true or false",
+        "check that every image to deploy exists in its registry before any AWS change (anonymously "
+        "where there is no login for it): auto (a registry that cannot be reached or wants a login "
+        "is a warning), true (it is an error) or false",
     ),
     "fleet": (
         "false",
@@ -155,7 +156,7 @@ class Settings:
     build_args: tuple[tuple[str, str], ...] = ()
     build_cache: bool = False  # reuse the previous `latest` as a layer cache (opt-in)
     registry: RegistryLogin | None = None  # its password never shows in a repr
-    verify_images: bool = False
+    verify_images: str = "auto"  # "auto", "true" or "false": registry.check_images says what each does
     fleet: bool = False
     instance_ids: tuple[str, ...] = ()  # every id given in 'instance-id'
     max_concurrency: str = "50"
@@ -391,7 +392,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
             )
     login = parse_login(get("registry"), get("registry-username"), get("registry-password"))
     verify = get("verify-images").strip().lower()
-    if verify not in ("auto", "true", "false"):
+    if verify not in VERIFY_MODES:
         raise InputError(
             f"input 'verify-images' must be auto, true or false, got {show(get('verify-images'))}"
         )
@@ -424,9 +425,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         build_args=parse_build_args(get("build-args")),
         build_cache=_bool("build-cache", get("build-cache")),
         registry=login,
-        # auto: a private registry cannot be asked without a login, so only then (or when
-        # this step pushed the images itself) is checking them worth the requests
-        verify_images=verify == "true" or (verify == "auto" and bool(workspace_builds or login)),
+        verify_images=verify,
         fleet=fleet,
         instance_ids=instance_ids,
         max_concurrency=max_concurrency,

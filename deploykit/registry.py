@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploykit.errors import ImageMissing, InputError, RegistryLoginFailed, RegistryUnavailable
+from deploykit.errors import (
+    ImageMissing,
+    ImageUnverified,
+    InputError,
+    RegistryLoginFailed,
+    RegistryUnavailable,
+)
 from deploykit.github import Workflow
 from deploykit.images import DOCKER_HUB, ImageRef, containers, parse_image, pod_specs
 
@@ -46,6 +52,7 @@ MANIFEST_TYPES = ", ".join(
     )
 )
 REQUEST_TIMEOUT = 20
+VERIFY_MODES = ("auto", "true", "false")  # the input 'verify-images'; check_images says what each does
 MAX_PASSWORD_LENGTH = 16384  # ECR's tokens are about 2,000 characters, GCP's about 1,000
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -55,6 +62,11 @@ IMAGE_MISSING_FIX = (
     "Push the image first (or let this step build it with the 'build' input), check the tag "
     "(input 'image-tag', default GITHUB_SHA), or set 'verify-images: false' if the registry is "
     "reachable only from the cluster."
+)
+# Shown when a registry cannot be reached (verify-images: auto goes on with it as a warning).
+UNREACHABLE_FIX = (
+    "Set 'verify-images: false' for a registry that only the cluster can reach, or 'true' to "
+    "make this an error."
 )
 LOGIN_REFUSED_FIX = (
     "Check 'registry-username' and 'registry-password' (for GHCR a token with read:packages / "
@@ -350,31 +362,60 @@ def check_images(
     login: RegistryLogin | None,
     gh: Workflow,
     *,
-    verify: bool,
+    verify: str,
     known: Mapping[str, str] | None = None,
     transport: Transport = _send,
 ) -> list[str]:
-    """Check that every reference exists (when `verify`), and return the references with the
-    digests they resolve to: the `images` output. `known` maps the references this step pushed
-    to their digests; they are checked too (the registry is the one the cluster pulls from).
+    """Check that every reference exists, as `verify` (the input 'verify-images') says, and
+    return the references with the digests they resolve to: the `images` output. `known` maps
+    the references this step pushed to their digests; they are checked too (the registry is the
+    one the cluster pulls from).
 
-    A missing image stops the deploy. An image in a registry that wants a login this step does
-    not have is only a warning: it may well exist, and the cluster may have its own credentials.
+    - `false`: nothing is asked.
+    - `auto`: every registry is asked, anonymously unless the login is for it (public images on
+      Docker Hub, GHCR and ECR Public answer anonymous clients through the token flow). A tag
+      the registry says is missing stops the deploy. A registry that cannot be reached, or
+      that answers only clients with a login this step does not have, is a warning: the image
+      may well exist, and the cluster may have its own way in (a mirror, imagePullSecrets).
+    - `true`: the same, but that warning is an error.
+
+    A login the registry refuses is an error either way: it was given for that registry.
     """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     known = dict(known or {})
     clients: dict[str, RegistryClient] = {}
+    skipped: dict[str, str] = {}  # host -> why it could not be asked; asked once per run
+    refs = list(refs)
+    if verify != "false" and refs:
+        hosts = {image_registry(ref) for ref in refs}
+        gh.log(f"Checking {_count(len(refs), 'image')} in {_count(len(hosts), 'registry')}")
     described: list[str] = []
     for ref in refs:
         digest = ref.digest or known.get(str(ref), "")
-        if verify:
-            host = image_registry(ref)
+        host = image_registry(ref)
+        if verify != "false" and host not in skipped:
             client = clients.setdefault(host, RegistryClient(host, login, transport))
             try:
                 found = client.manifest_digest(image_path(ref), ref.digest or ref.tag or "latest")
             except NeedsLogin as exc:
+                if verify == "true":
+                    raise ImageUnverified(
+                        f"could not check {ref}: {exc}", fix=_needs_login_fix(host)
+                    ) from None
+                skipped[host] = str(exc)
                 gh.warning(
-                    f"Could not check {ref}: {exc}. Give this step a login for {host} "
-                    "('registry', 'registry-username', 'registry-password') to check it.",
+                    f"Could not check {ref}: {exc}; the deploy goes on. {_needs_login_fix(host)}",
+                    title="Image not verified",
+                )
+                found = digest
+            except RegistryUnavailable as exc:
+                if verify == "true":
+                    raise
+                skipped[host] = exc.message
+                gh.warning(
+                    f"Could not check the images on {host}: {exc.message}; the deploy goes on. "
+                    f"{UNREACHABLE_FIX}",
                     title="Image not verified",
                 )
                 found = digest
@@ -388,5 +429,19 @@ def check_images(
             if found:
                 gh.log(f"Found {ref} in {host} ({found})")
             digest = found
+        elif verify != "false":
+            gh.log(f"Not checked: {ref} ({host}: {skipped[host]})")
         described.append(with_digest(ref, digest))
     return described
+
+
+def _count(number: int, noun: str) -> str:
+    plural = {"registry": "registries"}.get(noun, noun + "s")
+    return f"{number} {noun if number == 1 else plural}"
+
+
+def _needs_login_fix(host: str) -> str:
+    return (
+        f"Give this step a login for {host} ('registry', 'registry-username', "
+        "'registry-password') to check it, or set 'verify-images: auto' to go on with a warning."
+    )

@@ -84,7 +84,7 @@ class Job:
 
     def start(self, **inputs: str) -> subprocess.Popen[str]:
         inputs = {"transport": "local", "kubeconfig": ".kube/config", "images": f"{API}\n{WORKER}",
-                  "image-tag": "v1", **inputs}
+                  "image-tag": "v1", "verify-images": "false", **inputs}  # images in no registry
         for name in ("output", "summary", "state"):
             (self.files / name).write_text("")
         env = self.env(inputs)

@@ -51,7 +51,9 @@ class World:
             (target / name).write_text(text)
 
     def deploy(self, **inputs: str) -> ActionRun:
-        defaults = {"aws-region": self.sim.region, "images": f"{API}\n{WORKER}", "timeout": "60"}
+        # The rig's images (acme/*) are in no registry: tests/registry checks them against real ones.
+        defaults = {"aws-region": self.sim.region, "images": f"{API}\n{WORKER}", "timeout": "60",
+                    "verify-images": "false"}
         return run_action(self.sim, {**defaults, **inputs}, self.workspace, self.files, timeout=240)
 
     def buckets(self) -> list[str]:

@@ -28,6 +28,7 @@ import ssl
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -517,3 +518,55 @@ def token_registry(
         server.shutdown()
         server.server_close()
         _remove_images_of(registry.host)
+
+
+def push_seed(registry: Registry, tmp: Path, path: str = "acme/seed") -> str:
+    """Build a tiny image, push it as PATH:v1 with the docker CLI, return its reference."""
+    context = tmp / "seed"
+    context.mkdir()
+    (context / "hello.txt").write_text(f"seed for {registry.host}\n")
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY hello.txt /hello.txt\n")
+    reference = f"{registry.host}/{path}:v1"
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp / "docker-config")}  # leave root's config alone
+
+    def run(*args: str, stdin: str | None = None) -> None:
+        proc = subprocess.run(
+            ["docker", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300, check=False
+        )
+        assert proc.returncode == 0, f"docker {args[0]} failed: {proc.stdout}\n{proc.stderr}"
+
+    run("build", "-t", reference, str(context))
+    if registry.username:
+        run("login", "-u", registry.username, "--password-stdin", registry.host, stdin=registry.password)
+    run("push", reference)
+    docker_cli("image", "rm", reference)
+    return reference
+
+
+@pytest.fixture(scope="session")
+def token_seeds(token_registry, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """acme/seed:v1 (private: only the login may pull it) and public/seed:v1 (anyone may)."""
+    registry, tokens = token_registry
+    as_pusher = Registry(
+        registry.host, "http", registry.root, registry.process, tokens.username, tokens.password
+    )
+    private = push_seed(as_pusher, tmp_path_factory.mktemp("token-seed"))
+    public = push_seed(as_pusher, tmp_path_factory.mktemp("token-seed-public"), path="public/seed")
+    return private, public
+
+
+def bearer_digest(registry: Registry, tokens: TokenService, path: str, reference: str) -> str:
+    """The digest the registry serves, fetched by hand with a token from the token service."""
+    login = base64.b64encode(f"{tokens.username}:{tokens.password}".encode()).decode()
+    query = urllib.parse.urlencode({"service": "k3s-deploy-tests", "scope": f"repository:{path}:pull"})
+    url = f"{tokens.url}?{query}"  # the token service: http on 127.0.0.1
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {login}"})  # noqa: S310
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as reply:
+        token = json.loads(reply.read())["token"]
+    head = urllib.request.Request(
+        f"http://{registry.host}/v2/{path}/manifests/{reference}",
+        method="HEAD",
+        headers={"Authorization": f"Bearer {token}", "Accept": MANIFEST_TYPES},
+    )
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(head, timeout=10) as reply:
+        return reply.headers["Docker-Content-Digest"]

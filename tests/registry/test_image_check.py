@@ -7,59 +7,29 @@ The images in the registries are pushed with the docker CLI (not the action), fr
 
 from __future__ import annotations
 
-import base64
 import io
-import json
-import os
-import subprocess
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from deploykit import registry as registry_module
-from deploykit.errors import ImageMissing, RegistryLoginFailed, RegistryUnavailable
+from deploykit.errors import ImageMissing, ImageUnverified, RegistryLoginFailed, RegistryUnavailable
 from deploykit.github import Workflow
 from deploykit.images import parse_image
 from deploykit.registry import RegistryLogin, check_images
-from tests.registry.conftest import MANIFEST_TYPES, Registry, TokenService, docker_cli, free_port
+from tests.registry.conftest import Registry, bearer_digest, free_port, push_seed
 
 pytestmark = pytest.mark.registry
 
 
-def _push_seed(registry: Registry, tmp: Path, path: str = "acme/seed") -> str:
-    """Build a tiny image, push it as PATH:v1 with the docker CLI, return its reference."""
-    context = tmp / "seed"
-    context.mkdir()
-    (context / "hello.txt").write_text(f"seed for {registry.host}\n")
-    (context / "Dockerfile").write_text("FROM scratch\nCOPY hello.txt /hello.txt\n")
-    reference = f"{registry.host}/{path}:v1"
-    env = {**os.environ, "DOCKER_CONFIG": str(tmp / "docker-config")}  # leave root's config alone
-
-    def run(*args: str, stdin: str | None = None) -> None:
-        proc = subprocess.run(
-            ["docker", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300, check=False
-        )
-        assert proc.returncode == 0, f"docker {args[0]} failed: {proc.stdout}\n{proc.stderr}"
-
-    run("build", "-t", reference, str(context))
-    if registry.username:
-        run("login", "-u", registry.username, "--password-stdin", registry.host, stdin=registry.password)
-    run("push", reference)
-    docker_cli("image", "rm", reference)
-    return reference
-
-
 @pytest.fixture(scope="module")
 def plain_seed(plain_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _push_seed(plain_registry, tmp_path_factory.mktemp("plain-seed"))
+    return push_seed(plain_registry, tmp_path_factory.mktemp("plain-seed"))
 
 
 @pytest.fixture(scope="module")
 def tls_seed(tls_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _push_seed(tls_registry, tmp_path_factory.mktemp("tls-seed"))
+    return push_seed(tls_registry, tmp_path_factory.mktemp("tls-seed"))
 
 
 @pytest.fixture
@@ -73,7 +43,7 @@ def test_an_image_on_a_registry_with_a_port_is_found_with_its_digest(plain_regis
     ref = parse_image(plain_seed)
     expected = plain_registry.digest("acme/seed", "v1")
 
-    described = check_images([ref], None, workflow, verify=True)
+    described = check_images([ref], None, workflow, verify="true")
 
     assert described == [f"{plain_seed}@{expected}"]
     assert f"Found {plain_seed} in {plain_registry.host} ({expected})" in out.getvalue()
@@ -82,13 +52,13 @@ def test_an_image_on_a_registry_with_a_port_is_found_with_its_digest(plain_regis
 def test_an_image_given_by_digest_is_found_by_that_digest(plain_registry, plain_seed, gh):
     digest = plain_registry.digest("acme/seed", "v1")
     ref = parse_image(f"{plain_registry.host}/acme/seed@{digest}")
-    assert check_images([ref], None, gh[0], verify=True) == [str(ref)]
+    assert check_images([ref], None, gh[0], verify="true") == [str(ref)]
 
 
 def test_a_missing_tag_stops_with_a_message_naming_the_image_and_the_tag(plain_registry, plain_seed, gh):
     ref = parse_image(f"{plain_registry.host}/acme/seed:never-pushed")
     with pytest.raises(ImageMissing) as caught:
-        check_images([ref], None, gh[0], verify=True)
+        check_images([ref], None, gh[0], verify="true")
     assert caught.value.message == (
         f"image {ref} is not in its registry: {plain_registry.host} has no tag never-pushed for "
         "acme/seed; the cluster could not pull it"
@@ -98,32 +68,32 @@ def test_a_missing_tag_stops_with_a_message_naming_the_image_and_the_tag(plain_r
 
 def test_a_missing_repository_and_a_missing_digest_are_refused_too(plain_registry, plain_seed, gh):
     with pytest.raises(ImageMissing, match="has no tag v1 for acme/nothing-here"):
-        check_images([parse_image(f"{plain_registry.host}/acme/nothing-here:v1")], None, gh[0], verify=True)
+        check_images([parse_image(f"{plain_registry.host}/acme/nothing-here:v1")], None, gh[0], verify="true")
     absent = "sha256:" + "0" * 64
     with pytest.raises(ImageMissing, match=f"has no digest {absent} for acme/seed"):
-        check_images([parse_image(f"{plain_registry.host}/acme/seed@{absent}")], None, gh[0], verify=True)
+        check_images([parse_image(f"{plain_registry.host}/acme/seed@{absent}")], None, gh[0], verify="true")
 
 
 def test_without_verification_the_references_keep_only_the_digests_known(plain_registry, gh):
     refs = [parse_image(f"{plain_registry.host}/acme/never:v1"), parse_image("redis:7")]
     known = {f"{plain_registry.host}/acme/never:v1": "sha256:" + "1" * 64}
-    described = check_images(refs, None, gh[0], verify=False, known=known)
+    described = check_images(refs, None, gh[0], verify="false", known=known)
     assert described == [f"{plain_registry.host}/acme/never:v1@sha256:{'1' * 64}", "redis:7"]
 
 
 def test_a_registry_with_a_login_over_tls_is_checked_with_that_login(tls_registry, tls_seed, gh):
     login = RegistryLogin(tls_registry.host, tls_registry.username, tls_registry.password)
     expected = tls_registry.digest("acme/seed", "v1")
-    assert check_images([parse_image(tls_seed)], login, gh[0], verify=True) == [f"{tls_seed}@{expected}"]
+    assert check_images([parse_image(tls_seed)], login, gh[0], verify="true") == [f"{tls_seed}@{expected}"]
     with pytest.raises(ImageMissing, match="has no tag v2 for acme/seed"):
-        check_images([parse_image(f"{tls_registry.host}/acme/seed:v2")], login, gh[0], verify=True)
+        check_images([parse_image(f"{tls_registry.host}/acme/seed:v2")], login, gh[0], verify="true")
 
 
 def test_a_wrong_password_is_a_clear_error_without_the_password(tls_registry, tls_seed, gh):
     wrong = "wrong-" + tls_registry.password
     login = RegistryLogin(tls_registry.host, tls_registry.username, wrong)
     with pytest.raises(RegistryLoginFailed) as caught:
-        check_images([parse_image(tls_seed)], login, gh[0], verify=True)
+        check_images([parse_image(tls_seed)], login, gh[0], verify="true")
     message = caught.value.message
     assert message.startswith(
         f"registry {tls_registry.host} refused the login of user '{tls_registry.username}'"
@@ -133,24 +103,26 @@ def test_a_wrong_password_is_a_clear_error_without_the_password(tls_registry, tl
     assert wrong not in gh[1].getvalue()
 
 
-def test_an_image_behind_a_login_the_step_lacks_is_a_warning_not_a_failure(tls_registry, tls_seed, gh):
+def test_an_image_behind_a_login_the_step_lacks_is_a_warning_with_auto(tls_registry, tls_seed, gh):
     workflow, out = gh
-    assert check_images([parse_image(tls_seed)], None, workflow, verify=True) == [tls_seed]
+    assert check_images([parse_image(tls_seed)], None, workflow, verify="auto") == [tls_seed]
     assert "::warning title=Image not verified::" in out.getvalue()
     assert f"registry {tls_registry.host} lets no anonymous client read acme/seed" in out.getvalue()
 
 
 def test_a_login_for_another_registry_is_not_sent(tls_registry, tls_seed, gh):
     login = RegistryLogin("ghcr.io", tls_registry.username, tls_registry.password)
-    check_images([parse_image(tls_seed)], login, gh[0], verify=True)
+    check_images([parse_image(tls_seed)], login, gh[0], verify="auto")
     assert "Image not verified" in gh[1].getvalue()
+    with pytest.raises(ImageUnverified):
+        check_images([parse_image(tls_seed)], login, gh[0], verify="true")
 
 
 def test_a_certificate_the_machine_does_not_trust_is_named(tls_registry, tls_seed, gh, tmp_path, monkeypatch):
     monkeypatch.setattr(registry_module, "DOCKER_CERTS_DIR", tmp_path / "empty-certs.d")
     login = RegistryLogin(tls_registry.host, tls_registry.username, tls_registry.password)
     with pytest.raises(RegistryUnavailable) as caught:
-        check_images([parse_image(tls_seed)], login, gh[0], verify=True)
+        check_images([parse_image(tls_seed)], login, gh[0], verify="true")
     assert f"registry {tls_registry.host} presented a certificate this machine does not trust" in (
         caught.value.message
     )
@@ -160,59 +132,31 @@ def test_a_certificate_the_machine_does_not_trust_is_named(tls_registry, tls_see
 def test_a_registry_that_does_not_answer_is_named(gh):
     host = f"127.0.0.1:{free_port()}"
     with pytest.raises(RegistryUnavailable, match=f"registry {host} did not answer"):
-        check_images([parse_image(f"{host}/acme/api:v1")], None, gh[0], verify=True)
+        check_images([parse_image(f"{host}/acme/api:v1")], None, gh[0], verify="true")
 
 
 # Token auth (Docker Hub, GHCR): the registry's challenge names a token service
-
-
-def _bearer_digest(registry: Registry, tokens: TokenService, path: str, reference: str) -> str:
-    """The digest the registry serves, fetched by hand with a token from the token service."""
-    login = base64.b64encode(f"{tokens.username}:{tokens.password}".encode()).decode()
-    query = urllib.parse.urlencode({"service": "k3s-deploy-tests", "scope": f"repository:{path}:pull"})
-    url = f"{tokens.url}?{query}"  # the token service: http on 127.0.0.1
-    request = urllib.request.Request(url, headers={"Authorization": f"Basic {login}"})  # noqa: S310
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as reply:
-        token = json.loads(reply.read())["token"]
-    head = urllib.request.Request(
-        f"http://{registry.host}/v2/{path}/manifests/{reference}",
-        method="HEAD",
-        headers={"Authorization": f"Bearer {token}", "Accept": MANIFEST_TYPES},
-    )
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(head, timeout=10) as reply:
-        return reply.headers["Docker-Content-Digest"]
-
-
-@pytest.fixture(scope="module")
-def token_seeds(token_registry, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    registry, tokens = token_registry
-    as_pusher = Registry(
-        registry.host, "http", registry.root, registry.process, tokens.username, tokens.password
-    )
-    private = _push_seed(as_pusher, tmp_path_factory.mktemp("token-seed"))
-    public = _push_seed(as_pusher, tmp_path_factory.mktemp("token-seed-public"), path="public/seed")
-    return private, public
 
 
 def test_a_bearer_registry_is_checked_with_a_token_got_with_the_login(token_registry, token_seeds, gh):
     registry, tokens = token_registry
     private, _ = token_seeds
     login = RegistryLogin(registry.host, tokens.username, tokens.password)
-    expected = _bearer_digest(registry, tokens, "acme/seed", "v1")
+    expected = bearer_digest(registry, tokens, "acme/seed", "v1")
 
-    assert check_images([parse_image(private)], login, gh[0], verify=True) == [f"{private}@{expected}"]
+    assert check_images([parse_image(private)], login, gh[0], verify="true") == [f"{private}@{expected}"]
     assert {"user": tokens.username, "scope": "repository:acme/seed:pull"} in tokens.requests
     with pytest.raises(ImageMissing, match="has no tag v9 for acme/seed"):
-        check_images([parse_image(f"{registry.host}/acme/seed:v9")], login, gh[0], verify=True)
+        check_images([parse_image(f"{registry.host}/acme/seed:v9")], login, gh[0], verify="true")
 
 
 def test_a_bearer_registry_takes_anonymous_clients_for_public_images(token_registry, token_seeds, gh):
     registry, tokens = token_registry
     _, public = token_seeds
-    expected = _bearer_digest(registry, tokens, "public/seed", "v1")
-    assert check_images([parse_image(public)], None, gh[0], verify=True) == [f"{public}@{expected}"]
+    expected = bearer_digest(registry, tokens, "public/seed", "v1")
+    assert check_images([parse_image(public)], None, gh[0], verify="true") == [f"{public}@{expected}"]
     with pytest.raises(ImageMissing, match="has no tag v9 for public/seed"):
-        check_images([parse_image(f"{registry.host}/public/seed:v9")], None, gh[0], verify=True)
+        check_images([parse_image(f"{registry.host}/public/seed:v9")], None, gh[0], verify="true")
 
 
 def test_a_bearer_registry_that_refuses_the_login_is_a_clear_error(token_registry, token_seeds, gh):
@@ -221,16 +165,50 @@ def test_a_bearer_registry_that_refuses_the_login_is_a_clear_error(token_registr
     wrong = "wrong-" + tokens.password
     with pytest.raises(RegistryLoginFailed) as caught:
         check_images(
-            [parse_image(private)], RegistryLogin(registry.host, tokens.username, wrong), gh[0], verify=True
+            [parse_image(private)], RegistryLogin(registry.host, tokens.username, wrong), gh[0], verify="true"
         )
     assert caught.value.message.startswith(f"registry {registry.host} refused the login of user 'ci-bearer'")
     assert wrong not in caught.value.message
 
 
-def test_a_private_image_on_a_bearer_registry_without_login_is_only_a_warning(
+def test_a_private_image_on_a_bearer_registry_without_login_is_a_warning_with_auto(
     token_registry, token_seeds, gh
 ):
-    private, _ = token_seeds
+    private, public = token_seeds
     workflow, out = gh
-    assert check_images([parse_image(private)], None, workflow, verify=True) == [private]
-    assert "::warning title=Image not verified::Could not check" in out.getvalue()
+    described = check_images([parse_image(private), parse_image(public)], None, workflow, verify="auto")
+    assert described[0] == private  # not checked: no digest to add
+    warning = out.getvalue()
+    assert "::warning title=Image not verified::Could not check" in warning
+    assert "the deploy goes on" in warning
+    assert "Give this step a login for" in warning
+
+
+def test_a_private_image_on_a_bearer_registry_without_login_fails_with_true(token_registry, token_seeds, gh):
+    registry, _ = token_registry
+    private, _ = token_seeds
+    with pytest.raises(ImageUnverified) as caught:
+        check_images([parse_image(private)], None, gh[0], verify="true")
+    assert caught.value.message.startswith(f"could not check {private}: registry {registry.host}")
+    assert "'registry-username'" in (caught.value.fix or "")
+
+
+def test_a_registry_that_does_not_answer_is_a_warning_with_auto_and_asked_once(gh):
+    host = f"127.0.0.1:{free_port()}"
+    workflow, out = gh
+    refs = [parse_image(f"{host}/acme/api:v1"), parse_image(f"{host}/acme/worker:v1")]
+    assert check_images(refs, None, workflow, verify="auto") == [str(ref) for ref in refs]
+    text = out.getvalue()
+    assert text.count("::warning title=Image not verified::") == 1, text
+    assert f"Could not check the images on {host}: registry {host} did not answer" in text
+    assert f"Not checked: {host}/acme/worker:v1" in text
+
+
+def test_verify_false_asks_no_registry(gh):
+    def refuse(request, host):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"asked {host}")
+
+    workflow, out = gh
+    ref = parse_image("ghcr.io/acme/api:v1")
+    assert check_images([ref], None, workflow, verify="false", transport=refuse) == [str(ref)]
+    assert out.getvalue() == ""

@@ -150,16 +150,15 @@ def test_the_password_is_not_in_the_settings_repr(env):
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({}, False),
-        ({"verify-images": "true"}, True),
-        ({"verify-images": "FALSE", "build": "app/api=acme/api"}, False),
-        ({"build": "app/api=acme/api"}, True),
-        ({"registry-username": "bot", "registry-password": SECRET}, True),
-        ({"verify-images": "auto", "images": "acme/api:v1"}, False),
+        ({}, "auto"),
+        ({"verify-images": "true"}, "true"),
+        ({"verify-images": "FALSE", "build": "app/api=acme/api"}, "false"),
+        ({"build": "app/api=acme/api"}, "auto"),
+        ({"verify-images": " Auto ", "images": "acme/api:v1"}, "auto"),
     ],
 )
-def test_verify_images_auto_checks_only_when_building_or_logged_in(env, raw, expected):
-    assert parse_settings(raw, env).verify_images is expected
+def test_verify_images_is_auto_by_default_whether_or_not_the_step_builds(env, raw, expected):
+    assert parse_settings(raw, env).verify_images == expected
 
 
 def test_verify_images_takes_only_auto_true_or_false(env):
