@@ -361,6 +361,10 @@ def bundle_options(settings: Settings) -> dict[str, str]:
     }
     if settings.transport == "local":
         options["max-diff-bytes"] = str(LOCAL_MAX_DIFF_BYTES)
+    if settings.prune != "false":  # only then: a bundle without prune is as it always was
+        options["prune"] = settings.prune
+        options["release"] = settings.release_id()
+        options["release-name"] = settings.release
     return options
 
 

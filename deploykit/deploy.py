@@ -6,7 +6,7 @@ way; this module tells the story once for all of them.
 
 from __future__ import annotations
 
-from deploykit import build, command, registry, stage
+from deploykit import build, command, registry, report, stage
 from deploykit.awsapi import AwsClients
 from deploykit.contract import Status
 from deploykit.errors import DeployError, JobCancelled, StagingError
@@ -26,7 +26,11 @@ def deploy(
     run = Run(settings, aws, gh, outcome, clock or Clock())
     outcome.dry_run = settings.dry_run
     bundle = build_bundle(
-        settings.manifests, settings.workspace, settings.images, command.bundle_options(settings)
+        settings.manifests,
+        settings.workspace,
+        settings.images,
+        command.bundle_options(settings),
+        release_id=settings.release_id() if settings.prune != "false" else "",
     )
     _log_bundle(gh, settings, bundle)
     # Images before any AWS change: a tag that was never pushed stops the deploy here, not as
@@ -77,7 +81,18 @@ def deploy(
         _record_targets(outcome, transport)
         if staging is not None:
             _clean_up(run, staging)
+    _warn_prune_left(gh, results, many=transport.many)
     conclude(outcome, results, many=transport.many, dry_run=settings.dry_run, failure=transport.failure)
+
+
+def _warn_prune_left(gh: Workflow, results: list[TargetResult], *, many: bool) -> None:
+    """A prune that could not finish leaves the deploy a success (the release is healthy), with
+    a warning that names what remains."""
+    for result in results:
+        left = report.prune_left(result.report) if result.status == Status.SUCCESS else ""
+        if left:
+            where = f"{result.instance_id}: " if many else ""
+            gh.warning(f"{where}{left}", title="Prune incomplete")
 
 
 def _record_targets(outcome: Outcome, transport: Transport) -> None:

@@ -6,6 +6,7 @@ CLI passes the same names as flags. Both end in `parse_settings`, one code path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -113,9 +114,23 @@ INPUTS: dict[str, tuple[str, str]] = {
         "very small masters)",
     ),
     "lock-timeout": ("300", "seconds to wait for the cluster's deploy lock while another deploy holds it"),
+    "prune": (
+        "false",
+        "once the release is healthy, delete what its previous deploy applied and this one no longer "
+        "has: false, true, or all (true keeps PersistentVolumeClaims, PersistentVolumes, Namespaces "
+        "and cluster-scoped objects; all deletes them too)",
+    ),
+    "release": (
+        "",
+        "the release that prune tracks (default: REPOSITORY:MANIFESTS, e.g. acme/app:k8s/base); "
+        "deploys of one release share its inventory",
+    ),
 }
 
 DELIVERIES = ("s3", "presigned")
+PRUNE_MODES = ("false", "true", "all")
+RELEASE_ID_LENGTH = 20  # hex digits of the release name's sha256: its label value
+_RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,199}$")
 TRANSPORTS = ("ssm", "local")
 MIN_LOCK_TIMEOUT, MAX_LOCK_TIMEOUT = 0, 3600
 MIN_TIMEOUT, MAX_TIMEOUT = 10, 86400
@@ -169,6 +184,12 @@ class Settings:
     server_dry_run: bool = True
     lock_timeout: int = 300
     ssm_document: str = "AWS-RunShellScript"  # or the custom document (input ssm-document)
+    prune: str = "false"  # "false", "true" or "all" (PRUNE_MODES)
+    release: str = ""  # the release prune tracks (its name; release_id() is what the cluster holds)
+
+    def release_id(self) -> str:
+        """The release as the cluster knows it: a label value and part of the inventory's name."""
+        return hashlib.sha256(self.release.encode()).hexdigest()[:RELEASE_ID_LENGTH]
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -221,6 +242,20 @@ def _plain(name: str, value: str, max_length: int) -> str:
             f"or newlines, got {show(value)}"
         )
     return value
+
+
+def _release(value: str, repository: str, manifests: str) -> str:
+    """The input 'release', or the repository and the manifests path: what stays the same from
+    one deploy of the same manifests to the next, and differs between two sets of manifests."""
+    given = value.strip()
+    if not given:
+        return f"{repository or 'local'}:{manifests}"
+    if not _RELEASE.match(given):
+        raise InputError(
+            "input 'release' must be 1 to 200 letters, digits and . _ / : @ + - (starting with a "
+            f"letter or digit), got {show(value)}"
+        )
+    return given
 
 
 def _workspace_path(workspace: Path, value: str) -> Path:
@@ -343,6 +378,8 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         )
 
     workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
+    manifests = _workspace_path(workspace, get("manifests"))
+    manifests_path = manifests.relative_to(workspace).as_posix()
     namespace = get("namespace").strip()
     if not _DNS_LABEL.match(namespace):
         raise InputError(
@@ -407,7 +444,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         instance_tag=_plain("instance-tag", get("instance-tag"), 255),
         instance_tag_key=_plain("instance-tag-key", get("instance-tag-key"), 128),
         workspace=workspace,
-        manifests=_workspace_path(workspace, get("manifests")),
+        manifests=manifests,
         namespace=namespace,
         # built images are pinned like listed ones
         images=images + tuple(spec.image for spec in workspace_builds),
@@ -437,6 +474,8 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         dry_run=_bool("dry-run", get("dry-run")),
         server_dry_run=_bool("server-dry-run", get("server-dry-run")),
         lock_timeout=_int("lock-timeout", get("lock-timeout"), MIN_LOCK_TIMEOUT, MAX_LOCK_TIMEOUT),
+        prune=_choice("prune", get("prune"), PRUNE_MODES),
+        release=_release(get("release"), env.get("GITHUB_REPOSITORY", ""), manifests_path),
         ssm_document=_ssm_document(get("ssm-document"), transport),
     )
 

@@ -294,12 +294,43 @@ def pack(files: dict[str, bytes]) -> bytes:
 # The deploy script's lock (LOCK_NAMESPACE/LOCK_NAME in scripts/k3s-deploy/10-common.sh, which
 # refuses it too): a bundle that held it would overwrite the holder of a running deploy.
 LOCK_LEASE = ("Lease", "kube-system", "k3s-deploy-lock")
+# Prune's inventory of each release (scripts/k3s-deploy/87-prune.sh): ConfigMap
+# kube-system/k3s-deploy-release-ID. A bundle must not write one: it would say what gets deleted.
+INVENTORY_PREFIX = "k3s-deploy-release-"
+# The label that marks an object as applied for a release (prune deletes only objects with it).
+RELEASE_LABEL = "k3s-deploy-action/release"
+
+
+def inventory_key(manifest: Manifest) -> str:
+    """How prune names an object to kubectl: KIND.GROUP (KIND for the core group), as
+    `kubectl get Deployment.apps NAME` takes it, so that two kinds of one name never mix."""
+    api_version = str(manifest.body.get("apiVersion", ""))
+    group = api_version.rsplit("/", 1)[0] if "/" in api_version else ""
+    return f"{manifest.kind}.{group}" if group else manifest.kind
+
+
+def label_release(manifests: Iterable[Manifest], release_id: str) -> None:
+    """Mark every object as this release's. On the object's own metadata only: a pod template's
+    labels would roll the pods."""
+    for manifest in manifests:
+        metadata = manifest.body.setdefault("metadata", {})
+        labels = metadata.get("labels")
+        if not isinstance(labels, dict):
+            labels = metadata["labels"] = {}
+        labels[RELEASE_LABEL] = release_id
 
 
 def build_bundle(
-    path: Path, workspace: Path, images: Iterable[ImageRef], options: Mapping[str, str] | None = None
+    path: Path,
+    workspace: Path,
+    images: Iterable[ImageRef],
+    options: Mapping[str, str] | None = None,
+    *,
+    release_id: str = "",
 ) -> Bundle:
-    """The bundle of `path`'s manifests, pinned to `images`, with the script's `options`."""
+    """The bundle of `path`'s manifests, pinned to `images`, with the script's `options`. With a
+    `release_id` (input 'prune' on), every object carries the release's label and the bundle
+    lists them in `inventory.tsv` for the script's prune."""
     manifests = read_manifests(path, workspace)
     for m in manifests:
         if (m.kind, m.namespace, m.name) == LOCK_LEASE:
@@ -308,7 +339,15 @@ def build_bundle(
                 "applying it would break the lock of a deploy that holds it",
                 fix="Remove that Lease from the manifests: the deploy takes and releases it.",
             )
+        if m.kind == "ConfigMap" and m.namespace == "kube-system" and m.name.startswith(INVENTORY_PREFIX):
+            raise ManifestError(
+                f"{m.source}: ConfigMap kube-system/{m.name} has the name of a release's prune "
+                "inventory; applying it would change what a later deploy deletes",
+                fix=f"Rename it: names starting with {INVENTORY_PREFIX} in kube-system are the action's.",
+            )
     apply_pins(manifests, images)
+    if release_id:
+        label_release(manifests, release_id)
     phases: dict[str, list[dict[str, Any]]] = {}
     for manifest in manifests:
         phases.setdefault(phase_of(manifest.kind), []).append(manifest.body)
@@ -324,6 +363,10 @@ def build_bundle(
     files["bundle/objects.tsv"] = "".join(
         f"{m.kind}\t{m.namespace}\t{m.name}\t{_defined_kind(m)}\n" for m in manifests
     ).encode()
+    if release_id:
+        files["bundle/inventory.tsv"] = "".join(
+            f"{inventory_key(m)}\t{m.namespace}\t{m.name}\n" for m in manifests
+        ).encode()
     if options:
         # The script's options (command.bundle_options): verified with the bundle's sha256. One
         # line each: a line break in a value would add an option (inputs.py refuses them).

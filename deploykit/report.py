@@ -206,6 +206,52 @@ def wide_changes_section(changes: list[Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _listed(items: Any, count: Any) -> list[str]:
+    shown = [str(item) for item in items] if isinstance(items, list) else []
+    lines = [f"- {_code(item)}" for item in shown]
+    more = count - len(shown) if isinstance(count, int) else 0
+    if more > 0:
+        lines.append(f"- and {more} more (the log lists them all)")
+    return lines
+
+
+def prune_section(prune: dict[str, Any], *, dry_run: bool) -> list[str]:
+    """What prune deleted (or, in a dry run, would delete), kept, and could not delete (the
+    script's `prune`: lists of "KIND[.GROUP] NAMESPACE/NAME", some with why in brackets)."""
+    lines = ["### Would prune" if dry_run else "### Pruned", ""]
+    release = _code(prune.get("release", ""))
+    if prune.get("note"):
+        lines += [f"Prune of release {release} skipped: {_text(prune['note'])}", ""]
+    key = "would" if dry_run else "pruned"
+    done = _listed(prune.get(key), prune.get(f"{key}_count"))
+    verb = "a deploy would delete" if dry_run else "deleted"
+    if done:
+        lines += [f"Objects of release {release} that this deploy no longer has, {verb}:", "", *done, ""]
+    elif not prune.get("note"):
+        lines += [f"Nothing to prune: release {release} has nothing that this deploy left out.", ""]
+    failed = _listed(prune.get("failed"), prune.get("failed_count"))
+    if failed:
+        lines += ["Could not be deleted, still in the cluster:", "", *failed, ""]
+    kept = _listed(prune.get("kept"), prune.get("kept_count"))
+    if kept:
+        lines += ["Left alone:", "", *kept, ""]
+    return lines
+
+
+def prune_left(report: dict[str, Any] | None) -> str:
+    """What a healthy deploy's prune could not do: "" when it did all it meant to."""
+    prune = report.get("prune") if report else None
+    if not isinstance(prune, dict):
+        return ""
+    if prune.get("failed"):
+        left = ", ".join(str(item) for item in prune["failed"])
+        count = prune.get("failed_count", len(prune["failed"]))
+        return f"{count} object(s) could not be pruned and remain in the cluster: {left}"
+    if prune.get("note"):
+        return f"prune skipped: {prune['note']}"
+    return ""
+
+
 def summary_markdown(outcome: Outcome, region: str) -> str:
     report = outcome.report
     headline = STATUS_HEADLINES.get(outcome.status, outcome.status)
@@ -259,6 +305,9 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
     changes = report.get("cluster_changes") if report else None
     if changes and isinstance(changes, list):
         lines += wide_changes_section(changes)
+    prune = report.get("prune") if report else None
+    if isinstance(prune, dict):
+        lines += prune_section(prune, dry_run=outcome.dry_run)
     failure = report.get("failure") if report else None
     if isinstance(failure, dict) and failure.get("pod"):
         lines += failure_section(failure)

@@ -112,6 +112,7 @@ def test_defaults_table(env, workspace):
         "dry-run": "false",
         "server-dry-run": "true",
         "lock-timeout": "300",
+        "prune": "false",
     }
 
 
@@ -417,3 +418,23 @@ def test_bad_transport_dry_run_and_lock_values_are_refused(env, workspace, name,
 def test_ssm_transport_still_needs_a_region(workspace):
     with pytest.raises(InputError, match="input 'aws-region' is required"):
         parse_settings({}, {"GITHUB_WORKSPACE": str(workspace)})
+
+
+def test_prune_is_off_by_default_and_the_release_is_the_repository_and_the_manifests_path(env):
+    settings = parse_settings({}, {**env, "GITHUB_REPOSITORY": "acme/shop"})
+    assert settings.prune == "false"
+    assert settings.release == "acme/shop:k8s/base"
+    assert len(settings.release_id()) == 20 and int(settings.release_id(), 16) >= 0
+    other = parse_settings({"manifests": "k8s"}, {**env, "GITHUB_REPOSITORY": "acme/shop"})
+    assert other.release == "acme/shop:k8s" and other.release_id() != settings.release_id()
+    named = parse_settings({"prune": " ALL ", "release": "shop@eu-west-1"}, env)
+    assert (named.prune, named.release) == ("all", "shop@eu-west-1")
+
+
+@pytest.mark.parametrize("bad", ["-starts-with-a-dash", "has space", "semi;colon", "x" * 201, "line\nbreak"])
+def test_a_release_name_that_is_not_plain_is_refused(env, bad):
+    assert refusal({"release": bad}, env).startswith("input 'release' must be 1 to 200 letters")
+
+
+def test_prune_takes_only_false_true_or_all(env):
+    assert refusal({"prune": "yes"}, env) == "input 'prune' must be one of false, true, all, got 'yes'"

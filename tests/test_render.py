@@ -367,3 +367,42 @@ def test_the_script_options_travel_in_the_bundle_one_line_each(tmp_path: Path) -
     for hostile in ("shop\ntimeout=1", "shop\rx", "a\x00b"):
         with pytest.raises(ValueError, match="one line"):
             build_bundle(tmp_path / "k8s", tmp_path, (), {"namespace": hostile})
+
+
+# prune
+
+
+def test_with_a_release_every_object_is_labelled_and_listed_in_the_inventory(workspace):
+    result = build_bundle(workspace / "k8s", workspace, [], release_id="0123456789abcdef0123")
+    files = members(result.data)
+    inventory = files["bundle/inventory.tsv"].decode().splitlines()
+    # in the order the manifests were read; KIND.GROUP as kubectl takes it, so two kinds of one
+    # name never mix
+    assert inventory == [
+        "Deployment.apps\tproduction-platform\tapi",
+        "Deployment.apps\t\tworker",
+        "Service\tproduction-platform\tredis",
+        "StatefulSet.apps\tproduction-platform\tredis",
+        "ConfigMap\tproduction-platform\tapi-config",
+        "Namespace\t\tproduction-platform",
+    ]
+    for name in ("1-namespaces", "2-config", "3-services", "4-statefulsets", "5-workloads"):
+        for doc in yaml.safe_load_all(files[f"bundle/{name}.yaml"]):
+            assert doc["metadata"]["labels"]["k3s-deploy-action/release"] == "0123456789abcdef0123"
+            template = (doc.get("spec") or {}).get("template") or {}
+            assert "k3s-deploy-action/release" not in ((template.get("metadata") or {}).get("labels") or {})
+
+
+def test_without_a_release_the_bundle_is_as_before(workspace):
+    files = members(bundle(workspace).data)
+    assert "bundle/inventory.tsv" not in files
+    assert b"k3s-deploy-action/release" not in b"".join(files.values())
+
+
+def test_a_configmap_named_like_a_prune_inventory_in_kube_system_is_refused(workspace):
+    write(workspace, {"k8s/inventory.yaml": (
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: k3s-deploy-release-abc\n"
+        "  namespace: kube-system\n"
+    )})
+    with pytest.raises(ManifestError, match="has the name of a release's prune inventory"):
+        bundle(workspace)

@@ -90,6 +90,12 @@ class Cluster:
             key = "failing_applies" if on_dry_run else "failing_real_applies"
             state.setdefault(key, []).append(f"{canonical}/{name}")
 
+    def fail_delete(self, kind: str, name: str) -> None:
+        """`kubectl delete` of this object fails (as if RBAC or an admission webhook refused it)."""
+        with double.open_state(self.path, write=True) as state:
+            canonical = double.kind_for_name(state, kind).kind
+            state.setdefault("failing_deletes", []).append(f"{canonical}/{name}")
+
     def fail_undo(self, kind: str, name: str, *, failing: bool = True) -> None:
         """`kubectl rollout undo` of this workload fails (as if RBAC or a webhook refused it),
         or works again with `failing=False`."""

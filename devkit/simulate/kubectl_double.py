@@ -1783,7 +1783,7 @@ def command_delete(positional: list[str], flags: dict) -> int:
         require_api(state)
         kind = kind_for_name(state, type_name)
         if kind.kind != "Pod":
-            raise KubectlError(f"error: the kubectl double deletes only pods, not {kind.plural}")
+            return _delete_objects(state, kind, names, flags)
         namespace = flags.get("namespace") or DEFAULT_NAMESPACE
         now = time.time()
         present = {p["metadata"]["name"] for p in list_pods(state, namespace, now)}
@@ -1807,6 +1807,32 @@ def command_delete(positional: list[str], flags: dict) -> int:
                     del workload["stuck"][pod]
             print(f'pod "{pod}" deleted')
         state["objects"] = {k: r for k, r in state["objects"].items() if not r.get("deleted")}
+    return 1 if failed else 0
+
+
+def _delete_objects(state: dict, kind: Kind, names: list[str], flags: dict) -> int:
+    """Any other object (prune deletes them): gone at once, as with --wait=false. A workload's
+    pods go with it (the double derives them from it); a Namespace takes what is in it."""
+    namespace = (flags.get("namespace") or DEFAULT_NAMESPACE) if kind.namespaced else ""
+    shown = f"{kind.singular}.{kind.group}" if kind.group else kind.singular
+    failed = False
+    for name in names:
+        key = object_key(kind, namespace, name)
+        if f"{kind.kind}/{name}" in state.get("failing_deletes", []):
+            print(f'Error from server (Forbidden): {kind.resource} "{name}" is forbidden: '
+                  "denied by the test's admission policy", file=sys.stderr)
+            failed = True
+            continue
+        if key not in state["objects"]:
+            if not flags.get("ignore-not-found"):
+                print(f'Error from server (NotFound): {kind.resource} "{name}" not found', file=sys.stderr)
+                failed = True
+            continue
+        del state["objects"][key]
+        if kind.kind == "Namespace":
+            state["objects"] = {k: r for k, r in state["objects"].items()
+                                if r["object"]["metadata"].get("namespace") != name}
+        print(f'{shown} "{name}" deleted')
     return 1 if failed else 0
 
 

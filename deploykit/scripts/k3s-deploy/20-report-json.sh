@@ -151,7 +151,7 @@ failure_json() {
 
 # Sets REPLY to the report's fields up to and including the workloads.
 report_head() {
-  local text=$1 workload_count=$2 log_lines=$3 change_count=$4 head item changes=""
+  local text=$1 workload_count=$2 log_lines=$3 change_count=$4 prune_items=$5 head item changes=""
   json_string "$deploy_id"
   head='{"version":1,"mode":"'"$command"'","deploy_id":'"$REPLY"',"result":"'"$result"'","step":"'"$step"'"'
   json_string "$text"
@@ -177,17 +177,21 @@ report_head() {
     done
     head+=',"cluster_changes":['"$changes"']'
   fi
+  prune_json "$prune_items"
+  if [[ -n "$REPLY" ]]; then
+    head+=',"prune":'"$REPLY"
+  fi
   workloads_json "$workload_count"
   REPLY="$head,\"workloads\":$REPLY"
 }
 
 # Sets REPLY to the report, shortened to fit: oldest events and last pods go first, then the
-# message is cut, then the failed container's log, the dry run's list of changes, then
-# workloads are left out (the message says how many).
+# message is cut, then the failed container's log, the dry run's list of changes and prune's
+# lists are cut short, then workloads are left out (the message says how many).
 build_report() {
   local pods=() events=() line i size head text=$message workload_count=${#wl_name[@]}
   local pod_count event_start=0 pods_part log_lines=$REPORT_LOG_LINES
-  local change_count=${#diff_changes[@]}
+  local change_count=${#diff_changes[@]} prune_items=$PRUNE_REPORT_ITEMS
   for line in "${report_pods[@]}"; do
     truncate_text "$REPORT_LINE_MAX" "$line"
     json_string "$REPLY"
@@ -207,7 +211,7 @@ build_report() {
     size=$((size + ${#events[i]} + 1))
   done
   while :; do
-    report_head "$text" "$workload_count" "$log_lines" "$change_count"
+    report_head "$text" "$workload_count" "$log_lines" "$change_count" "$prune_items"
     head=$REPLY
     # What follows the head: ,"pods":[...],"events":[...]}
     while ((${#head} + 22 + size > REPORT_MAX_BYTES)); do
@@ -231,12 +235,16 @@ build_report() {
       log_lines=0
     elif ((change_count > 10)); then
       change_count=10
+    elif ((prune_items > 3)); then
+      prune_items=3
     elif ((workload_count > 0)); then
       workload_count=$((workload_count - 1))
       truncate_text 1000 "$message"
       text="$REPLY (report shortened: $((${#wl_name[@]} - workload_count)) workloads left out)"
     elif ((change_count > 0)); then
       change_count=0
+    elif ((prune_items > 0)); then
+      prune_items=0
     else
       truncate_text 200 "$text"
       text=$REPLY

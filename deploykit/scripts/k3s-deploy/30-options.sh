@@ -67,6 +67,9 @@ set_option() {
   validate) validate=$2 ;;
   commit) commit=$2 ;;
   run-url) run_url=$2 ;;
+  prune) prune_mode=$2 ;;
+  release) release_id=$2 ;;
+  release-name) release_name=$2 ;;
   *) return 1 ;;
   esac
 }
@@ -142,6 +145,12 @@ validate_arguments() {
   # Written to the workloads, the lock and the state folder's options file: one printable line.
   if [[ ! "$commit" =~ ^[[:graph:]]{0,100}$ || ! "$run_url" =~ ^[[:graph:]]{0,500}$ ]]; then
     usage_error "--commit and --run-url must be one word of printable characters"
+  fi
+  if [[ "$prune_mode" != false && "$prune_mode" != true && "$prune_mode" != all ]]; then
+    usage_error "--prune must be false, true or all, got '$prune_mode'"
+  fi
+  if [[ "$prune_mode" != false ]] && [[ ! "$release_id" =~ $RELEASE_ID_PATTERN || ! "$release_name" =~ $RELEASE_NAME_PATTERN ]]; then
+    usage_error "--prune needs --release (20 hex digits) and --release-name (1 to 200 letters, digits and . _ / : @ + -)"
   fi
   state_dir="$state_root/$deploy_id"
 }

@@ -23,6 +23,7 @@ run_deploy() {
   fi
   record_revisions
   find_wide_objects
+  prepare_prune
   # From here bash runs apply_bundle, wait_for_workloads and verify_health with errexit off
   # (a function called in an `||` list). That is the decision, not an accident: once the
   # cluster has changed, no unexpected failure may end the script before the rollback and the
@@ -49,6 +50,15 @@ run_deploy() {
     if [[ -n "$annotate_failures" ]]; then
       message+=" (could not annotate: $annotate_failures)"
     fi
+    prune_objects
+    if ((${#prune_pruned[@]} > 0)); then
+      message+="; pruned ${#prune_pruned[@]} object(s)"
+    fi
+    if ((${#prune_failed[@]} > 0)); then
+      message+="; ${#prune_failed[@]} object(s) could not be pruned"
+    elif [[ -n "$prune_note" ]]; then
+      message+="; prune skipped"
+    fi
     log "$message"
     finish_after_changes success
   fi
@@ -70,6 +80,7 @@ run_dry_run() {
   server_dry_run_bundle
   diff_bundle
   print_diff
+  list_prunable
   count=${#diff_changes[@]}
   if ((count == 0)); then
     message="dry run: the cluster already matches the manifests; nothing was changed"
@@ -80,6 +91,9 @@ run_dry_run() {
       message+=", ..."
     fi
     message+="; nothing was changed"
+  fi
+  if ((${#prune_would[@]} > 0)); then
+    message+="; a deploy would prune ${#prune_would[@]} object(s)"
   fi
   log "$message"
   result=success
