@@ -94,6 +94,14 @@ def deployment(name: str, image: str, replicas: int = 1, ns: str = NS,
             "metadata": {"name": name, "namespace": ns}, "spec": spec}
 
 
+def daemonset(name: str = "log-shipper", image: str = "shipper:v1", ns: str = NS) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": name, "image": image}]}}}}
+
+
 def widget_crd() -> dict:
     return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
             "metadata": {"name": "widgets.example.com"},

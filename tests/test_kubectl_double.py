@@ -32,6 +32,7 @@ try:
         Master,
         as_yaml,
         configmap,
+        daemonset,
         deployment,
         namespace,
         phase_files,
@@ -46,6 +47,7 @@ except ModuleNotFoundError:  # pragma: no cover
         Master,
         as_yaml,
         configmap,
+        daemonset,
         deployment,
         namespace,
         phase_files,
@@ -521,6 +523,44 @@ def test_statefulset_revisions_name_its_templates(double: Double) -> None:
     assert double.cluster.revision("statefulset", NS, "redis") == first["updateRevision"]
     assert not double.cluster.pods(NS)[0]["status"]["containerStatuses"][0]["ready"]
     assert double("delete", "pod", "redis-0", "-n", NS, "--wait=false").returncode == 0
+    assert double.cluster.pods(NS)[0]["status"]["containerStatuses"][0]["ready"]
+
+
+def test_daemonset_history_is_in_controller_revisions_it_owns(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), daemonset(image="shipper:v1")]))
+    first = double.cluster.revision("daemonset", NS, "log-shipper")
+    status = double.cluster.get("daemonset", NS, "log-shipper")["status"]
+    assert (status["desiredNumberScheduled"], status["numberReady"],
+            status["updatedNumberScheduled"], status["numberAvailable"]) == (1, 1, 1, 1)
+    assert "replicas" not in status and "updateRevision" not in status
+    double.cluster.break_image("shipper:v2")
+
+    double.apply([daemonset(image="shipper:v2")])
+
+    status = double.cluster.get("daemonset", NS, "log-shipper")["status"]
+    assert (status["numberReady"], status["updatedNumberScheduled"]) == (0, 1)
+    assert "numberAvailable" not in status  # zero: left out, as the API does
+    second = double.cluster.revision("daemonset", NS, "log-shipper")
+    listing = double("get", "controllerrevisions", "-n", NS, "-o",
+                     "jsonpath={range .items[*]}{.metadata.name} {.revision} "
+                     "{.metadata.ownerReferences[0].kind}{\"\\n\"}{end}").stdout
+    assert sorted(listing.splitlines()) == sorted([f"{first} 1 DaemonSet", f"{second} 2 DaemonSet"])
+    pod = double.cluster.pods(NS)[0]
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+    assert pod["metadata"]["labels"]["controller-revision-hash"] == second.removeprefix(
+        "log-shipper-")
+    waiting = double("rollout", "status", "daemonset/log-shipper", "-n", NS, "--timeout=1s")
+    assert waiting.returncode == 1
+    assert ('Waiting for daemon set "log-shipper" rollout to finish: 0 of 1 updated pods are '
+            "available...") in waiting.stdout
+
+    undo = double("rollout", "undo", "daemonset/log-shipper", "-n", NS, "--to-revision=1")
+
+    assert undo.stdout == "daemonset.apps/log-shipper rolled back\n", undo.stderr
+    # The old template's ControllerRevision is renumbered, and the DaemonSet replaces its pod.
+    assert double.cluster.revision("daemonset", NS, "log-shipper") == first
+    assert double("rollout", "status", "ds/log-shipper", "-n", NS, "--timeout=1s").stdout == (
+        'daemon set "log-shipper" successfully rolled out\n')
     assert double.cluster.pods(NS)[0]["status"]["containerStatuses"][0]["ready"]
 
 
