@@ -140,6 +140,10 @@ def script_calls(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
     deploy("third", platform(api_image="api:v3"), 7)
     master.cluster.break_image("worker:v3", reason="CreateContainerConfigError")
     deploy("fourth", platform(worker_image="worker:v3"), 7)
+    # A DaemonSet: its revision from its ControllerRevisions, its crash loop undone to one.
+    deploy("fifth", [*platform(), daemonset()], 0)
+    master.cluster.break_image("shipper:v2")
+    deploy("sixth", [*platform(), daemonset(image="shipper:v2")], 7)
     deploy("dry", platform(api_image="api:v4"), 0, command="dry-run")
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
@@ -220,12 +224,15 @@ def jsonpath_templates(script_calls: list[list[str]]) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def rolling_cluster(tmp_path_factory: pytest.TempPathFactory) -> Double:
-    """A cluster caught mid-way: a crash-looping api rollout and a redis stuck on a bad image."""
+    """A cluster caught mid-way: a crash-looping api rollout, a redis stuck on a bad image, a
+    DaemonSet whose pod cannot pull its image."""
     double = Double(tmp_path_factory.mktemp("rolling"))
-    double.cluster.seed(as_yaml(platform()))
+    double.cluster.seed(as_yaml([*platform(), daemonset()]))
     double.cluster.break_image("api:v2")
     double.cluster.break_image("redis:bad", reason="ImagePullBackOff")
-    done = double.apply(platform(api_image="api:v2", redis_image="redis:bad"))
+    double.cluster.break_image("shipper:bad", reason="ImagePullBackOff")
+    done = double.apply([*platform(api_image="api:v2", redis_image="redis:bad"),
+                         daemonset(image="shipper:bad")])
     assert done.returncode == 0, done.stderr
     return double
 
@@ -244,7 +251,8 @@ def test_script_jsonpath_on_workloads_prints_what_real_kubectl_prints(
         script_calls, real_kubectl, rolling_cluster: Double, tmp_path: Path) -> None:
     templates = [t for t, kinds in jsonpath_templates(script_calls).items() if "object" in kinds]
     assert templates
-    for kind, name in [("deployment", "api"), ("deployment", "worker"), ("statefulset", "redis")]:
+    for kind, name in [("deployment", "api"), ("deployment", "worker"), ("statefulset", "redis"),
+                       ("daemonset", "log-shipper")]:
         served = json.loads(rolling_cluster("get", kind, name, "-n", NS, "-o", "json").stdout)
         for template in templates:
             ours = rolling_cluster("get", kind, name, "-n", NS, "-o", f"jsonpath={template}")

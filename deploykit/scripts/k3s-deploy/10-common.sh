@@ -140,6 +140,7 @@ wl_after=()
 wl_desired=()
 wl_ready=()
 wl_updated=()
+wl_available=() # a DaemonSet's numberAvailable (its rollout is done only when all are available)
 wl_uid=()     # the workload's metadata.uid, once read (its pods are selected by it)
 wl_since=()   # pods created since then are this deploy's ("" when it did not change the workload)
 wl_trace=()   # the workload's traceability annotations before this deploy, tab-separated
