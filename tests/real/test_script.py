@@ -141,6 +141,22 @@ def test_a_daemonset_reaches_every_node_and_a_crash_loop_goes_back_to_its_revisi
     assert control_plane.lock_holder() == ""
 
 
+def test_a_new_daemonset_that_crash_loops_is_left_as_applied_with_no_history(
+    control_plane: ControlPlane, host: ScriptHost, ns: str
+) -> None:
+    """kubectl's undo of a DaemonSet with one ControllerRevision says "no last revision to roll
+    back to", as a StatefulSet's does: the script reads it as nothing to go back to."""
+    run = host.deploy(_agent_docs(ns, "crashloop"), "agent-new")
+
+    assert run.code == 9, run.stdout
+    assert run.report["failure"]["reason"] == "CrashLoopBackOff", run.report
+    assert "daemonset/node-agent: no earlier revision (new in this deploy), left as applied" in (
+        run.stdout)
+    assert run.workload("node-agent")["result"] == "failed"
+    assert control_plane.image_of("daemonset", ns, "node-agent") == f"{AGENT_IMAGE}:crashloop"
+    assert control_plane.lock_holder() == ""
+
+
 def test_bundle_whose_phases_hold_several_documents_deploys_into_new_namespaces(
     control_plane: ControlPlane, host: ScriptHost, namespaces: Any
 ) -> None:

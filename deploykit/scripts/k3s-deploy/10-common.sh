@@ -59,6 +59,8 @@ readonly KUBECTL_WORD_PATTERN='^[A-Za-z0-9_./:=-]+$'
 readonly DNS_LABEL_PATTERN='^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'
 readonly DNS_NAME_PATTERN='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
 readonly DEPLOY_ID_PATTERN='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
+# What `kubectl rollout undo` says of a workload with no earlier revision: a Deployment; a
+# StatefulSet or a DaemonSet (the DaemonSet's seen from kubectl 1.37 on the real API).
 readonly NO_HISTORY_MESSAGES=("no rollout history found" "no last revision to roll back to")
 # One line per pod (workload_pods selects the pods by their owner's UID), only fields the API
 # server types or validates and the kubelet's status words; checked by POD_LINE_PATTERN.

@@ -4,8 +4,9 @@
 # Then the health check. Sets wl_uid, wl_outcome, wl_after, fail_reason and failure_*.
 
 # Prints the UIDs of the controllers that own workload $1's pods: the StatefulSet's or the
-# DaemonSet's own (they own their pods directly), or those of the Deployment's ReplicaSets. UIDs are the API server's own (immutable, made by it),
-# so pods are selected by them and never by parsing who they say owns them.
+# DaemonSet's own (they own their pods directly), or those of the Deployment's ReplicaSets.
+# UIDs are the API server's own (immutable, made by it), so pods are selected by them and
+# never by parsing who they say owns them.
 workload_owner_uids() {
   local i=$1 uid listing line
   workload_ns_args "$i"

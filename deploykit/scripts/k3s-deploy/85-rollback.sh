@@ -114,12 +114,6 @@ roll_back_changed() {
     # renumbers its ControllerRevision, so a number recorded earlier could name nothing by now.
     workload_ns_args "$i"
     to_revision=()
-    if [[ "${wl_kind[i]}" == daemonset && -z "${wl_before[i]}" ]]; then
-      # kubectl's DaemonSet undo has no "no history" message of its own to tell this apart.
-      log "${wl_kind[i]}/${wl_name[i]}: no earlier revision (new in this deploy), left as applied"
-      wl_undo[i]=no-history
-      continue
-    fi
     if [[ "${wl_kind[i]}" == deployment && "${wl_before[i]}" =~ ^[0-9]+$ ]]; then
       to_revision=(--to-revision="${wl_before[i]}")
     elif [[ "${wl_kind[i]}" == statefulset || "${wl_kind[i]}" == daemonset ]] &&
