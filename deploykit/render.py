@@ -49,7 +49,9 @@ PHASES: tuple[tuple[str, frozenset[str]], ...] = (
     ("4-statefulsets", frozenset({"StatefulSet"})),
     ("5-workloads", frozenset()),
 )
-WATCHED_KINDS = {"Deployment": "deployment", "StatefulSet": "statefulset"}
+# DaemonSets go with the Deployments (phase 5): like them, nothing in the bundle waits for them,
+# while StatefulSets come first because Deployments often need them (a database, a queue).
+WATCHED_KINDS = {"Deployment": "deployment", "StatefulSet": "statefulset", "DaemonSet": "daemonset"}
 
 MAX_FILES = 5000
 MAX_FILE_BYTES = 5 * 1024 * 1024
@@ -354,7 +356,8 @@ def build_bundle(
     workloads = tuple(
         (WATCHED_KINDS[m.kind], m.namespace, m.name) for m in manifests if m.kind in WATCHED_KINDS
     )
-    # StatefulSets are applied (and so watched) before Deployments.
+    # StatefulSets are applied (and so watched) before Deployments and DaemonSets, which keep
+    # the manifests' order: the order phase 5 applies them in.
     workloads = tuple(sorted(workloads, key=lambda w: w[0] != "statefulset"))
     files = {f"bundle/{name}.yaml": _dump(docs) for name, docs in phases.items()}
     files["bundle/workloads.tsv"] = "".join(f"{k}\t{ns}\t{n}\n" for k, ns, n in workloads).encode()

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from deploykit import command
+from deploykit.report import Outcome, summary_markdown
 from devkit.simulate.cluster import Cluster
 
 
@@ -94,6 +95,14 @@ def deployment(name: str, image: str, replicas: int = 1, ns: str = NS,
             "metadata": {"name": name, "namespace": ns}, "spec": spec}
 
 
+def daemonset(name: str = "log-shipper", image: str = "shipper:v1", ns: str = NS) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": name, "image": image}]}}}}
+
+
 def widget_crd() -> dict:
     return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
             "metadata": {"name": "widgets.example.com"},
@@ -130,7 +139,7 @@ def phase_files(docs: list[dict]) -> dict[str, str]:
     workloads = []
     for doc in docs:
         phases.setdefault(PHASE_OF_KIND.get(doc["kind"], "5-workloads.yaml"), []).append(doc)
-        if doc["kind"] in ("Deployment", "StatefulSet"):
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
             workloads.append(f"{doc['kind'].lower()}\t{doc['metadata'].get('namespace', '')}\t"
                              f"{doc['metadata']['name']}\n")
     files = {name: as_yaml(content) for name, content in sorted(phases.items())}
@@ -707,6 +716,112 @@ def test_statefulset_with_a_bad_image_fails_fast_and_is_rolled_back(master: Mast
     # The pod stuck on the bad revision had to be deleted for the old one to come back.
     assert "deleting pod redis-0" in run.stdout
     assert all(p["status"]["containerStatuses"][0]["ready"] for p in master.cluster.pods(NS))
+
+
+def test_a_daemonset_is_waited_for_in_apply_order_and_reported_by_its_nodes(
+        master: Master) -> None:
+    # Listed between the two Deployments: phase 5 applies it there, so it is waited for there.
+    docs = [*platform()[:5], daemonset(), platform()[5]]
+    master.cluster.seed(as_yaml(docs))
+    before = master.cluster.revision("daemonset", NS, "log-shipper")
+
+    run = master.deploy([*platform()[:5], daemonset(image="shipper:v2"), platform()[5]])
+
+    assert run.code == 0, run.stdout
+    assert [w["name"] for w in run.report["workloads"]] == ["redis", "api", "log-shipper",
+                                                            "worker"]
+    shipper = run.workload("log-shipper")
+    after = master.cluster.revision("daemonset", NS, "log-shipper")
+    assert before.startswith("log-shipper-") and after != before
+    assert (shipper["kind"], shipper["desired"], shipper["ready"], shipper["updated"],
+            shipper["revision_before"], shipper["revision_after"], shipper["result"]) == (
+        "daemonset", 1, 1, 1, before, after, "ready")
+    assert "waiting for daemonset/log-shipper in production-platform" in run.stdout
+    assert 'daemon set "log-shipper" successfully rolled out' in run.stdout
+    assert "daemonset/log-shipper in production-platform: healthy, 1/1 ready" in run.stdout
+    assert (master.state_root / "deploy-1").exists() is False
+
+
+def test_a_crash_looping_daemonset_fails_fast_and_goes_back_to_its_revision(
+        master: Master) -> None:
+    docs = [*platform(), daemonset()]
+    master.cluster.seed(as_yaml(docs))
+    before = master.cluster.revision("daemonset", NS, "log-shipper")
+    master.cluster.break_image("shipper:v2", reason="CrashLoopBackOff")
+
+    # A DaemonSet has no progress deadline either: without the pod check this would wait 60 s.
+    run = master.deploy([*platform(), daemonset(image="shipper:v2")], timeout=60)
+
+    assert run.code == 7, run.stdout
+    assert run.seconds < 45, run.stdout
+    report = run.report
+    assert report["failure"]["workload"] == "daemonset/log-shipper"
+    assert report["failure"]["reason"] == "CrashLoopBackOff"
+    assert "daemonset/log-shipper in production-platform: pod log-shipper-" in report["message"]
+    shipper = run.workload("log-shipper")
+    assert (shipper["result"], shipper["revision_before"], shipper["ready"]) == (
+        "rolled-back", before, 1)
+    assert master.cluster.revision("daemonset", NS, "log-shipper") == before
+    assert master.cluster.image_of("daemonset", NS, "log-shipper") == "shipper:v1"
+    assert {w["name"]: w["result"] for w in report["workloads"]} == {
+        "redis": "unchanged", "api": "unchanged", "worker": "unchanged",
+        "log-shipper": "rolled-back"}
+    # The action's summary reads the same report: a row like any workload's.
+    from tests import markdown
+    summary = summary_markdown(Outcome(status="rolled-back", rolled_back=True, message="m",
+                                       report=report), "eu-west-1")
+    rendered = markdown.render(summary)
+    assert (f"<td>{NS}/daemonset/log-shipper</td>\n<td>1/1</td>\n<td>1</td>\n"
+            f"<td>{before} → {shipper['revision_after']}</td>\n<td>rolled-back</td>") in rendered, (
+        rendered)
+    assert all(p["status"]["containerStatuses"][0]["ready"] for p in master.cluster.pods(NS))
+
+
+def test_a_new_daemonset_that_fails_is_left_as_applied_with_no_history(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("shipper:v2", reason="ImagePullBackOff")
+
+    run = master.deploy([*platform(), daemonset(image="shipper:v2")], timeout=60)
+
+    assert run.code == 9, run.stdout
+    assert "ImagePullBackOff" in run.report["message"]
+    assert "daemonset/log-shipper: no earlier revision (new in this deploy), left as applied" in (
+        run.stdout)
+    assert run.workload("log-shipper")["result"] == "failed"
+
+
+def test_a_daemonset_goes_back_to_the_exact_revision_recorded_before(master: Master) -> None:
+    """As the StatefulSet's: someone moved the DaemonSet to v3 and back to this deploy's v2
+    (the same ControllerRevision, renumbered); the rollback must give the v1 it recorded."""
+    master.cluster.seed(as_yaml([*platform(), daemonset()]))
+    before = master.cluster.revision("daemonset", NS, "log-shipper")
+    _kill_once_recorded(master, "deploy-d", "daemonset", "log-shipper",
+                        [*platform(), daemonset(image="shipper:v2")])
+    master.cluster.seed(as_yaml([daemonset(image="shipper:v3")]))
+    master.cluster.seed(as_yaml([daemonset(image="shipper:v2")]))
+
+    run = master.rollback("deploy-d")
+
+    assert run.code == 10, run.stdout
+    assert run.workload("log-shipper")["result"] == "rolled-back"
+    assert master.cluster.image_of("daemonset", NS, "log-shipper") == "shipper:v1"
+    assert master.cluster.revision("daemonset", NS, "log-shipper") == before
+
+
+def test_a_daemonset_someone_else_changed_since_is_left_alone(master: Master) -> None:
+    master.cluster.seed(as_yaml([*platform(), daemonset()]))
+    _kill_once_recorded(master, "deploy-e", "daemonset", "log-shipper",
+                        [*platform(), daemonset(image="shipper:v2")])
+    applied = (master.state_root / "deploy-e" / "applied.tsv").read_text()
+    mine = master.cluster.revision("daemonset", NS, "log-shipper")
+    assert applied == f"daemonset/{NS}/log-shipper\t{mine}\n"
+    master.cluster.seed(as_yaml([daemonset(image="shipper:v3")]))
+
+    run = master.rollback("deploy-e")
+
+    assert run.code == 12, run.stdout
+    assert run.workload("log-shipper")["result"] == "changed-by-another"
+    assert master.cluster.image_of("daemonset", NS, "log-shipper") == "shipper:v3"
 
 
 def _terminate_mid_rollout(master: Master, deploy_id: str) -> subprocess.CompletedProcess:

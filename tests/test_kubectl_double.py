@@ -32,6 +32,7 @@ try:
         Master,
         as_yaml,
         configmap,
+        daemonset,
         deployment,
         namespace,
         phase_files,
@@ -46,6 +47,7 @@ except ModuleNotFoundError:  # pragma: no cover
         Master,
         as_yaml,
         configmap,
+        daemonset,
         deployment,
         namespace,
         phase_files,
@@ -138,6 +140,10 @@ def script_calls(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
     deploy("third", platform(api_image="api:v3"), 7)
     master.cluster.break_image("worker:v3", reason="CreateContainerConfigError")
     deploy("fourth", platform(worker_image="worker:v3"), 7)
+    # A DaemonSet: its revision from its ControllerRevisions, its crash loop undone to one.
+    deploy("fifth", [*platform(), daemonset()], 0)
+    master.cluster.break_image("shipper:v2")
+    deploy("sixth", [*platform(), daemonset(image="shipper:v2")], 7)
     deploy("dry", platform(api_image="api:v4"), 0, command="dry-run")
     return [json.loads(line) for line in calls.read_text().splitlines()]
 
@@ -218,12 +224,15 @@ def jsonpath_templates(script_calls: list[list[str]]) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def rolling_cluster(tmp_path_factory: pytest.TempPathFactory) -> Double:
-    """A cluster caught mid-way: a crash-looping api rollout and a redis stuck on a bad image."""
+    """A cluster caught mid-way: a crash-looping api rollout, a redis stuck on a bad image, a
+    DaemonSet whose pod cannot pull its image."""
     double = Double(tmp_path_factory.mktemp("rolling"))
-    double.cluster.seed(as_yaml(platform()))
+    double.cluster.seed(as_yaml([*platform(), daemonset()]))
     double.cluster.break_image("api:v2")
     double.cluster.break_image("redis:bad", reason="ImagePullBackOff")
-    done = double.apply(platform(api_image="api:v2", redis_image="redis:bad"))
+    double.cluster.break_image("shipper:bad", reason="ImagePullBackOff")
+    done = double.apply([*platform(api_image="api:v2", redis_image="redis:bad"),
+                         daemonset(image="shipper:bad")])
     assert done.returncode == 0, done.stderr
     return double
 
@@ -242,7 +251,8 @@ def test_script_jsonpath_on_workloads_prints_what_real_kubectl_prints(
         script_calls, real_kubectl, rolling_cluster: Double, tmp_path: Path) -> None:
     templates = [t for t, kinds in jsonpath_templates(script_calls).items() if "object" in kinds]
     assert templates
-    for kind, name in [("deployment", "api"), ("deployment", "worker"), ("statefulset", "redis")]:
+    for kind, name in [("deployment", "api"), ("deployment", "worker"), ("statefulset", "redis"),
+                       ("daemonset", "log-shipper")]:
         served = json.loads(rolling_cluster("get", kind, name, "-n", NS, "-o", "json").stdout)
         for template in templates:
             ours = rolling_cluster("get", kind, name, "-n", NS, "-o", f"jsonpath={template}")
@@ -521,6 +531,44 @@ def test_statefulset_revisions_name_its_templates(double: Double) -> None:
     assert double.cluster.revision("statefulset", NS, "redis") == first["updateRevision"]
     assert not double.cluster.pods(NS)[0]["status"]["containerStatuses"][0]["ready"]
     assert double("delete", "pod", "redis-0", "-n", NS, "--wait=false").returncode == 0
+    assert double.cluster.pods(NS)[0]["status"]["containerStatuses"][0]["ready"]
+
+
+def test_daemonset_history_is_in_controller_revisions_it_owns(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), daemonset(image="shipper:v1")]))
+    first = double.cluster.revision("daemonset", NS, "log-shipper")
+    status = double.cluster.get("daemonset", NS, "log-shipper")["status"]
+    assert (status["desiredNumberScheduled"], status["numberReady"],
+            status["updatedNumberScheduled"], status["numberAvailable"]) == (1, 1, 1, 1)
+    assert "replicas" not in status and "updateRevision" not in status
+    double.cluster.break_image("shipper:v2")
+
+    double.apply([daemonset(image="shipper:v2")])
+
+    status = double.cluster.get("daemonset", NS, "log-shipper")["status"]
+    assert (status["numberReady"], status["updatedNumberScheduled"]) == (0, 1)
+    assert "numberAvailable" not in status  # zero: left out, as the API does
+    second = double.cluster.revision("daemonset", NS, "log-shipper")
+    listing = double("get", "controllerrevisions", "-n", NS, "-o",
+                     "jsonpath={range .items[*]}{.metadata.name} {.revision} "
+                     "{.metadata.ownerReferences[0].kind}{\"\\n\"}{end}").stdout
+    assert sorted(listing.splitlines()) == sorted([f"{first} 1 DaemonSet", f"{second} 2 DaemonSet"])
+    pod = double.cluster.pods(NS)[0]
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+    assert pod["metadata"]["labels"]["controller-revision-hash"] == second.removeprefix(
+        "log-shipper-")
+    waiting = double("rollout", "status", "daemonset/log-shipper", "-n", NS, "--timeout=1s")
+    assert waiting.returncode == 1
+    assert ('Waiting for daemon set "log-shipper" rollout to finish: 0 of 1 updated pods are '
+            "available...") in waiting.stdout
+
+    undo = double("rollout", "undo", "daemonset/log-shipper", "-n", NS, "--to-revision=1")
+
+    assert undo.stdout == "daemonset.apps/log-shipper rolled back\n", undo.stderr
+    # The old template's ControllerRevision is renumbered, and the DaemonSet replaces its pod.
+    assert double.cluster.revision("daemonset", NS, "log-shipper") == first
+    assert double("rollout", "status", "ds/log-shipper", "-n", NS, "--timeout=1s").stdout == (
+        'daemon set "log-shipper" successfully rolled out\n')
     assert double.cluster.pods(NS)[0]["status"]["containerStatuses"][0]["ready"]
 
 

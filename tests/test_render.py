@@ -200,6 +200,37 @@ def test_workloads_tsv_lists_statefulsets_then_deployments_with_an_empty_namespa
     )
 
 
+LOG_SHIPPER = """\
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: log-shipper
+  namespace: production-platform
+spec:
+  template:
+    spec:
+      containers: [{name: shipper, image: "fluent-bit:3"}]
+"""
+
+
+def test_daemonsets_are_watched_in_the_deployments_phase_in_the_manifests_order(workspace):
+    # Between the two Deployments of one file: phase 5 applies them in that order.
+    write(workspace, {"k8s/a-api.yaml": API.replace("---\n", "---\n" + LOG_SHIPPER + "---\n", 1)})
+    result = bundle(workspace)
+    files = members(result.data)
+    assert result.workloads == (
+        ("statefulset", "production-platform", "redis"),
+        ("deployment", "production-platform", "api"),
+        ("daemonset", "production-platform", "log-shipper"),
+        ("deployment", "", "worker"),
+    )
+    tsv = files["bundle/workloads.tsv"].decode().splitlines()
+    assert tsv[2] == "daemonset\tproduction-platform\tlog-shipper"
+    documents = yaml.safe_load_all(files["bundle/5-workloads.yaml"])
+    phase5 = [(d["kind"], d["metadata"]["name"]) for d in documents]
+    assert phase5 == [("Deployment", "api"), ("DaemonSet", "log-shipper"), ("Deployment", "worker")]
+
+
 def test_pinned_images_are_in_the_bundle(workspace):
     files = members(bundle(workspace, "ghcr.io/acme/api:abc123,localhost:5000/worker:v2,redis:7.2").data)
     deployments = list(yaml.safe_load_all(files["bundle/5-workloads.yaml"]))

@@ -140,12 +140,18 @@ class Cluster:
 
     def revision(self, kind: str, namespace: str, name: str) -> str | None:
         """What k3s-deploy.sh records: a Deployment's revision annotation, a StatefulSet's
-        .status.updateRevision."""
+        .status.updateRevision, the name of a DaemonSet's highest-numbered ControllerRevision."""
         obj = self.get(kind, namespace, name)
         if obj is None:
             return None
         if obj["kind"] == "Deployment":
             return obj["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+        if obj["kind"] == "DaemonSet":
+            with double.open_state(self.path, write=False) as state:
+                revisions = [r for r in double.list_objects(
+                    state, double.kind_for_name(state, "controllerrevisions"), namespace,
+                    time.time()) if r["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]]
+            return max(revisions, key=lambda r: r["revision"])["metadata"]["name"]
         return obj["status"]["updateRevision"]
 
     def image_of(self, kind: str, namespace: str, name: str) -> str | None:

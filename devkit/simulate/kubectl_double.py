@@ -29,13 +29,18 @@ What it enforces, because the real API server does:
 - a StatefulSet's .status.updateRevision / currentRevision name its ControllerRevisions; a pod
   that never became ready keeps running the failed revision after an undo until it is deleted
   (the documented StatefulSet "forced rollback" limitation);
+- a DaemonSet runs one pod on the double's one node, counts it in desiredNumberScheduled,
+  numberReady, updatedNumberScheduled and numberAvailable (no replicas, no revision in its
+  status), keeps its history in ControllerRevisions it owns (named DAEMONSET-HASH, its pods'
+  controller-revision-hash label is HASH) and replaces an unready pod itself on an undo;
 - a container whose image is broken waits with the kubelet's reason and message; a crash loop
   has its last run in lastState and its log under `logs --previous`; a container that never
   started has no log;
 - `rollout status` waits for real (in small sleeps, never past --timeout) and fails at once
   when a Deployment is past its progressDeadlineSeconds.
 What it does not model: schema validation (--validate is accepted, not acted on), server-side
-apply, field managers, label selectors, controllers other than Deployment and StatefulSet.
+apply, field managers, label selectors, controllers other than Deployment, StatefulSet and
+DaemonSet, more than one node.
 
 Pods are not stored: they are derived from each workload's rollout (when it began, whether an
 image is broken, whether the rollout is slowed down) every time they are read.
@@ -167,7 +172,9 @@ BUILTIN_KINDS = (
          "customresourcedefinitions", False, ("crd", "crds")),
     Kind("Lease", "coordination.k8s.io", ("v1",), "leases", True),
 )
-WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+# A DaemonSet runs a pod on each node: the double has one (NODE_NAME).
+DAEMONSET_NODES = 1
 
 
 def known_kinds(state: dict) -> list[Kind]:
@@ -488,7 +495,8 @@ class Pod:
 
 
 class WorkloadView:
-    """A Deployment or StatefulSet as its controller would have it at a moment in time."""
+    """A Deployment, StatefulSet or DaemonSet as its controller would have it at a moment in
+    time."""
 
     def __init__(self, state: dict, record: dict, now: float) -> None:
         self.state, self.record, self.now = state, record, now
@@ -497,7 +505,8 @@ class WorkloadView:
         self.name = obj["metadata"]["name"]
         self.namespace = obj["metadata"].get("namespace", "")
         spec = obj.get("spec") or {}
-        self.replicas = int(spec.get("replicas", 1))
+        self.replicas = DAEMONSET_NODES if self.kind == "DaemonSet" else int(
+            spec.get("replicas", 1))
         self.progress_deadline = int(spec.get("progressDeadlineSeconds",
                                               DEFAULT_PROGRESS_DEADLINE))
         workload = record["workload"]
@@ -564,15 +573,21 @@ class WorkloadView:
     def revision_name(self, hash_: str) -> str:
         return f"{self.name}-{hash_}"
 
+    def revision_label(self, hash_: str) -> str:
+        """The controller-revision-hash label: the ControllerRevision's name for a
+        StatefulSet, only the hash for a DaemonSet (as their controllers write them)."""
+        return hash_ if self.kind == "DaemonSet" else self.revision_name(hash_)
+
     def controller_revisions(self) -> list[dict]:
-        """The StatefulSet's ControllerRevisions, one per template, numbered as its history."""
+        """The StatefulSet's or DaemonSet's ControllerRevisions, one per template, numbered as
+        its history."""
         owner = self.record["object"]["metadata"]
         return [{
             "apiVersion": "apps/v1", "kind": "ControllerRevision",
             "metadata": {
                 "name": self.revision_name(entry["hash"]), "namespace": self.namespace,
-                "labels": {"controller-revision-hash": self.revision_name(entry["hash"])},
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                "labels": {"controller-revision-hash": self.revision_label(entry["hash"])},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": self.kind,
                                      "name": self.name, "uid": owner["uid"],
                                      "controller": True, "blockOwnerDeletion": True}],
             },
@@ -597,6 +612,9 @@ class WorkloadView:
         if self.kind == "Deployment":
             labels["pod-template-hash"] = hash_
             owner_kind, owner_name = "ReplicaSet", self.replica_set(hash_)
+        elif self.kind == "DaemonSet":
+            labels["controller-revision-hash"] = self.revision_label(hash_)
+            owner_kind, owner_name = "DaemonSet", self.name
         else:
             labels["controller-revision-hash"] = self.revision_name(hash_)
             labels["statefulset.kubernetes.io/pod-name"] = name
@@ -619,6 +637,19 @@ class WorkloadView:
                 for i in range(count):
                     name = f"{rs}-{generated_suffix(f'{rs}/{i}', 5)}"
                     pods.append(self._pod(name, hash_, created, ready))
+            return pods
+        if self.kind == "DaemonSet":
+            # One pod per node, named anew for each revision. RollingUpdate (maxUnavailable 1)
+            # replaces one node's pod at a time, and deletes a pod that is not available
+            # first: an undo needs no help.
+            pods = []
+            for node in range(self.replicas):
+                if self.has_old and not self.complete and node > 0:
+                    hash_, created, ready = self.stable, stable_since, True
+                else:
+                    hash_, created, ready = self.current, current_since, current_ready
+                name = f"{self.name}-{generated_suffix(f'{self.name}/{hash_}/{node}', 5)}"
+                pods.append(self._pod(name, hash_, created, ready))
             return pods
         pods = []
         for ordinal in range(self.replicas):
@@ -663,6 +694,13 @@ class WorkloadView:
             ]
             counts = {"updatedReplicas": updated, "readyReplicas": ready,
                       "availableReplicas": ready}
+        elif self.kind == "DaemonSet":
+            # Counted per node; these four are always there, the rest left out when zero.
+            status = {"observedGeneration": generation, "desiredNumberScheduled": self.replicas,
+                      "currentNumberScheduled": len(pods), "numberMisscheduled": 0,
+                      "numberReady": ready}
+            counts = {"updatedNumberScheduled": updated, "numberAvailable": ready,
+                      "numberUnavailable": self.replicas - ready}
         else:
             current_hash = self.current if (self.complete or not self.has_old) else self.stable
             status["currentRevision"] = self.revision_name(current_hash)
@@ -679,6 +717,21 @@ class WorkloadView:
         status = self.status()
         ready = status.get("readyReplicas", 0)
         updated = status.get("updatedReplicas", 0)
+        if self.kind == "DaemonSet":
+            # kubectl's DaemonSetStatusViewer.
+            strategy = (self.record["object"].get("spec") or {}).get("updateStrategy") or {}
+            if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+                raise KubectlError("error: rollout status is only available for RollingUpdate "
+                                   "strategy type")
+            desired = status["desiredNumberScheduled"]
+            prefix = f'Waiting for daemon set "{self.name}" rollout to finish: '
+            if status.get("updatedNumberScheduled", 0) < desired:
+                return (f"{prefix}{status.get('updatedNumberScheduled', 0)} out of {desired} "
+                        "new pods have been updated..."), False
+            if status.get("numberAvailable", 0) < desired:
+                return (f"{prefix}{status.get('numberAvailable', 0)} of {desired} updated pods "
+                        "are available..."), False
+            return f'daemon set "{self.name}" successfully rolled out', True
         if self.kind == "Deployment":
             for condition in status["conditions"]:
                 if condition["reason"] == "ProgressDeadlineExceeded":
@@ -712,11 +765,16 @@ def served_object(state: dict, record: dict, now: float) -> dict:
     obj = copy.deepcopy(record["object"])
     if obj["kind"] in WORKLOAD_KINDS:
         spec = obj.setdefault("spec", {})
-        spec.setdefault("replicas", 1)
+        if obj["kind"] == "DaemonSet":
+            spec.setdefault("revisionHistoryLimit", 10)
+            spec.setdefault("updateStrategy", {"type": "RollingUpdate", "rollingUpdate": {
+                "maxSurge": 0, "maxUnavailable": 1}})
+        else:
+            spec.setdefault("replicas", 1)
         if obj["kind"] == "Deployment":
             spec.setdefault("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE)
             spec.setdefault("revisionHistoryLimit", 10)
-        else:
+        elif obj["kind"] == "StatefulSet":
             spec.setdefault("updateStrategy", {"type": "RollingUpdate",
                                                "rollingUpdate": {"partition": 0}})
         obj["status"] = WorkloadView(state, record, now).status()
@@ -861,7 +919,8 @@ def list_events(state: dict, namespace: str) -> list[dict]:
         if event["namespace"] != namespace:
             continue
         kind, _, name = event["object"].partition("/")
-        kind = {"pod": "Pod", "deployment": "Deployment", "statefulset": "StatefulSet"}[kind]
+        kind = {"pod": "Pod", "deployment": "Deployment", "statefulset": "StatefulSet",
+                "daemonset": "DaemonSet"}[kind]
         stamp = rfc3339(event["time"])
         events.append({
             "apiVersion": "v1", "kind": "Event",
@@ -1296,8 +1355,9 @@ def load_manifests(path: str, validate: bool) -> tuple[list[dict], list[str]]:
 def check_update_allowed(kind: Kind, old: dict, new: dict) -> None:
     name = new["metadata"]["name"]
     old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
-    if kind.kind == "Deployment" and old_spec.get("selector") != new_spec.get("selector"):
-        raise KubectlError(f'The Deployment "{name}" is invalid: spec.selector: Invalid value: '
+    if kind.kind in ("Deployment", "DaemonSet") and old_spec.get("selector") != new_spec.get(
+            "selector"):
+        raise KubectlError(f'The {kind.kind} "{name}" is invalid: spec.selector: Invalid value: '
                            f"{json.dumps(new_spec.get('selector'))}: field is immutable")
     if kind.kind == "StatefulSet":
         mutable = ("replicas", "ordinals", "template", "updateStrategy",
@@ -1595,13 +1655,14 @@ def list_objects(state: dict, kind: Kind, namespace: str, now: float) -> list[di
     if kind.kind == "Event":
         return list_events(state, namespace)
     # What the controllers make per revision, served from their workload's history.
-    made_by = {"ReplicaSet": ("Deployment", WorkloadView.replica_sets),
-               "ControllerRevision": ("StatefulSet", WorkloadView.controller_revisions)}
+    made_by = {"ReplicaSet": (("Deployment",), WorkloadView.replica_sets),
+               "ControllerRevision": (("StatefulSet", "DaemonSet"),
+                                      WorkloadView.controller_revisions)}
     if kind.kind in made_by:
-        owner_kind, revisions = made_by[kind.kind]
+        owner_kinds, revisions = made_by[kind.kind]
         return sorted(
             (item for record in state["objects"].values()
-             if record["object"]["kind"] == owner_kind
+             if record["object"]["kind"] in owner_kinds
              and record["object"]["metadata"].get("namespace") == namespace
              for item in revisions(WorkloadView(state, record, now))),
             key=lambda o: o["metadata"]["name"])
@@ -1685,6 +1746,16 @@ def table_rows(kind: Kind, items: list[dict], wide: bool, now: float) -> list[li
             rows.append([obj["metadata"]["name"],
                          f"{obj['status'].get('readyReplicas', 0)}/{obj['spec']['replicas']}",
                          age(obj)])
+        return rows
+    if kind.kind == "DaemonSet":
+        rows = [["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE",
+                 "NODE SELECTOR", "AGE"]]
+        for obj in items:
+            status = obj["status"]
+            rows.append([obj["metadata"]["name"], str(status["desiredNumberScheduled"]),
+                         str(status["currentNumberScheduled"]), str(status["numberReady"]),
+                         str(status.get("updatedNumberScheduled", 0)),
+                         str(status.get("numberAvailable", 0)), "<none>", age(obj)])
         return rows
     if kind.kind == "Namespace":
         return [["NAME", "STATUS", "AGE"]] + [

@@ -89,6 +89,12 @@ class ControlPlane:
             return None
         if kind == "deployment":
             return obj["metadata"].get("annotations", {}).get("deployment.kubernetes.io/revision")
+        if kind == "daemonset":
+            # Its status names none: its ControllerRevision with the highest number.
+            owned = [r for r in self.items("controllerrevisions", namespace)
+                     if r["metadata"].get("ownerReferences", [{}])[0].get("uid")
+                     == obj["metadata"]["uid"]]
+            return max(owned, key=lambda r: r["revision"])["metadata"]["name"] if owned else None
         return obj.get("status", {}).get("updateRevision")
 
     def lock_holder(self) -> str:
@@ -118,6 +124,22 @@ def platform_docs(namespace: str, tag: str = "v1") -> list[dict[str, Any]]:
             if doc:
                 docs.append(move_to(doc, namespace))
     return pin(docs, tag)
+
+
+def daemonset_doc(namespace: str, image: str, name: str = "node-agent") -> dict[str, Any]:
+    """A DaemonSet whose pods meet the "restricted" Pod Security Standard (the example
+    platform's namespace enforces it)."""
+    return {
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                     "containers": [{"name": name, "image": image, "securityContext": {
+                         "allowPrivilegeEscalation": False,
+                         "capabilities": {"drop": ["ALL"]}}}]}}},
+    }
 
 
 def move_to(doc: dict[str, Any], namespace: str) -> dict[str, Any]:

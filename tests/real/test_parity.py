@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from devkit.simulate.cluster import Cluster
-from tests.real.plane import API_IMAGE, WORKER_IMAGE, ControlPlane, platform_docs, redis_volume
+from tests.real.plane import (
+    API_IMAGE,
+    WORKER_IMAGE,
+    ControlPlane,
+    daemonset_doc,
+    platform_docs,
+    redis_volume,
+)
 from tests.real.script import ScriptHost
 from tests.test_deploy_script import Run
 
@@ -25,6 +32,9 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
     "a config-only change": [("v1", "deploy"), ("v1-config", "deploy")],
     "a dry run changes nothing": [("v1", "deploy"), ("v2", "dry-run")],
     "a crash loop in a first deploy": [("crashloop", "deploy")],
+    # TAG-daemonset: the platform at v1 beside a DaemonSet at TAG.
+    "a daemonset's update, then its crash loop rolled back": [
+        ("v1-daemonset", "deploy"), ("v2-daemonset", "deploy"), ("crashloop-daemonset", "deploy")],
 }
 BROKEN = {"crashloop": "CrashLoopBackOff", "missing": "ImagePullBackOff"}
 
@@ -41,6 +51,8 @@ def outcome(run: Run) -> dict[str, Any]:
 
 def docs_for(ns: str, step: str) -> list[dict[str, Any]]:
     tag, _, change = step.partition("-")
+    if change == "daemonset":
+        return [*platform_docs(ns, "v1"), daemonset_doc(ns, f"{WORKER_IMAGE}:{tag}")]
     docs = platform_docs(ns, tag)
     if change == "config":
         for doc in docs:

@@ -18,6 +18,7 @@ from tests.real.plane import (
     LOCK,
     WORKER_IMAGE,
     ControlPlane,
+    daemonset_doc,
     platform_docs,
     redis_volume,
 )
@@ -83,6 +84,77 @@ def _watch_image(plane: ControlPlane, ns: str, name: str, image: str) -> tuple[f
             return applied, now
         time.sleep(0.2)
     raise AssertionError(f"deployment/{name} never went to {image} and back")
+
+
+AGENT_IMAGE = "docker.io/acme/node-agent"
+
+
+def _agent_docs(ns: str, tag: str) -> list[dict[str, Any]]:
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}}
+    return [namespace, daemonset_doc(ns, f"{AGENT_IMAGE}:{tag}")]
+
+
+def _agent_pods(plane: ControlPlane, ns: str) -> dict[str, tuple[str, bool]]:
+    """node -> (image, ready) of the DaemonSet's pods that are not on their way out."""
+    return {p["spec"].get("nodeName", ""): (
+        p["spec"]["containers"][0]["image"],
+        all(s.get("ready") for s in p["status"].get("containerStatuses") or [{}]))
+        for p in plane.items("pods", ns) if not p["metadata"].get("deletionTimestamp")}
+
+
+def test_a_daemonset_reaches_every_node_and_a_crash_loop_goes_back_to_its_revision(
+    control_plane: ControlPlane, host: ScriptHost, ns: str
+) -> None:
+    first = host.deploy(_agent_docs(ns, "v1"), "agent-1")
+    assert first.code == 0, first.stdout
+    agent = first.workload("node-agent")
+    assert (agent["kind"], agent["desired"], agent["ready"], agent["updated"], agent["result"]) == (
+        "daemonset", 2, 2, 2, "ready"), first.stdout
+    assert agent["revision_after"] == control_plane.revision("daemonset", ns, "node-agent")
+    assert _agent_pods(control_plane, ns) == {
+        "kwok-node-0": (f"{AGENT_IMAGE}:v1", True), "kwok-node-1": (f"{AGENT_IMAGE}:v1", True)}
+
+    update = host.deploy(_agent_docs(ns, "v2"), "agent-2")
+    assert update.code == 0, update.stdout
+    before = control_plane.revision("daemonset", ns, "node-agent")
+    assert update.workload("node-agent")["revision_after"] == before != agent["revision_after"]
+
+    crash = host.deploy(_agent_docs(ns, "crashloop"), "agent-3")
+
+    assert crash.code == 7, crash.stdout
+    report = crash.report
+    assert (report["rollback"], report["failure"]["reason"]) == ("done", "CrashLoopBackOff"), report
+    assert report["failure"]["workload"] == "daemonset/node-agent"
+    assert report["failure"]["log"] == ["k3s-deploy-test: container crashed (exit 1)"]
+    rolled = crash.workload("node-agent")
+    assert (rolled["result"], rolled["revision_before"], rolled["ready"], rolled["desired"]) == (
+        "rolled-back", before, 2, 2), crash.stdout
+    # Back to v2 (the revision recorded before), not merely "previous", on both nodes.
+    assert control_plane.image_of("daemonset", ns, "node-agent") == f"{AGENT_IMAGE}:v2"
+    assert control_plane.revision("daemonset", ns, "node-agent") == before
+    status = (control_plane.get("daemonset", ns, "node-agent") or {})["status"]
+    assert (status["desiredNumberScheduled"], status["numberReady"],
+            status["updatedNumberScheduled"], status["numberAvailable"]) == (2, 2, 2, 2), status
+    control_plane.wait_for("the crashed pod to be gone", lambda: _agent_pods(control_plane, ns) == {
+        "kwok-node-0": (f"{AGENT_IMAGE}:v2", True), "kwok-node-1": (f"{AGENT_IMAGE}:v2", True)})
+    assert control_plane.lock_holder() == ""
+
+
+def test_a_new_daemonset_that_crash_loops_is_left_as_applied_with_no_history(
+    control_plane: ControlPlane, host: ScriptHost, ns: str
+) -> None:
+    """kubectl's undo of a DaemonSet with one ControllerRevision says "no last revision to roll
+    back to", as a StatefulSet's does: the script reads it as nothing to go back to."""
+    run = host.deploy(_agent_docs(ns, "crashloop"), "agent-new")
+
+    assert run.code == 9, run.stdout
+    assert run.report["failure"]["reason"] == "CrashLoopBackOff", run.report
+    assert "daemonset/node-agent: no earlier revision (new in this deploy), left as applied" in (
+        run.stdout)
+    assert run.workload("node-agent")["result"] == "failed"
+    assert control_plane.image_of("daemonset", ns, "node-agent") == f"{AGENT_IMAGE}:crashloop"
+    assert control_plane.lock_holder() == ""
 
 
 def test_bundle_whose_phases_hold_several_documents_deploys_into_new_namespaces(

@@ -19,17 +19,21 @@
 #             4 check    client-side dry run of every phase file, every namespace it needs
 #                        exists or is in the bundle, then a server-side dry run of the whole
 #                        bundle (--server-dry-run): a bad document fails with nothing applied
-#             5 apply    records each workload's revision in STATE/ID/revisions.tsv, applies
+#             5 apply    records each workload's revision in STATE/ID/revisions.tsv (the
+#                        workloads: Deployments, StatefulSets, DaemonSets), applies
 #                        the phase files in order, annotates each workload with the commit,
 #                        the run URL and the time (its own metadata: the revision stays)
-#             6 rollout  waits for each workload; every 3 s checks its new pods and stops at
-#                        once on a container that will not start by itself (back-off, bad
-#                        image, config error) or a Deployment past its progress deadline
-#             7 verify   every workload ready == desired, its pods Running and Ready, no
+#             6 rollout  waits for each workload in apply order (StatefulSets, then the
+#                        Deployments and DaemonSets as listed); every 3 s checks its new pods
+#                        and stops at once on a container that will not start by itself
+#                        (back-off, bad image, config error) or a Deployment past its
+#                        progress deadline
+#             7 verify   every workload ready == desired (a DaemonSet: ready, updated and
+#                        available == desiredNumberScheduled), its pods Running and Ready, no
 #                        container waiting in a back-off
 #             on failure: undoes only the workloads whose revision changed (rollback),
 #                        each only while it still holds the revision this deploy made
-#                        (STATE/ID/applied.tsv), a Deployment to the exact revision recorded
+#                        (STATE/ID/applied.tsv), each to the exact revision recorded
 #   dry-run   steps 1, 2 and 4, then `kubectl diff` of the whole bundle; changes nothing and
 #             takes no lock. The diff goes to stdout between ===K3S-DEPLOY-DIFF-BEGIN=== and
 #             ===K3S-DEPLOY-DIFF-END===.

@@ -59,6 +59,8 @@ readonly KUBECTL_WORD_PATTERN='^[A-Za-z0-9_./:=-]+$'
 readonly DNS_LABEL_PATTERN='^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'
 readonly DNS_NAME_PATTERN='^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$'
 readonly DEPLOY_ID_PATTERN='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
+# What `kubectl rollout undo` says of a workload with no earlier revision: a Deployment; a
+# StatefulSet or a DaemonSet (the DaemonSet's seen from kubectl 1.37 on the real API).
 readonly NO_HISTORY_MESSAGES=("no rollout history found" "no last revision to roll back to")
 # One line per pod (workload_pods selects the pods by their owner's UID), only fields the API
 # server types or validates and the kubelet's status words; checked by POD_LINE_PATTERN.
@@ -140,6 +142,7 @@ wl_after=()
 wl_desired=()
 wl_ready=()
 wl_updated=()
+wl_available=() # a DaemonSet's numberAvailable (its rollout is done only when all are available)
 wl_uid=()     # the workload's metadata.uid, once read (its pods are selected by it)
 wl_since=()   # pods created since then are this deploy's ("" when it did not change the workload)
 wl_trace=()   # the workload's traceability annotations before this deploy, tab-separated

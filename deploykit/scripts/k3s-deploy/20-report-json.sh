@@ -79,15 +79,22 @@ workload_result() {
   fi
 }
 
+# Ready and updated == desired; a DaemonSet's pods must also be available on every node it
+# should run on (what `rollout status daemonset` waits for; minReadySeconds makes it later).
 is_ready() {
-  local i=$1 desired ready updated
+  local i=$1 desired ready updated available
   number_or_zero "${wl_desired[i]}"
   desired=$REPLY
   number_or_zero "${wl_ready[i]}"
   ready=$REPLY
   number_or_zero "${wl_updated[i]}"
   updated=$REPLY
-  ((ready >= desired && updated >= desired))
+  number_or_zero "${wl_available[i]:-}"
+  available=$REPLY
+  if ((ready < desired || updated < desired)); then
+    return 1
+  fi
+  [[ "${wl_kind[i]}" != daemonset ]] || ((available >= desired))
 }
 
 workloads_json() {

@@ -51,9 +51,9 @@ unpack_bundle() {
     ns=${rest%%$'\t'*}
     name=${rest#*$'\t'}
     if [[ "$line" != *$'\t'*$'\t'* || "$name" == *$'\t'* ]] ||
-      [[ "$kind" != deployment && "$kind" != statefulset ]] ||
+      [[ "$kind" != deployment && "$kind" != statefulset && "$kind" != daemonset ]] ||
       [[ -n "$ns" && ! "$ns" =~ $DNS_LABEL_PATTERN ]] || [[ ! "$name" =~ $DNS_NAME_PATTERN ]]; then
-      fail_early 5 check "bundle/workloads.tsv: bad line '$line' (expected KIND<TAB>NAMESPACE<TAB>NAME, KIND deployment or statefulset)"
+      fail_early 5 check "bundle/workloads.tsv: bad line '$line' (expected KIND<TAB>NAMESPACE<TAB>NAME, KIND deployment, statefulset or daemonset)"
     fi
     add_workload "$kind" "$ns" "$name" "" ""
   done <"$work_dir/bundle/workloads.tsv"
@@ -70,20 +70,22 @@ add_workload() {
   wl_desired+=("")
   wl_ready+=("")
   wl_updated+=("")
+  wl_available+=("")
   wl_since+=("")
   wl_outcome+=("")
   wl_undo+=("")
 }
 
-# Waits follow the apply order: StatefulSets (phase 4) before Deployments (phase 5).
+# Waits follow the apply order: StatefulSets (phase 4) first, then the Deployments and
+# DaemonSets of phase 5 as that file lists them (workloads.tsv keeps the manifests' order).
 order_workloads() {
   local kinds=("${wl_kind[@]}") nss=("${wl_ns[@]}") names=("${wl_name[@]}") befores=("${wl_before[@]}")
   local traces=("${wl_trace[@]}") wanted i
   wl_kind=() wl_ns=() wl_name=() wl_before=() wl_trace=() wl_after=() wl_desired=() wl_ready=()
-  wl_updated=() wl_since=() wl_outcome=() wl_undo=() wl_uid=()
-  for wanted in statefulset deployment; do
+  wl_updated=() wl_available=() wl_since=() wl_outcome=() wl_undo=() wl_uid=()
+  for wanted in statefulset phase-5; do
     for i in "${!kinds[@]}"; do
-      if [[ "${kinds[i]}" == "$wanted" ]]; then
+      if [[ "${kinds[i]}" == "$wanted" || ("$wanted" == phase-5 && "${kinds[i]}" != statefulset) ]]; then
         add_workload "${kinds[i]}" "${nss[i]}" "${names[i]}" "${befores[i]}" "${traces[i]}"
       fi
     done

@@ -19,31 +19,66 @@ workload_text() {
 # Reads desired/ready/updated and the revision of workload $1 into the wl_ arrays' slot and
 # REPLY (the revision; empty when the workload does not exist). Waits for the controller to
 # have seen the latest spec so that the revision is not the one from before an apply.
+# A DaemonSet counts nodes, not replicas (desiredNumberScheduled, numberReady,
+# updatedNumberScheduled, numberAvailable), and its status names no revision: see
+# daemonset_revision.
 read_workload() {
-  local i=$1 revision_path output desired ready updated generation observed revision try
+  local i=$1 fields output desired ready updated generation observed revision available="" try
   if [[ "${wl_kind[i]}" == deployment ]]; then
-    revision_path='{.metadata.annotations.deployment\.kubernetes\.io/revision}'
+    fields='{.spec.replicas}|{.status.readyReplicas}|{.status.updatedReplicas}|{.metadata.generation}|{.status.observedGeneration}|{.metadata.annotations.deployment\.kubernetes\.io/revision}'
+  elif [[ "${wl_kind[i]}" == daemonset ]]; then
+    fields='{.status.desiredNumberScheduled}|{.status.numberReady}|{.status.updatedNumberScheduled}|{.metadata.generation}|{.status.observedGeneration}|{.metadata.uid}|{.status.numberAvailable}'
   else
-    revision_path='{.status.updateRevision}'
+    fields='{.spec.replicas}|{.status.readyReplicas}|{.status.updatedReplicas}|{.metadata.generation}|{.status.observedGeneration}|{.status.updateRevision}'
   fi
   workload_ns_args "$i"
   for ((try = 1; try <= CONTROLLER_SETTLE_TRIES; try++)); do
     if ! output=$(kube get "${wl_kind[i]}" "${wl_name[i]}" "${ns_args[@]}" --ignore-not-found \
-      --request-timeout="$request_timeout" \
-      -o "jsonpath={.spec.replicas}|{.status.readyReplicas}|{.status.updatedReplicas}|{.metadata.generation}|{.status.observedGeneration}|$revision_path"); then
+      --request-timeout="$request_timeout" -o "jsonpath=$fields"); then
       log "$output"
       return 1
     fi
-    IFS='|' read -r desired ready updated generation observed revision <<<"$output"
+    IFS='|' read -r desired ready updated generation observed revision available <<<"$output"
     if [[ -z "$output" || "$generation" == "$observed" ]]; then
       break
     fi
     sleep 1
   done
+  if [[ "${wl_kind[i]}" == daemonset && -n "$output" ]]; then
+    daemonset_revision "$i" "$revision" || return 1
+    revision=$REPLY
+  fi
   wl_desired[i]=$desired
   wl_ready[i]=$ready
   wl_updated[i]=$updated
+  wl_available[i]=$available
   REPLY=$revision
+}
+
+# Sets REPLY to the revision of DaemonSet $1 (UID $2): the name of its ControllerRevision with
+# the highest number. The DaemonSet controller writes it before it reports the generation
+# observed, and gives the template in use the highest number, also when a template returns.
+# Its own pods' controller-revision-hash is only the hash: the name is what `rollout undo`'s
+# history and the StatefulSet's updateRevision also use. Returns 1 when it cannot be listed.
+daemonset_revision() {
+  local i=$1 uid=$2 listing name number best=-1
+  REPLY=""
+  if [[ ! "$uid" =~ $UID_PATTERN ]]; then
+    return 0 # not a UID the API server makes: no revision of its own to name
+  fi
+  workload_ns_args "$i"
+  if ! kube_capture get controllerrevisions "${ns_args[@]}" --request-timeout="$request_timeout" \
+    -o "jsonpath={range .items[?(@.metadata.ownerReferences[0].uid==\"$uid\")]}{.metadata.name}|{.revision}{\"\\n\"}{end}"; then
+    log "could not list the ControllerRevisions of ${wl_kind[i]}/${wl_name[i]}: $(first_line "$KUBE_ERR")"
+    return 1
+  fi
+  listing=$REPLY
+  while IFS='|' read -r name number; do
+    if [[ "$name" =~ $DNS_NAME_PATTERN && "$number" =~ ^[0-9]{1,18}$ ]] && ((10#$number > best)); then
+      best=$((10#$number))
+      REPLY=$name
+    fi
+  done <<<"$listing"
 }
 
 # Sets REPLY to the traceability annotations of workload $1, tab-separated in TRACE_KEYS order

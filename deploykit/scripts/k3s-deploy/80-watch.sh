@@ -3,9 +3,10 @@
 # -- waiting for rollouts, failing fast -------------------------------------------------------
 # Then the health check. Sets wl_uid, wl_outcome, wl_after, fail_reason and failure_*.
 
-# Prints the UIDs of the controllers that own workload $1's pods: the StatefulSet's own, or
-# those of the Deployment's ReplicaSets. UIDs are the API server's own (immutable, made by it),
-# so pods are selected by them and never by parsing who they say owns them.
+# Prints the UIDs of the controllers that own workload $1's pods: the StatefulSet's or the
+# DaemonSet's own (they own their pods directly), or those of the Deployment's ReplicaSets.
+# UIDs are the API server's own (immutable, made by it), so pods are selected by them and
+# never by parsing who they say owns them.
 workload_owner_uids() {
   local i=$1 uid listing line
   workload_ns_args "$i"
@@ -302,8 +303,17 @@ wait_for_rollout() {
 # "1 of 2 ready, 1 updated" for workload $1, read now.
 rollout_summary() {
   if read_workload "$1" >/dev/null; then
-    printf '%s of %s ready, %s updated' "${wl_ready[$1]:-0}" "${wl_desired[$1]:-0}" \
-      "${wl_updated[$1]:-0}"
+    counts_text "$1"
+    printf '%s' "$REPLY"
+  fi
+}
+
+# Sets REPLY to "1 of 2 ready, 1 updated" for workload $1 as last read (a DaemonSet's also
+# says how many are available: its readiness needs them all).
+counts_text() {
+  REPLY="${wl_ready[$1]:-0} of ${wl_desired[$1]:-0} ready, ${wl_updated[$1]:-0} updated"
+  if [[ "${wl_kind[$1]}" == daemonset ]]; then
+    REPLY+=", ${wl_available[$1]:-0} available"
   fi
 }
 
@@ -351,7 +361,8 @@ verify_health() {
       fi
       pod=$(unhealthy_pods "$i")
       if ! is_ready "$i"; then
-        problem="$(workload_text "$i"): ${wl_ready[i]:-0} of ${wl_desired[i]:-0} ready, ${wl_updated[i]:-0} updated"
+        counts_text "$i"
+        problem="$(workload_text "$i"): $REPLY"
         break
       fi
       if [[ -n "$pod" ]]; then

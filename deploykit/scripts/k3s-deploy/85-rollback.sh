@@ -109,14 +109,15 @@ roll_back_changed() {
     fi
     # Back to the exact revision recorded before the deploy, never to what `rollout undo`
     # calls previous (the highest other number, which another deploy's change in between
-    # would be). A Deployment's revision is its number. A StatefulSet's is the name of a
-    # ControllerRevision, whose number is read now: going back to a template renumbers its
-    # ControllerRevision, so a number recorded earlier could name nothing by now.
+    # would be). A Deployment's revision is its number. A StatefulSet's or a DaemonSet's is
+    # the name of a ControllerRevision, whose number is read now: going back to a template
+    # renumbers its ControllerRevision, so a number recorded earlier could name nothing by now.
     workload_ns_args "$i"
     to_revision=()
     if [[ "${wl_kind[i]}" == deployment && "${wl_before[i]}" =~ ^[0-9]+$ ]]; then
       to_revision=(--to-revision="${wl_before[i]}")
-    elif [[ "${wl_kind[i]}" == statefulset && -n "${wl_before[i]}" ]]; then
+    elif [[ "${wl_kind[i]}" == statefulset || "${wl_kind[i]}" == daemonset ]] &&
+      [[ -n "${wl_before[i]}" ]]; then
       if kube_capture get controllerrevision "${wl_before[i]}" "${ns_args[@]}" \
         --request-timeout="$request_timeout" -o 'jsonpath={.revision}' &&
         [[ "$REPLY" =~ ^[0-9]+$ ]]; then
