@@ -63,6 +63,11 @@
 #   --state-dir DIR         where a deploy keeps its revisions until it is over
 #                           (default ${K3S_DEPLOY_STATE_DIR:-/var/lib/k3s-deploy})
 #   --commit SHA, --run-url URL   written to the workloads and the lock (may be empty)
+#   --prune false|true|all  after a healthy deploy, delete what the release's inventory holds
+#                           and this bundle (bundle/inventory.tsv) lacks; a dry run lists it
+#                           (default false; 87-prune.sh says what is kept)
+#   --release ID, --release-name NAME   with --prune: the release's label value (20 hex
+#                           digits) and its name as the user knows it
 #
 # Needs: bash 4.4+, coreutils, tar, gzip, kubectl; `diff` for dry-run. No jq, no python.
 #

@@ -229,4 +229,5 @@ usage() {
   log "         --rollback-timeout SECONDS --lock-timeout SECONDS --server-dry-run true|false"
   log "         --max-diff-bytes N --request-timeout DUR --validate true|false"
   log "         --state-dir DIR --commit SHA --run-url URL"
+  log "         --prune false|true|all --release ID --release-name NAME"
 }
