@@ -429,6 +429,12 @@ def test_the_options_in_the_bundle_drive_the_deploy_and_its_later_rollback(maste
     ("timeout=600\ndeploy-id=other\n", 5, "options line 2 is not a known"),
     ("kubectl=kubectl $(touch pwned)\n", 2, "--kubectl must be words"),
     ("rollback=yes\n", 2, "--rollback must be true or false"),
+    ("prune=maybe\n", 2, "--prune must be false, true or all"),
+    ("prune=true\nrelease=nothex\nrelease-name=acme/shop:k8s\n", 2, "--prune needs --release (20 hex"),
+    ("prune=true\nrelease=0123456789abcdef0123\nrelease-name=$(touch pwned)\n", 2, "--prune needs --release"),
+    # a bundle made without prune has no inventory to compare with: refused before any change
+    ("prune=true\nrelease=0123456789abcdef0123\nrelease-name=acme/shop:k8s\n", 5,
+     "--prune true needs bundle/inventory.tsv, which this bundle lacks"),
 ])
 def test_a_bad_options_file_in_the_bundle_changes_nothing(master: Master, options: str, code: int,
                                                            says: str) -> None:

@@ -95,6 +95,13 @@ write_inventory() {
   KUBE_ERR=$(kube_within_budget create -f "$file" --request-timeout="$request_timeout" 2>&1 >/dev/null)
 }
 
+# Before anything changed: a bundle made without prune has no inventory.tsv to compare with.
+check_prune_bundle() {
+  if [[ "$prune_mode" != false && ! -f "$work_dir/bundle/inventory.tsv" ]]; then
+    fail_early 5 check "--prune $prune_mode needs bundle/inventory.tsv, which this bundle lacks: it was made without prune"
+  fi
+}
+
 bundle_inventory() {
   local line
   MAPFILE=()
@@ -111,6 +118,7 @@ prepare_prune() {
   if [[ "$prune_mode" == false ]]; then
     return 0
   fi
+  check_prune_bundle
   log "==> prune: reading the inventory of release $release_name"
   if ! read_inventory; then
     log "warning: prune skipped: $prune_note"
@@ -185,7 +193,9 @@ prune_candidates() {
   done
 }
 
-# After a healthy deploy. Never fails the deploy: what could not be deleted is reported.
+# After a healthy deploy. Never fails the deploy: what could not be deleted is reported, and
+# run_deploy calls it in an `||` list, so no unexpected failure here ends the script (errexit
+# is off inside) and turns a healthy release into a failed one.
 prune_objects() {
   local line why retained=() candidates=() where kind rest ns name where_args=()
   if [[ "$prune_mode" == false || "$prune_ready" != true ]]; then
@@ -246,6 +256,7 @@ list_prunable() {
   if [[ "$prune_mode" == false ]]; then
     return 0
   fi
+  check_prune_bundle
   if ! read_inventory; then
     log "warning: $prune_note"
     return 0

@@ -50,7 +50,7 @@ run_deploy() {
     if [[ -n "$annotate_failures" ]]; then
       message+=" (could not annotate: $annotate_failures)"
     fi
-    prune_objects
+    prune_objects || prune_note="prune stopped unexpectedly (exit $?); see the log"
     if ((${#prune_pruned[@]} > 0)); then
       message+="; pruned ${#prune_pruned[@]} object(s)"
     fi
