@@ -169,3 +169,16 @@ def test_a_long_prune_list_is_cut_to_fit_the_report_and_counted(world: World) ->
     listed = [line for line in run.summary.splitlines() if line.startswith("- `ConfigMap")]
     assert 0 < len(listed) < 60
     assert f"- and {60 - len(listed)} more (the log lists them all)" in run.summary
+
+
+def test_a_namespace_whose_document_left_is_kept_while_this_deploy_has_objects_in_it(world: World) -> None:
+    assert world.deploy(**PRUNE).returncode == 0
+    (world.workspace / "k8s" / "base" / "namespace.yaml").unlink()  # created elsewhere from now on
+
+    run = world.deploy(**{**PRUNE, "prune": "all"})
+
+    assert run.returncode == 0, run.log
+    assert world.cluster.get("namespace", "", NS) is not None
+    assert world.cluster.get("deployment", NS, "api") is not None
+    assert f"kept: Namespace {NS} (this deploy's objects are in it)" in run.log
+    assert f"Namespace\t\t{NS}" in inventory(world)  # still tracked

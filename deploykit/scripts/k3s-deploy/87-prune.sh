@@ -38,6 +38,8 @@ prune_kept=()       # "... (why)" left alone on purpose
 prune_would=()      # dry run: what a deploy would delete
 prune_note=""       # why prune did not run, when it did not
 REPLY_STATE=""      # prune_verdict: present, gone or unknown
+REPLY_TRACKED=false # prune_verdict: the object is kept for now but stays in the inventory
+declare -A prune_bundle_ns=() # the namespaces this bundle's objects are in
 
 inventory_name() {
   REPLY="$INVENTORY_PREFIX$release_id"
@@ -136,11 +138,13 @@ prepare_prune() {
 }
 
 # Sets REPLY to why the object of inventory line $1 must stay, or "" when it may be deleted,
-# and REPLY_STATE to present or gone. Reads the live object's namespace, label and annotation.
+# REPLY_STATE to present, gone or unknown, and REPLY_TRACKED. Reads the live object's
+# namespace, label and annotation.
 prune_verdict() {
   local kind=${1%%$'\t'*} rest=${1#*$'\t'} where=() live_ns label opt_out
   local ns=${rest%%$'\t'*} name=${rest#*$'\t'}
   REPLY_STATE=present
+  REPLY_TRACKED=false
   if [[ -n "$ns" ]]; then
     where=(-n "$ns")
   fi
@@ -168,10 +172,17 @@ prune_verdict() {
     REPLY="not labelled $RELEASE_LABEL=$release_id: not this release's"
   elif [[ "$opt_out" == false ]]; then
     REPLY="annotated $PRUNE_ANNOTATION=false"
+  elif [[ "${kind%%.*}" == Namespace && -n "${prune_bundle_ns[$name]:-}" ]]; then
+    # Its document left the manifests, but objects of this deploy are in it: deleting it would
+    # delete them.
+    REPLY="this deploy's objects are in it"
+    REPLY_TRACKED=true
   elif [[ "$prune_mode" != all && "$PROTECTED_KINDS" == *" ${kind%%.*} "* ]]; then
     REPLY="a ${kind%%.*} is pruned only with prune: all"
+    REPLY_TRACKED=true
   elif [[ "$prune_mode" != all && -z "$live_ns" ]]; then
     REPLY="cluster-scoped: pruned only with prune: all"
+    REPLY_TRACKED=true
   else
     REPLY=""
   fi
@@ -184,6 +195,11 @@ prune_candidates() {
   bundle_inventory
   for line in "${MAPFILE[@]}"; do
     current["$line"]=1
+    line=${line#*$'\t'}
+    line=${line%%$'\t'*}
+    if [[ -n "$line" ]]; then
+      prune_bundle_ns["$line"]=1
+    fi
   done
   MAPFILE=()
   for line in "${prune_previous[@]}"; do
@@ -218,9 +234,9 @@ prune_objects() {
     elif [[ -n "$why" ]]; then
       log "kept: $where ($why)"
       prune_kept+=("$where ($why)")
-      # Kinds kept until prune: all stay tracked; an object someone else owns now, or one
-      # opted out, leaves the release.
-      if [[ "$why" == *"prune: all"* ]]; then
+      # Kinds kept until prune: all, and namespaces still in use, stay tracked; an object
+      # someone else owns now, or one opted out, leaves the release.
+      if [[ "$REPLY_TRACKED" == true ]]; then
         retained+=("$line")
       fi
     else
