@@ -385,7 +385,9 @@ def check_images(
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     known = dict(known or {})
     clients: dict[str, RegistryClient] = {}
-    skipped: dict[str, str] = {}  # host -> why it could not be asked; asked once per run
+    # host -> why it could not be reached: asked once per run. (A login is wanted per repository:
+    # Docker Hub serves public and private ones side by side.)
+    skipped: dict[str, str] = {}
     refs = list(refs)
     if verify != "false" and refs:
         hosts = {image_registry(ref) for ref in refs}
@@ -399,14 +401,17 @@ def check_images(
             try:
                 found = client.manifest_digest(image_path(ref), ref.digest or ref.tag or "latest")
             except NeedsLogin as exc:
+                fix = (
+                    f"Give this step a login for {host} ('registry', 'registry-username', "
+                    "'registry-password') to check it"
+                )
                 if verify == "true":
                     raise ImageUnverified(
-                        f"could not check {ref}: {exc}", fix=_needs_login_fix(host)
+                        f"could not check {ref}: {exc}",
+                        fix=f"{fix}, or set 'verify-images: auto' to go on with a warning.",
                     ) from None
-                skipped[host] = str(exc)
                 gh.warning(
-                    f"Could not check {ref}: {exc}; the deploy goes on. {_needs_login_fix(host)}",
-                    title="Image not verified",
+                    f"Could not check {ref}: {exc}; the deploy goes on. {fix}.", title="Image not verified"
                 )
                 found = digest
             except RegistryUnavailable as exc:
@@ -439,9 +444,3 @@ def _count(number: int, noun: str) -> str:
     plural = {"registry": "registries"}.get(noun, noun + "s")
     return f"{number} {noun if number == 1 else plural}"
 
-
-def _needs_login_fix(host: str) -> str:
-    return (
-        f"Give this step a login for {host} ('registry', 'registry-username', "
-        "'registry-password') to check it, or set 'verify-images: auto' to go on with a warning."
-    )

@@ -176,12 +176,16 @@ def test_a_private_image_on_a_bearer_registry_without_login_is_a_warning_with_au
 ):
     private, public = token_seeds
     workflow, out = gh
+    registry, tokens = token_registry
     described = check_images([parse_image(private), parse_image(public)], None, workflow, verify="auto")
     assert described[0] == private  # not checked: no digest to add
+    # a login is wanted per repository: the public one on the same registry is still checked
+    assert described[1] == f"{public}@{bearer_digest(registry, tokens, 'public/seed', 'v1')}"
     warning = out.getvalue()
-    assert "::warning title=Image not verified::Could not check" in warning
+    assert warning.count("::warning title=Image not verified::Could not check") == 1
     assert "the deploy goes on" in warning
     assert "Give this step a login for" in warning
+    assert "verify-images: auto" not in warning
 
 
 def test_a_private_image_on_a_bearer_registry_without_login_fails_with_true(token_registry, token_seeds, gh):
