@@ -378,8 +378,6 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         )
 
     workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
-    manifests = _workspace_path(workspace, get("manifests"))
-    manifests_path = manifests.relative_to(workspace).as_posix()
     namespace = get("namespace").strip()
     if not _DNS_LABEL.match(namespace):
         raise InputError(
@@ -438,6 +436,9 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
     if not re.fullmatch(r"[0-9a-f]{7,64}", commit):
         commit = ""
 
+    # After the other inputs' checks: a bad value elsewhere is named even before a checkout.
+    manifests = _workspace_path(workspace, get("manifests"))
+    manifests_path = manifests.relative_to(workspace).as_posix()
     return Settings(
         aws_region=region,
         instance_id=instance_id,
