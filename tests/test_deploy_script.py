@@ -869,6 +869,50 @@ def test_terminated_deploy_undoes_its_changes_and_releases_the_lock(master: Mast
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
 
 
+@pytest.mark.parametrize("find_first", [True, False], ids=["after-the-cleanup", "before-it"])
+def test_a_cancel_killed_while_it_tidies_its_state_still_reads_as_rolled_back(
+        master: Master, find_first: bool) -> None:
+    """The runner's SIGKILL follows its SIGTERM within seconds, and may land while the trap
+    tidies the state dir after sending its undos (found under load in the reliability suite:
+    the rollback command then read an emptied state dir as "stopped before applying anything"
+    and the action reported failed, not rolled back). The `find` that tidies kills the whole
+    group after (or instead of) doing its work; either way the rollback must say it is done."""
+    real = shutil.which("find")
+    killer = master.root / "killer-bin"
+    killer.mkdir()
+    wrapper = killer / "find"
+    run_it = f'"{real}" "$@"\n' if find_first else ""
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *-delete*) ;; *) exec "' + str(real) + '" "$@" ;; esac\n'
+        + run_it + "kill -KILL 0\n")
+    wrapper.chmod(0o755)
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 120)
+    argv = master.command("deploy", "deploy-k", "--bundle", str(master.bundle(
+        platform(api_image="api:v2"))), timeout=120)
+    process = subprocess.Popen(argv, env=master.env(path=f"{killer}:{master.bin}:{os.environ['PATH']}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 20
+    while master.cluster.revision("deployment", NS, "api") != "2":
+        assert time.monotonic() < deadline, "the deploy never applied"
+        time.sleep(0.1)
+    master.cluster.slow_rollout("deployment", NS, "api", 0)
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=20)
+    assert process.returncode == -signal.SIGKILL, stdout
+    assert "rollback: done (undos sent, not waited for)" in stdout
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+    assert (master.state_root / "deploy-k" / "rolled-back.txt").is_file()
+
+    rollback = master.rollback("deploy-k")
+
+    assert rollback.code == 10, rollback.stdout
+    assert "rolled back by its own script when it was interrupted" in rollback.stdout
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+
+
 def test_terminated_deploy_whose_undo_fails_keeps_its_state_and_the_lock_for_the_rollback(
         master: Master) -> None:
     master.cluster.fail_undo("deployment", "api")

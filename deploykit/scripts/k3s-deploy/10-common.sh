@@ -208,9 +208,17 @@ on_signal() {
       # What is left for `rollback --deploy-id` (the action sends it after a cancel through
       # SSM, and it runs this copy of the script): the word that this rollback is done, so it
       # neither undoes again nor says "nothing undone".
-      find "$state_dir" -mindepth 1 ! -name k3s-deploy.sh -delete 2>/dev/null || true
-      printf '%s\n' "$(rollback_summary)" >"$state_dir/$ROLLED_BACK_FILE" 2>/dev/null || true
-      lock_keep=false
+      # The word goes in first, renamed into place, and the rest is deleted after it: a kill
+      # (the runner's SIGKILL follows its SIGTERM within seconds) between the two then leaves
+      # either the full state (undoing.tsv marks the undos as sent) or the word, never a state
+      # dir emptied of its revisions, which would read as "stopped before applying anything".
+      if printf '%s\n' "$(rollback_summary)" >"$state_dir/$ROLLED_BACK_FILE.tmp" 2>/dev/null &&
+        mv -f -- "$state_dir/$ROLLED_BACK_FILE.tmp" "$state_dir/$ROLLED_BACK_FILE" 2>/dev/null; then
+        find "$state_dir" -mindepth 1 ! -name k3s-deploy.sh ! -name "$ROLLED_BACK_FILE" -delete 2>/dev/null || true
+        lock_keep=false
+      else
+        log "the action can finish this rollback with: rollback --deploy-id $deploy_id"
+      fi
     else
       log "the action can finish this rollback with: rollback --deploy-id $deploy_id"
     fi
