@@ -8,6 +8,7 @@ the local transport.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,6 +16,7 @@ from deploykit.errors import (
     FIX_BUNDLE_REJECTED,
     FIX_CHECKSUM,
     FIX_IMAGE_PULL,
+    FIX_JOB_FAILED,
     FIX_K3S_UNRESPONSIVE,
     FIX_KUBE_API_LOCAL,
     FIX_LOCK,
@@ -67,6 +69,9 @@ class Exit:
     fix: str | None = None  # the advice for transport ssm (None: decided by the output)
     fix_local: str | None = None  # the advice for transport local, when it differs
 
+
+# The script's error line when a Job (a migration) failed or ran out of time (75-jobs.sh).
+JOB_FAILED = re.compile(r"^error: job/\S+ .*(failed|did not complete in time)", re.MULTILINE)
 
 EXITS = {
     e.code: e
@@ -169,4 +174,6 @@ def advice(code: int, text: str, transport: str = "ssm") -> str:
         return by_code
     if any(reason in text for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")):
         return FIX_IMAGE_PULL
+    if JOB_FAILED.search(text):
+        return FIX_JOB_FAILED
     return FIX_ROLLOUT_STUCK

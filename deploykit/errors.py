@@ -129,6 +129,11 @@ FIX_LOCK = (
     "Wait for the deploy named in the message to finish, or raise `lock-timeout`; a "
     "`concurrency` group in the workflow keeps a second run from starting meanwhile."
 )
+FIX_JOB_FAILED = (
+    "A migration Job failed or did not finish (its pod's log is above); no Deployment or "
+    "DaemonSet was changed. Fix the Job and deploy again: the failed Job stays in the cluster "
+    "for `kubectl describe job -n NAMESPACE NAME`, and the next deploy replaces it."
+)
 FIX_ROLLOUT_STUCK = (
     "A rollout did not become ready: check `kubectl describe pod -n NAMESPACE POD`, "
     "`kubectl logs -n NAMESPACE POD`, readiness probes, and node resources with "

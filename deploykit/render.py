@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import re
 import tarfile
 from collections.abc import Iterable, Mapping
@@ -47,10 +48,13 @@ PHASES: tuple[tuple[str, frozenset[str]], ...] = (
     ),
     ("3-services", frozenset({"Service"})),
     ("4-statefulsets", frozenset({"StatefulSet"})),
-    ("5-workloads", frozenset()),
+    ("5-jobs", frozenset({"Job"})),
+    ("6-workloads", frozenset()),
 )
-# DaemonSets go with the Deployments (phase 5): like them, nothing in the bundle waits for them,
+# DaemonSets go with the Deployments (phase 6): like them, nothing in the bundle waits for them,
 # while StatefulSets come first because Deployments often need them (a database, a queue).
+# Jobs (phase 5) are migrations: the script runs each after the StatefulSets are ready and before
+# any Deployment or DaemonSet is applied (scripts/k3s-deploy/75-jobs.sh).
 WATCHED_KINDS = {"Deployment": "deployment", "StatefulSet": "statefulset", "DaemonSet": "daemonset"}
 
 MAX_FILES = 5000
@@ -301,6 +305,38 @@ LOCK_LEASE = ("Lease", "kube-system", "k3s-deploy-lock")
 INVENTORY_PREFIX = "k3s-deploy-release-"
 # The label that marks an object as applied for a release (prune deletes only objects with it).
 RELEASE_LABEL = "k3s-deploy-action/release"
+# The hash of a Job as rendered: a Job's pod template is immutable, so the script replaces a Job
+# (delete, then apply) whose live copy has another hash, and leaves one that completed with this
+# hash alone.
+JOB_HASH_ANNOTATION = "k3s-deploy-action/job-hash"
+# A Job's name is also its pods' job-name label (63 characters at most); the server adds 5
+# characters to a generateName.
+JOB_CHECK_PREFIX_LENGTH = 50
+
+
+def stamp_job_hash(manifest: Manifest) -> str:
+    """Adds the hash of the Job as rendered (pins and labels included) to its own annotations,
+    and returns it. The hash covers everything but that annotation."""
+    metadata = manifest.body.setdefault("metadata", {})
+    annotations = metadata.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = metadata["annotations"] = {}
+    annotations.pop(JOB_HASH_ANNOTATION, None)
+    canonical = json.dumps(manifest.body, sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:20]
+    annotations[JOB_HASH_ANNOTATION] = digest
+    return digest
+
+
+def job_check_copy(body: dict[str, Any]) -> dict[str, Any]:
+    """The Job under a name the server makes up (`create --dry-run=server`): the server-side
+    check of a changed Job, which `apply --dry-run=server` would refuse on its immutable
+    template although the script replaces it rather than patching it."""
+    copy = json.loads(json.dumps(body, default=str))
+    metadata = copy["metadata"]
+    name = str(metadata.pop("name"))
+    metadata["generateName"] = name[:JOB_CHECK_PREFIX_LENGTH].rstrip("-.") + "-check-"
+    return copy
 
 
 def inventory_key(manifest: Manifest) -> str:
@@ -350,6 +386,7 @@ def build_bundle(
     apply_pins(manifests, images)
     if release_id:
         label_release(manifests, release_id)
+    jobs = [(m, stamp_job_hash(m)) for m in manifests if m.kind == "Job"]
     phases: dict[str, list[dict[str, Any]]] = {}
     for manifest in manifests:
         phases.setdefault(phase_of(manifest.kind), []).append(manifest.body)
@@ -357,7 +394,7 @@ def build_bundle(
         (WATCHED_KINDS[m.kind], m.namespace, m.name) for m in manifests if m.kind in WATCHED_KINDS
     )
     # StatefulSets are applied (and so watched) before Deployments and DaemonSets, which keep
-    # the manifests' order: the order phase 5 applies them in.
+    # the manifests' order: the order phase 6 applies them in.
     workloads = tuple(sorted(workloads, key=lambda w: w[0] != "statefulset"))
     files = {f"bundle/{name}.yaml": _dump(docs) for name, docs in phases.items()}
     files["bundle/workloads.tsv"] = "".join(f"{k}\t{ns}\t{n}\n" for k, ns, n in workloads).encode()
@@ -366,6 +403,15 @@ def build_bundle(
     files["bundle/objects.tsv"] = "".join(
         f"{m.kind}\t{m.namespace}\t{m.name}\t{_defined_kind(m)}\n" for m in manifests
     ).encode()
+    if jobs:
+        # One file per Job, run one after the other in the manifests' order; the check copies
+        # in one file for the server-side dry run.
+        files["bundle/jobs.tsv"] = "".join(
+            f"{m.namespace}\t{m.name}\t{digest}\n" for m, digest in jobs
+        ).encode()
+        for number, (m, _digest) in enumerate(jobs, 1):
+            files[f"bundle/jobs/{number}.yaml"] = _dump([m.body])
+        files["bundle/jobs/check.yaml"] = _dump([job_check_copy(m.body) for m, _ in jobs])
     if release_id:
         files["bundle/inventory.tsv"] = "".join(
             f"{inventory_key(m)}\t{m.namespace}\t{m.name}\n" for m in manifests

@@ -215,6 +215,29 @@ def _listed(items: Any, count: Any) -> list[str]:
     return lines
 
 
+JOB_RESULTS = {
+    "completed": "ran, completed",
+    "unchanged": "not run again: completed with this spec before",
+    "failed": "failed",
+    "timed-out": "did not complete in time",
+    "not-run": "not run (the deploy stopped before it)",
+}
+
+
+def jobs_section(jobs: list[Any]) -> list[str]:
+    """The migration Jobs, in the order they ran (the script's `jobs`)."""
+    lines = ["### Jobs", "", "| Job | Result |", "|---|---|"]
+    for job in jobs:
+        if not isinstance(job, dict):
+            continue
+        name = f"job/{job.get('name', '')}"
+        if job.get("namespace"):
+            name = f"{job['namespace']}/{name}"
+        result = str(job.get("result", ""))
+        lines.append(f"| {_text(name)} | {_text(JOB_RESULTS.get(result, result))} |")
+    return [*lines, ""]
+
+
 def prune_section(prune: dict[str, Any], *, dry_run: bool) -> list[str]:
     """What prune deleted (or, in a dry run, would delete), kept, and could not delete (the
     script's `prune`: lists of "KIND[.GROUP] NAMESPACE/NAME", some with why in brackets)."""
@@ -302,6 +325,9 @@ def summary_markdown(outcome: Outcome, region: str) -> str:
                 f"| {_text(w.get('updated', '?'))} | {_text(revision)} | {_text(w.get('result', ''))} |"
             )
         lines.append("")
+    jobs = report.get("jobs") if report else None
+    if jobs and isinstance(jobs, list):
+        lines += jobs_section(jobs)
     changes = report.get("cluster_changes") if report else None
     if changes and isinstance(changes, list):
         lines += wide_changes_section(changes)

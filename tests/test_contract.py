@@ -58,3 +58,14 @@ def test_an_abort_and_a_signal_say_what_they_are() -> None:
     assert contract.meaning(1) == "the deploy script stopped on an unexpected error"
     assert contract.meaning(143) == "the deploy script was stopped by signal 15"
     assert contract.meaning(77) == "exit code 77"
+
+
+def test_a_failed_migration_job_gets_its_own_advice() -> None:
+    text = ("==> waiting for job/migrate in shop to complete\n"
+            "error: job/migrate in shop failed (BackoffLimitExceeded) after 1 failed attempt(s); ...")
+    assert contract.advice(9, text, "local") == errors.FIX_JOB_FAILED
+    timed_out = "error: job/migrate did not complete in time (1 active, 0 failed attempt(s))"
+    assert contract.advice(12, timed_out, "ssm") == errors.FIX_JOB_FAILED
+    # A Job whose image cannot be pulled: the pull advice says more.
+    assert contract.advice(9, text + " ImagePullBackOff", "local") == errors.FIX_IMAGE_PULL
+    assert contract.advice(7, "error: deployment/api: pod api-1 ...", "local") == errors.FIX_ROLLOUT_STUCK

@@ -138,7 +138,7 @@ def phase_files(docs: list[dict]) -> dict[str, str]:
     phases: dict[str, list[dict]] = {}
     workloads = []
     for doc in docs:
-        phases.setdefault(PHASE_OF_KIND.get(doc["kind"], "5-workloads.yaml"), []).append(doc)
+        phases.setdefault(PHASE_OF_KIND.get(doc["kind"], "6-workloads.yaml"), []).append(doc)
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
             workloads.append(f"{doc['kind'].lower()}\t{doc['metadata'].get('namespace', '')}\t"
                              f"{doc['metadata']['name']}\n")
@@ -1224,7 +1224,7 @@ def test_server_dry_run_rejects_an_immutable_change_before_anything_is_applied(
 
     assert run.code == 5, run.stdout
     assert (run.report["step"], run.report["rollback"]) == ("check", "not-needed")
-    assert "server-side dry run rejected bundle/5-workloads.yaml" in run.report["message"]
+    assert "server-side dry run rejected bundle/6-workloads.yaml" in run.report["message"]
     assert "field is immutable" in run.report["message"]
     # Not even the ConfigMap of the earlier phase changed.
     assert master.objects() == before
@@ -1291,7 +1291,7 @@ def test_apply_failure_rolls_back_the_workload_applied_before_it(master: Master)
 
     assert run.code == 7, run.stdout
     assert (run.report["step"], run.report["rollback"]) == ("apply", "done")
-    assert "kubectl apply -f bundle/5-workloads.yaml failed" in run.report["message"]
+    assert "kubectl apply -f bundle/6-workloads.yaml failed" in run.report["message"]
     assert run.workload("api")["result"] == "rolled-back"
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
     assert master.cluster.revision("deployment", NS, "worker") == "1"

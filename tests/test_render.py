@@ -146,7 +146,7 @@ def test_phase_files_apply_namespace_config_service_statefulset_then_deployments
         "bundle/2-config.yaml",
         "bundle/3-services.yaml",
         "bundle/4-statefulsets.yaml",
-        "bundle/5-workloads.yaml",
+        "bundle/6-workloads.yaml",
         "bundle/objects.tsv",
         "bundle/workloads.tsv",
     ]
@@ -168,7 +168,7 @@ def test_phase_files_apply_namespace_config_service_statefulset_then_deployments
 
 def test_phase_files_without_documents_are_left_out(workspace):
     files = members(bundle(workspace, path="k8s/a-api.yaml").data)
-    assert sorted(files) == ["bundle/5-workloads.yaml", "bundle/objects.tsv", "bundle/workloads.tsv"]
+    assert sorted(files) == ["bundle/6-workloads.yaml", "bundle/objects.tsv", "bundle/workloads.tsv"]
 
 
 def test_objects_tsv_indexes_every_object_with_the_kind_a_crd_defines(workspace):
@@ -214,7 +214,7 @@ spec:
 
 
 def test_daemonsets_are_watched_in_the_deployments_phase_in_the_manifests_order(workspace):
-    # Between the two Deployments of one file: phase 5 applies them in that order.
+    # Between the two Deployments of one file: phase 6 applies them in that order.
     write(workspace, {"k8s/a-api.yaml": API.replace("---\n", "---\n" + LOG_SHIPPER + "---\n", 1)})
     result = bundle(workspace)
     files = members(result.data)
@@ -226,14 +226,14 @@ def test_daemonsets_are_watched_in_the_deployments_phase_in_the_manifests_order(
     )
     tsv = files["bundle/workloads.tsv"].decode().splitlines()
     assert tsv[2] == "daemonset\tproduction-platform\tlog-shipper"
-    documents = yaml.safe_load_all(files["bundle/5-workloads.yaml"])
-    phase5 = [(d["kind"], d["metadata"]["name"]) for d in documents]
-    assert phase5 == [("Deployment", "api"), ("DaemonSet", "log-shipper"), ("Deployment", "worker")]
+    documents = yaml.safe_load_all(files["bundle/6-workloads.yaml"])
+    phase6 = [(d["kind"], d["metadata"]["name"]) for d in documents]
+    assert phase6 == [("Deployment", "api"), ("DaemonSet", "log-shipper"), ("Deployment", "worker")]
 
 
 def test_pinned_images_are_in_the_bundle(workspace):
     files = members(bundle(workspace, "ghcr.io/acme/api:abc123,localhost:5000/worker:v2,redis:7.2").data)
-    deployments = list(yaml.safe_load_all(files["bundle/5-workloads.yaml"]))
+    deployments = list(yaml.safe_load_all(files["bundle/6-workloads.yaml"]))
     api, worker = (d["spec"]["template"]["spec"] for d in deployments)
     assert api["initContainers"][0]["image"] == api["containers"][0]["image"] == "ghcr.io/acme/api:abc123"
     assert worker["containers"][0]["image"] == "localhost:5000/worker:v2"
@@ -417,7 +417,7 @@ def test_with_a_release_every_object_is_labelled_and_listed_in_the_inventory(wor
         "ConfigMap\tproduction-platform\tapi-config",
         "Namespace\t\tproduction-platform",
     ]
-    for name in ("1-namespaces", "2-config", "3-services", "4-statefulsets", "5-workloads"):
+    for name in ("1-namespaces", "2-config", "3-services", "4-statefulsets", "6-workloads"):
         for doc in yaml.safe_load_all(files[f"bundle/{name}.yaml"]):
             assert doc["metadata"]["labels"]["k3s-deploy-action/release"] == "0123456789abcdef0123"
             template = (doc.get("spec") or {}).get("template") or {}
@@ -437,3 +437,77 @@ def test_a_configmap_named_like_a_prune_inventory_in_kube_system_is_refused(work
     )})
     with pytest.raises(ManifestError, match="has the name of a release's prune inventory"):
         bundle(workspace)
+
+
+MIGRATE = """\
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+  namespace: production-platform
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: migrate, image: "ghcr.io/acme/api:old"}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: seed-a-rather-long-job-name-that-goes-on-and-on-for-ever
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: seed, image: "ghcr.io/acme/api:old"}]
+"""
+
+
+def test_jobs_have_their_phase_a_file_each_in_order_and_a_hash_of_what_they_run(workspace):
+    write(workspace, {"k8s/jobs.yaml": MIGRATE})
+    files = members(bundle(workspace, "ghcr.io/acme/api:abc123").data)
+    assert [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(files["bundle/5-jobs.yaml"])] == [
+        ("Job", "migrate"), ("Job", "seed-a-rather-long-job-name-that-goes-on-and-on-for-ever")]
+    lines = [line.split("\t") for line in files["bundle/jobs.tsv"].decode().splitlines()]
+    assert [(ns, name) for ns, name, _ in lines] == [
+        ("production-platform", "migrate"),
+        ("", "seed-a-rather-long-job-name-that-goes-on-and-on-for-ever"),
+    ]
+    for number, (_, name, digest) in enumerate(lines, 1):
+        job = yaml.safe_load(files[f"bundle/jobs/{number}.yaml"])
+        assert job["metadata"]["name"] == name
+        assert job["metadata"]["annotations"]["k3s-deploy-action/job-hash"] == digest
+        assert len(digest) == 20 and int(digest, 16) >= 0
+        assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/acme/api:abc123"
+    # Not a workload: nothing waits for a Job as for a rollout.
+    assert "migrate" not in files["bundle/workloads.tsv"].decode()
+
+
+def test_a_job_hash_follows_what_the_job_runs(workspace):
+    write(workspace, {"k8s/jobs.yaml": MIGRATE})
+
+    def digests(images: str) -> list[str]:
+        tsv = members(bundle(workspace, images).data)["bundle/jobs.tsv"].decode()
+        return [line.split("\t")[2] for line in tsv.splitlines()]
+
+    first = digests("ghcr.io/acme/api:abc123")
+    assert digests("ghcr.io/acme/api:abc123") == first
+    changed = digests("ghcr.io/acme/api:def456")
+    assert changed[0] != first[0] and changed[1] != first[1]
+    write(workspace, {"k8s/jobs.yaml": MIGRATE.replace("backoffLimit: 0", "backoffLimit: 1")})
+    after = digests("ghcr.io/acme/api:abc123")
+    assert after[0] != first[0] and after[1] == first[1]
+
+
+def test_the_jobs_check_copies_get_a_name_from_the_server_short_enough_for_a_job(workspace):
+    write(workspace, {"k8s/jobs.yaml": MIGRATE})
+    files = members(bundle(workspace).data)
+    checks = list(yaml.safe_load_all(files["bundle/jobs/check.yaml"]))
+    assert [c["metadata"].get("name") for c in checks] == [None, None]
+    prefixes = [c["metadata"]["generateName"] for c in checks]
+    assert prefixes[0] == "migrate-check-"
+    # The server adds 5 characters; a Job's name must fit its pods' 63-character label.
+    assert prefixes[1].startswith("seed-a-rather-long") and len(prefixes[1]) + 5 <= 63
+    originals = list(yaml.safe_load_all(files["bundle/5-jobs.yaml"]))
+    assert [c["spec"] for c in checks] == [o["spec"] for o in originals]

@@ -99,7 +99,8 @@ def hostile_outcome(value: str) -> Outcome:
     return Outcome(status="rolled-back", rolled_back=True, message=value, images=[value, "b:1"],
                    instance_id=value, diff=value, results=[instance],
                    report={"failure": failure, "workloads": [workload], "pods": [value],
-                           "events": [value], "cluster_changes": [f"created {value}", value]})
+                           "events": [value], "cluster_changes": [f"created {value}", value],
+                           "jobs": [{"namespace": value, "name": value, "result": value}]})
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -129,3 +130,22 @@ def test_the_summary_lists_what_the_deploy_changed_outside_its_namespaces() -> N
     quiet = markdown.render(summary_markdown(Outcome(status="success", report={"workloads": []}),
                                              "eu-west-1"))
     assert "Changed outside" not in quiet
+
+
+def test_the_summary_lists_the_migration_jobs_and_what_each_did() -> None:
+    outcome = Outcome(status="failed", report={"workloads": [], "jobs": [
+        {"namespace": "shop", "name": "migrate", "result": "completed"},
+        {"namespace": "shop", "name": "seed", "result": "unchanged"},
+        {"namespace": "", "name": "reindex", "result": "failed"},
+        {"namespace": "shop", "name": "report", "result": "not-run"}]})
+    rendered = markdown.render(summary_markdown(outcome, "eu-west-1"))
+    rows = re.findall(r"<tr>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*</tr>", rendered, re.S)
+    assert rows[-4:] == [
+        ("shop/job/migrate", "ran, completed"),
+        ("shop/job/seed", "not run again: completed with this spec before"),
+        ("job/reindex", "failed"),
+        ("shop/job/report", "not run (the deploy stopped before it)"),
+    ]
+    without = markdown.render(summary_markdown(Outcome(status="success", report={"workloads": []}),
+                                               "eu-west-1"))
+    assert "Jobs" not in without

@@ -142,6 +142,21 @@ def daemonset_doc(namespace: str, image: str, name: str = "node-agent") -> dict[
     }
 
 
+def job_doc(namespace: str, image: str, name: str = "migrate") -> dict[str, Any]:
+    """A migration Job that is not retried (backoffLimit 0), whose pod meets the "restricted"
+    Pod Security Standard (the example platform's namespace enforces it)."""
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": name, "image": image, "securityContext": {
+                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}},
+    }
+
+
 def move_to(doc: dict[str, Any], namespace: str) -> dict[str, Any]:
     text = json.dumps(doc)
     # The namespace appears as a name and in in-cluster addresses (api.production-platform).

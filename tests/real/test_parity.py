@@ -18,6 +18,7 @@ from tests.real.plane import (
     WORKER_IMAGE,
     ControlPlane,
     daemonset_doc,
+    job_doc,
     platform_docs,
     redis_volume,
 )
@@ -35,6 +36,12 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
     # TAG-daemonset: the platform at v1 beside a DaemonSet at TAG.
     "a daemonset's update, then its crash loop rolled back": [
         ("v1-daemonset", "deploy"), ("v2-daemonset", "deploy"), ("crashloop-daemonset", "deploy")],
+    # TAG-job: the platform and a migration Job, all at TAG. The same Job again is not run; a
+    # failing one stops the deploy before the Deployments.
+    "a migration job runs, is kept, is replaced, and fails": [
+        ("v1-job", "deploy"), ("v1-job", "deploy"), ("v2-job", "dry-run"), ("v2-job", "deploy"),
+        ("crashloop-job", "deploy")],
+    "a migration job whose image cannot be pulled": [("v1-job", "deploy"), ("missing-job", "deploy")],
 }
 BROKEN = {"crashloop": "CrashLoopBackOff", "missing": "ImagePullBackOff"}
 
@@ -46,6 +53,8 @@ def outcome(run: Run) -> dict[str, Any]:
         "result": report["result"],
         "rollback": report.get("rollback"),
         "workloads": {w["name"]: w["result"] for w in report.get("workloads", [])},
+        "jobs": {j["name"]: j["result"] for j in report.get("jobs", [])},
+        "changes": sorted(c for c in report.get("changes", []) if c.startswith("job/")),
     }
 
 
@@ -53,6 +62,8 @@ def docs_for(ns: str, step: str) -> list[dict[str, Any]]:
     tag, _, change = step.partition("-")
     if change == "daemonset":
         return [*platform_docs(ns, "v1"), daemonset_doc(ns, f"{WORKER_IMAGE}:{tag}")]
+    if change == "job":
+        return [*platform_docs(ns, tag), job_doc(ns, f"{API_IMAGE}:{tag}")]
     docs = platform_docs(ns, tag)
     if change == "config":
         for doc in docs:

@@ -23,6 +23,11 @@
 #                        workloads: Deployments, StatefulSets, DaemonSets), applies
 #                        the phase files in order, annotates each workload with the commit,
 #                        the run URL and the time (its own metadata: the revision stays)
+#                        With Jobs (bundle/jobs.tsv): the phases up to the StatefulSets,
+#                        which are waited for; then each Job (replaced unless it completed
+#                        with the same job-hash), waited for until Complete, failing on
+#                        Failed or a pod that cannot start; then the Deployments and
+#                        DaemonSets, which a failed Job leaves untouched
 #             6 rollout  waits for each workload in apply order (StatefulSets, then the
 #                        Deployments and DaemonSets as listed); every 3 s checks its new pods
 #                        and stops at once on a container that will not start by itself
@@ -34,8 +39,8 @@
 #             on failure: undoes only the workloads whose revision changed (rollback),
 #                        each only while it still holds the revision this deploy made
 #                        (STATE/ID/applied.tsv), each to the exact revision recorded
-#   dry-run   steps 1, 2 and 4, then `kubectl diff` of the whole bundle; changes nothing and
-#             takes no lock. The diff goes to stdout between ===K3S-DEPLOY-DIFF-BEGIN=== and
+#   dry-run   steps 1, 2 and 4, then `kubectl diff` of the whole bundle (a Job: whether a
+#             deploy would run it); changes nothing and takes no lock. The diff goes to stdout between ===K3S-DEPLOY-DIFF-BEGIN=== and
 #             ===K3S-DEPLOY-DIFF-END===.
 #   rollback  for the action, after a deploy it could not wait for (timeout, cancel): undoes
 #             what that deploy changed, using STATE/ID/revisions.tsv (takes the lock over from

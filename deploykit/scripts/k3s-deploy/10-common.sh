@@ -16,10 +16,15 @@ readonly DIFF_END='===K3S-DEPLOY-DIFF-END==='
 readonly REPORT_MAX_BYTES=7500
 readonly REPORT_LINE_MAX=200
 readonly PHASE_FILES=(1-namespaces.yaml 2-config.yaml 3-services.yaml 4-statefulsets.yaml
-  5-workloads.yaml)
+  5-jobs.yaml 6-workloads.yaml)
+# The Jobs' phase: checked with the others, but run by run_jobs (75-jobs.sh), one Job at a time.
+readonly JOBS_PHASE_FILE=5-jobs.yaml
 # While a rollout is waited for, its new pods are checked this often for a container that will
 # not start by itself (bad image, crash loop): no point waiting out the whole timeout then.
 readonly FAIL_FAST_CHECK_SECONDS=3
+# A running Job is read this often; the report lists this many Jobs.
+readonly JOB_POLL_SECONDS=2
+readonly JOBS_REPORT_MAX=20
 readonly FATAL_WAITING_REASONS=" CrashLoopBackOff ImagePullBackOff ErrImagePull InvalidImageName \
 ErrImageNeverPull CreateContainerConfigError CreateContainerError RunContainerError "
 # A container that never got an image has no log to show.
@@ -72,6 +77,8 @@ readonly UID_PATTERN='^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 # One line per container of one pod (init containers first); the message last: it may hold "|".
 readonly CONTAINER_TEMPLATE='{range .status.initContainerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.waiting.message}{"\n"}{end}{range .status.containerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.waiting.message}{"\n"}{end}'
 readonly LOCK_TEMPLATE='{.metadata.resourceVersion}|{.spec.holderIdentity}|{.spec.acquireTime}|{.spec.renewTime}|{.spec.leaseDurationSeconds}|{.metadata.annotations.k3s-deploy-action/holder-process}|{.metadata.annotations.k3s-deploy-action/run-url}'
+readonly JOB_TEMPLATE='{.metadata.uid}|{.metadata.annotations.k3s-deploy-action/job-hash}|{.status.active}|{.status.succeeded}|{.status.failed}|{range .status.conditions[*]}{.type}={.status}={.reason};{end}'
+readonly JOB_CONTAINER_TEMPLATE='{range .status.containerStatuses[*]}{.name}|{.restartCount}|{.state.waiting.reason}|{.state.terminated.reason}|{.state.terminated.exitCode}|{.lastState.terminated.exitCode}{"\n"}{end}'
 readonly TRACE_TEMPLATE='{.metadata.annotations.k3s-deploy-action/commit-sha}{"\t"}{.metadata.annotations.k3s-deploy-action/run-url}{"\t"}{.metadata.annotations.k3s-deploy-action/deployed-at}{"\t"}{.metadata.annotations.k3s-deploy-action/deploy-id}'
 
 # Options.
@@ -148,6 +155,11 @@ wl_since=()   # pods created since then are this deploy's ("" when it did not ch
 wl_trace=()   # the workload's traceability annotations before this deploy, tab-separated
 wl_outcome=() # ready | failed | timed-out | "" (not waited for)
 wl_undo=()    # done | no-history | superseded | failed | "" (not undone)
+apply_timed_out=false # an apply ran out of budget: the API is too slow to ask anything more
+job_ns=()
+job_name=()
+job_hash=()    # the hash the action stamped on the Job (annotation k3s-deploy-action/job-hash)
+job_outcome=() # completed | unchanged | failed | timed-out | "" (not run)
 # The container that made the deploy fail, when one did.
 failure_workload=""
 failure_namespace=""

@@ -188,6 +188,10 @@ report_head() {
   if [[ -n "$REPLY" ]]; then
     head+=',"prune":'"$REPLY"
   fi
+  jobs_json
+  if [[ -n "$REPLY" ]]; then
+    head+=',"jobs":'"$REPLY"
+  fi
   workloads_json "$workload_count"
   REPLY="$head,\"workloads\":$REPLY"
 }

@@ -36,8 +36,9 @@ unpack_bundle() {
     fi
   done
   if ((${#bundle_phase_files[@]} == 0)); then
-    fail_early 5 check "bundle has no manifests (expected bundle/1-namespaces.yaml ... bundle/5-workloads.yaml)"
+    fail_early 5 check "bundle has no manifests (expected bundle/1-namespaces.yaml ... bundle/6-workloads.yaml)"
   fi
+  load_jobs
   if [[ ! -f "$work_dir/bundle/workloads.tsv" ]]; then
     return 0
   fi
@@ -77,15 +78,15 @@ add_workload() {
 }
 
 # Waits follow the apply order: StatefulSets (phase 4) first, then the Deployments and
-# DaemonSets of phase 5 as that file lists them (workloads.tsv keeps the manifests' order).
+# DaemonSets of phase 6 as that file lists them (workloads.tsv keeps the manifests' order).
 order_workloads() {
   local kinds=("${wl_kind[@]}") nss=("${wl_ns[@]}") names=("${wl_name[@]}") befores=("${wl_before[@]}")
   local traces=("${wl_trace[@]}") wanted i
   wl_kind=() wl_ns=() wl_name=() wl_before=() wl_trace=() wl_after=() wl_desired=() wl_ready=()
   wl_updated=() wl_available=() wl_since=() wl_outcome=() wl_undo=() wl_uid=()
-  for wanted in statefulset phase-5; do
+  for wanted in statefulset phase-6; do
     for i in "${!kinds[@]}"; do
-      if [[ "${kinds[i]}" == "$wanted" || ("$wanted" == phase-5 && "${kinds[i]}" != statefulset) ]]; then
+      if [[ "${kinds[i]}" == "$wanted" || ("$wanted" == phase-6 && "${kinds[i]}" != statefulset) ]]; then
         add_workload "${kinds[i]}" "${nss[i]}" "${names[i]}" "${befores[i]}" "${traces[i]}"
       fi
     done
@@ -234,6 +235,10 @@ server_dry_run_bundle() {
   errors="$work_dir/server-dry-run.err"
   log "==> server-side dry run of the whole bundle (kubectl apply --dry-run=server): nothing is changed"
   for name in "${bundle_phase_files[@]}"; do
+    if [[ "$name" == "$JOBS_PHASE_FILE" ]]; then
+      server_dry_run_jobs
+      continue
+    fi
     file="$work_dir/bundle/$name"
     rc=0
     output=$(kube_within_budget apply --dry-run=server --validate="$validate" \
@@ -276,6 +281,9 @@ diff_bundle() {
   : >"$work_dir/diff.txt"
   log "==> kubectl diff of the whole bundle against the cluster"
   for name in "${bundle_phase_files[@]}"; do
+    if [[ "$name" == "$JOBS_PHASE_FILE" ]]; then
+      continue # a Job is replaced, not patched: plan_jobs says what would happen to each
+    fi
     file="$work_dir/bundle/$name"
     rc=0
     kube_within_budget diff -f "$file" --request-timeout="$request_timeout" \

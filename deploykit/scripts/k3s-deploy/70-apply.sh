@@ -166,11 +166,30 @@ load_revisions() {
   done <"$state_dir/revisions.tsv"
 }
 
+# Sets REPLY_ARRAY to the workloads of stage $1: all; first (the StatefulSets, applied before
+# the Jobs run); rest (the Deployments and DaemonSets, applied after them).
+stage_workloads() {
+  local i
+  REPLY_ARRAY=()
+  for i in "${!wl_name[@]}"; do
+    if [[ "$1" == all ]] || [[ "$1" == first && "${wl_kind[i]}" == statefulset ]] ||
+      [[ "$1" == rest && "${wl_kind[i]}" != statefulset ]]; then
+      REPLY_ARRAY+=("$i")
+    fi
+  done
+}
+
+# Applies the phase files of stage $1 (all; first: those before the Jobs' phase; rest: those
+# after it). The Jobs' own file is never applied here: run_jobs applies each Job.
 apply_bundle() {
-  local name rc output
+  local stage=$1 name rc output
   step=apply
   rollout_started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   for name in "${bundle_phase_files[@]}"; do
+    if [[ "$name" == "$JOBS_PHASE_FILE" || ("$stage" == first && "$name" > "$JOBS_PHASE_FILE") ||
+      ("$stage" == rest && "$name" < "$JOBS_PHASE_FILE") ]]; then
+      continue
+    fi
     if ! lock_still_ours; then
       fail_reason="the deploy lock was taken by someone else; stopped before applying bundle/$name"
       return 1
@@ -182,6 +201,7 @@ apply_bundle() {
     log "$output"
     if ((rc == 124)); then
       fail_reason="timed out after ${timeout_seconds}s applying bundle/$name"
+      apply_timed_out=true
       return 2
     elif ((rc != 0)); then
       fail_reason="kubectl apply -f bundle/$name failed: $(first_error_line "$output")"
@@ -310,19 +330,25 @@ note_wide_changes() {
   fi
 }
 
+# After the apply of stage $1 (see stage_workloads): its workloads' revisions and annotations;
+# applied.tsv covers every stage applied so far.
 after_apply() {
-  local i lines=""
-  for i in "${!wl_name[@]}"; do
+  local i lines="" selected
+  stage_workloads "$1"
+  selected=("${REPLY_ARRAY[@]}")
+  for i in "${selected[@]}"; do
     if read_workload "$i"; then
       wl_after[i]=$REPLY
     fi
     if [[ "${wl_after[i]}" != "${wl_before[i]}" ]]; then
       wl_since[i]=$rollout_started_at
-      if [[ -n "${wl_after[i]}" ]]; then
-        lines+="${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}"$'\t'"${wl_after[i]}"$'\n'
-      fi
     else
       wl_since[i]=""
+    fi
+  done
+  for i in "${!wl_name[@]}"; do
+    if [[ -n "${wl_after[i]}" && "${wl_after[i]}" != "${wl_before[i]}" ]]; then
+      lines+="${wl_kind[i]}/${wl_ns[i]}/${wl_name[i]}"$'\t'"${wl_after[i]}"$'\n'
     fi
   done
   # Written whole then renamed. Without it (a kill before this line) a rollback undoes every
@@ -332,15 +358,15 @@ after_apply() {
     log "warning: could not write $state_dir/applied.tsv: a rollback will undo every workload whose revision moved"
   fi
   if lock_still_ours; then
-    annotate_workloads
+    annotate_workloads "${selected[@]}"
   fi
 }
 
-# Writes commit, run URL, time and deploy id to each workload's own metadata. Not to its pod
-# template: that would make a new revision and roll the pods.
+# Writes commit, run URL, time and deploy id to the own metadata of each workload named by
+# index. Not to its pod template: that would make a new revision and roll the pods.
 annotate_workloads() {
   local i output updates=() now update
-  if ((${#wl_name[@]} == 0)); then
+  if (($# == 0)); then
     return 0
   fi
   now_utc
@@ -352,7 +378,7 @@ annotate_workloads() {
     fi
   done
   log "==> annotating the workloads (${updates[*]})"
-  for i in "${!wl_name[@]}"; do
+  for i in "$@"; do
     workload_ns_args "$i"
     if output=$(kube annotate --overwrite "${wl_kind[i]}/${wl_name[i]}" "${ns_args[@]}" \
       "${updates[@]}" --request-timeout="$request_timeout" 2>&1); then

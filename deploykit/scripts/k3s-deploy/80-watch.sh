@@ -39,16 +39,24 @@ workload_owner_uids() {
 # (status text no kubelet writes) is printed as "POD?|" when its name can be told, else "?|":
 # the callers count such a pod as unhealthy, never as data.
 workload_pods() {
-  local i=$1 uid template="" listing line pod
+  local uids
+  uids=$(workload_owner_uids "$1")
+  workload_ns_args "$1"
+  owned_pods "$uids"
+}
+
+# Prints, as workload_pods does, the pods in the namespace of ns_args owned by the UIDs in $1
+# (one per line).
+owned_pods() {
+  local uid template="" listing line pod
   while IFS= read -r uid; do
-    if [[ -n "$uid" ]]; then
+    if [[ "$uid" =~ $UID_PATTERN ]]; then
       template+="{range .items[?(@.metadata.ownerReferences[0].uid==\"$uid\")]}$POD_LINE_TEMPLATE{end}"
     fi
-  done < <(workload_owner_uids "$i")
+  done <<<"$1"
   if [[ -z "$template" ]]; then
     return 0
   fi
-  workload_ns_args "$i"
   listing=$(kube get pods "${ns_args[@]}" --request-timeout="$request_timeout" \
     -o "jsonpath=$template" 2>/dev/null) || return 0
   while IFS= read -r line; do
@@ -317,10 +325,12 @@ counts_text() {
   fi
 }
 
+# Waits for the workloads of stage $1 (see stage_workloads), one after the other.
 wait_for_workloads() {
   local i rc
   step=rollout
-  for i in "${!wl_name[@]}"; do
+  stage_workloads "$1"
+  for i in "${REPLY_ARRAY[@]}"; do
     rc=0
     wait_for_rollout "$i" "$deadline" || rc=$?
     if ((rc == 0)); then

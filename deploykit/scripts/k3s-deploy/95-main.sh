@@ -30,13 +30,17 @@ run_deploy() {
   # report, so each of these checks every command whose failure matters and returns 1 (failed)
   # or 2 (timed out); the rest (log lines, annotations) may fail without changing the outcome.
   rc=0
-  apply_bundle || rc=$?
-  if ((rc != 2)); then
-    note_wide_changes
+  if ((${#job_name[@]} == 0)); then
+    apply_bundle all || rc=$?
+    if ((rc == 0)); then
+      after_apply all
+      wait_for_workloads all || rc=$?
+    fi
+  else
+    deploy_in_stages || rc=$?
   fi
-  if ((rc == 0)); then
-    after_apply
-    wait_for_workloads || rc=$?
+  if [[ "$apply_timed_out" != true ]]; then
+    note_wide_changes
   fi
   if ((rc == 0)); then
     verify_health || rc=$?
@@ -50,6 +54,8 @@ run_deploy() {
     if [[ -n "$annotate_failures" ]]; then
       message+=" (could not annotate: $annotate_failures)"
     fi
+    jobs_summary
+    message+=$REPLY
     prune_objects || prune_note="prune stopped unexpectedly (exit $?); see the log"
     if ((${#prune_pruned[@]} > 0)); then
       message+="; pruned ${#prune_pruned[@]} object(s)"
@@ -68,6 +74,28 @@ run_deploy() {
   handle_failure failed
 }
 
+# With Jobs (migrations): the phases up to the StatefulSets, which are waited for; then the Jobs,
+# one after the other; only when every Job completed, the Deployments and DaemonSets. A Job that
+# fails leaves them as they were: fail_reason says so.
+deploy_in_stages() {
+  local rc=0
+  apply_bundle first || return $?
+  after_apply first
+  wait_for_workloads first || return $?
+  run_jobs || rc=$?
+  if ((rc != 0)); then
+    stage_workloads rest
+    if ((${#REPLY_ARRAY[@]} > 0)); then
+      fail_reason+="; the Deployments and DaemonSets were not applied (they run what they ran before)"
+    fi
+    fail_reason+="; the phases before the Jobs (config, services, StatefulSets) were applied"
+    return "$rc"
+  fi
+  apply_bundle rest || return $?
+  after_apply rest
+  wait_for_workloads rest
+}
+
 run_dry_run() {
   local count
   deadline=$(($(date +%s) + timeout_seconds))
@@ -79,6 +107,7 @@ run_dry_run() {
   check_bundle
   server_dry_run_bundle
   diff_bundle
+  plan_jobs
   print_diff
   list_prunable
   count=${#diff_changes[@]}
