@@ -1785,3 +1785,18 @@ def test_the_dry_run_says_what_would_happen_to_each_job_and_changes_nothing(mast
     assert not any("seed" in change for change in changes)
     assert master.cluster.get("Job", NS, "migrate")["metadata"]["uid"] == uid
     assert master.cluster.get("Job", NS, "reindex") is None
+
+
+def test_a_statefulset_that_fails_before_the_jobs_runs_no_job_and_changes_no_deployment(
+        master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("redis:8", "CrashLoopBackOff")
+
+    run = master.deploy([*platform(redis_image="redis:8", api_image="api:v2"), job(image="api:v2")])
+
+    assert run.code == 7, run.stdout  # failed, the StatefulSet rolled back
+    assert "no Job was run, and the Deployments and DaemonSets were not applied" in run.report["message"]
+    assert run.report["jobs"] == [{"namespace": NS, "name": "migrate", "result": "not-run"}]
+    assert master.cluster.get("Job", NS, "migrate") is None
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+    assert master.cluster.image_of("statefulset", NS, "redis") == "redis:7.2"

@@ -79,9 +79,15 @@ run_deploy() {
 # fails leaves them as they were: fail_reason says so.
 deploy_in_stages() {
   local rc=0
-  apply_bundle first || return $?
-  after_apply first
-  wait_for_workloads first || return $?
+  apply_bundle first || rc=$?
+  if ((rc == 0)); then
+    after_apply first
+    wait_for_workloads first || rc=$?
+  fi
+  if ((rc != 0)); then
+    fail_reason+="; no Job was run, and the Deployments and DaemonSets were not applied"
+    return "$rc"
+  fi
   run_jobs || rc=$?
   if ((rc != 0)); then
     stage_workloads rest
