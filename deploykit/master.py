@@ -92,7 +92,10 @@ class OneMaster:
                     wait.expected_from_history(aws.ssm, sent.instance_id, settings.ssm_document),
                     float(settings.timeout),
                 ),
+                on_poll=self.run.progress.poll if self.run.progress else None,
             )
+            if self.run.progress:
+                self.run.progress.finish()
         except wait.DeadlinePassed:
             self.result.status = Status.TIMED_OUT
             self.result.message = (
@@ -103,6 +106,10 @@ class OneMaster:
             # is one whose agent stopped reporting.
             self.result.fix = FIX_SSM_AGENT
             self._cancel_command()
+
+    def candidates(self) -> list[str]:
+        """Every server the deploy command may run on: the master, then its HA standbys."""
+        return [server.instance_id for server in self.master.failover_order] if self.master else []
 
     def results(self) -> list[TargetResult]:
         result, invocation = self.result, self.invocation
