@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploykit import command
+from deploykit import command, render
 from deploykit.report import Outcome, summary_markdown
 from devkit.simulate.cluster import Cluster
 
@@ -52,6 +52,7 @@ PHASE_OF_KIND = {
     "ConfigMap": "2-config.yaml",
     "Service": "3-services.yaml",
     "StatefulSet": "4-statefulsets.yaml",
+    "Job": "5-jobs.yaml",
 }
 
 
@@ -93,6 +94,12 @@ def deployment(name: str, image: str, replicas: int = 1, ns: str = NS,
         spec["progressDeadlineSeconds"] = progress_deadline
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def job(name: str = "migrate", image: str = "api:v1", ns: str = NS, backoff_limit: int = 0) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns},
+            "spec": {"backoffLimit": backoff_limit, "template": {"spec": {
+                "restartPolicy": "Never", "containers": [{"name": name, "image": image}]}}}}
 
 
 def daemonset(name: str = "log-shipper", image: str = "shipper:v1", ns: str = NS) -> dict:
@@ -137,6 +144,11 @@ def phase_files(docs: list[dict]) -> dict[str, str]:
     """The bundle's entries (docs/internals.md section 1), name -> content."""
     phases: dict[str, list[dict]] = {}
     workloads = []
+    jobs = [doc for doc in docs if doc["kind"] == "Job"]
+    # Jobs as the action's renderer gives them: stamped with their hash, one file each, and
+    # the copies the server-side dry run creates under names the server makes up.
+    digests = [render.stamp_job_hash(render.Manifest("test", "Job", doc["metadata"].get("namespace", ""),
+                                                     doc["metadata"]["name"], doc)) for doc in jobs]
     for doc in docs:
         phases.setdefault(PHASE_OF_KIND.get(doc["kind"], "6-workloads.yaml"), []).append(doc)
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
@@ -144,6 +156,13 @@ def phase_files(docs: list[dict]) -> dict[str, str]:
                              f"{doc['metadata']['name']}\n")
     files = {name: as_yaml(content) for name, content in sorted(phases.items())}
     files["workloads.tsv"] = "".join(workloads)
+    if jobs:
+        files["jobs.tsv"] = "".join(
+            f"{doc['metadata'].get('namespace', '')}\t{doc['metadata']['name']}\t{digest}\n"
+            for doc, digest in zip(jobs, digests, strict=True))
+        for number, doc in enumerate(jobs, 1):
+            files[f"jobs/{number}.yaml"] = as_yaml([doc])
+        files["jobs/check.yaml"] = as_yaml([render.job_check_copy(doc) for doc in jobs])
     # A document without a name (a test of kubectl's own refusal) has no line: the action's
     # renderer would have refused it before building a bundle.
     files["objects.tsv"] = "".join(
@@ -1686,3 +1705,83 @@ def test_a_deploy_whose_lease_is_taken_stops_and_undoes_nothing(master: Master) 
     assert "nothing undone" in run.stdout
     assert master.cluster.image_of("deployment", NS, "api") == "api:v2"
     assert master.lock_holder() == "intruder"
+
+
+# -- migration Jobs -------------------------------------------------------------------------------
+
+
+def test_a_job_runs_between_the_statefulsets_and_the_deployments(master: Master) -> None:
+    run = master.deploy([*platform(), job(image="api:v1")])
+
+    assert run.code == 0, run.stdout
+    out = run.stdout
+    assert (out.index("waiting for statefulset/redis") < out.index("kubectl apply -f bundle/jobs/1.yaml")
+            < out.index("job/migrate in production-platform: completed")
+            < out.index("kubectl apply -f bundle/6-workloads.yaml"))
+    assert run.report["jobs"] == [{"namespace": NS, "name": "migrate", "result": "completed"}]
+    assert "ran job/migrate" in run.report["message"]
+    live = master.cluster.get("Job", NS, "migrate")
+    assert live["metadata"]["annotations"]["k3s-deploy-action/job-hash"]
+
+
+def test_a_job_with_the_same_hash_that_completed_is_not_run_again_and_a_changed_one_is_replaced(
+        master: Master) -> None:
+    assert master.deploy([*platform(), job(image="api:v1")], "deploy-1").code == 0
+    first = master.cluster.get("Job", NS, "migrate")["metadata"]["uid"]
+
+    again = master.deploy([*platform(), job(image="api:v1")], "deploy-2")
+    assert again.code == 0, again.stdout
+    assert again.report["jobs"][0]["result"] == "unchanged"
+    assert master.cluster.get("Job", NS, "migrate")["metadata"]["uid"] == first
+
+    changed = master.deploy([*platform(api_image="api:v2"), job(image="api:v2")], "deploy-3")
+    assert changed.code == 0, changed.stdout
+    assert "replacing job/migrate" in changed.stdout
+    replaced = master.cluster.get("Job", NS, "migrate")
+    assert replaced["metadata"]["uid"] != first
+    assert replaced["spec"]["template"]["spec"]["containers"][0]["image"] == "api:v2"
+
+
+def test_a_failing_job_stops_the_deploy_before_any_deployment_changes(master: Master) -> None:
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.break_image("api:v2", "CrashLoopBackOff", log="migration 0042 failed: no such column")
+    before = master.cluster.revision("deployment", NS, "api")
+
+    run = master.deploy([*platform(api_image="api:v2"), job(image="api:v2")])
+
+    assert run.code == 9, run.stdout  # failed, nothing rolled back
+    report = run.report
+    assert report["result"] == "failed" and report["step"] == "jobs"
+    assert report["jobs"] == [{"namespace": NS, "name": "migrate", "result": "failed"}]
+    assert report["failure"]["workload"] == "job/migrate"
+    assert report["failure"]["log"][-1] == "migration 0042 failed: no such column"
+    assert "were not applied" in report["message"]
+    assert "kubectl apply -f bundle/6-workloads.yaml" not in run.stdout
+    assert master.cluster.revision("deployment", NS, "api") == before
+    assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
+
+
+def test_a_job_whose_image_cannot_be_pulled_fails_fast(master: Master) -> None:
+    master.cluster.break_image("api:missing", "ImagePullBackOff")
+
+    run = master.deploy([*platform(), job(image="api:missing")], timeout=60)
+
+    assert run.code == 9, run.stdout
+    assert "which does not clear by itself" in run.report["message"]
+    assert run.report["failure"]["reason"] in ("ImagePullBackOff", "ErrImagePull")
+    assert run.seconds < 30, run.stdout
+
+
+def test_the_dry_run_says_what_would_happen_to_each_job_and_changes_nothing(master: Master) -> None:
+    assert master.deploy([*platform(), job(image="api:v1"), job("seed", "api:v1")]).code == 0
+    uid = master.cluster.get("Job", NS, "migrate")["metadata"]["uid"]
+
+    run = master.dry_run([*platform(), job(image="api:v2"), job("seed", "api:v1"), job("reindex")])
+
+    assert run.code == 0, run.stdout
+    changes = run.report["changes"]
+    assert "job/migrate in production-platform (would be replaced and run again)" in changes
+    assert "job/reindex in production-platform (would run)" in changes
+    assert not any("seed" in change for change in changes)
+    assert master.cluster.get("Job", NS, "migrate")["metadata"]["uid"] == uid
+    assert master.cluster.get("Job", NS, "reindex") is None

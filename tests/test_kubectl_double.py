@@ -9,6 +9,7 @@ Two kinds of checks:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -828,3 +829,319 @@ def test_logs_are_those_the_kubelet_keeps(double: Double) -> None:
         f'Error from server (BadRequest): container "worker" in pod '
         f'"{pulling["metadata"]["name"]}" is waiting to start: trying and failing to pull image')
     assert no_previous.returncode == 1 and "previous terminated container" in no_previous.stderr
+
+
+# -- Jobs: what the deploy script's ordered steps (database migrations) rely on -----------------
+
+SCRIPT_DIR = Path(__file__).resolve().parent.parent / "deploykit" / "scripts" / "k3s-deploy"
+# The script's calls for a Job step, as it will make them.
+JOB_FIELDS = ("jsonpath={.metadata.uid}|{.metadata.annotations.k3s-deploy-action/job-hash}|"
+              "{.status.active}|{.status.succeeded}|{.status.failed}|"
+              "{range .status.conditions[*]}{.type}={.status};{end}")
+JOB_CONTAINERS = ('jsonpath={range .status.containerStatuses[*]}{.name}|{.restartCount}|'
+                  "{.state.waiting.reason}|{.state.terminated.reason}|"
+                  '{.state.terminated.exitCode}|{.lastState.terminated.exitCode}{"\\n"}{end}')
+JOB_POD_NAME = re.compile(r"migrate-[bcdfghjklmnpqrstvwxz2456789]{5}")
+
+
+def script_template(name: str) -> str:
+    """A jsonpath template the deploy script defines (readonly NAME='...' in 10-common.sh)."""
+    text = (SCRIPT_DIR / "10-common.sh").read_text()
+    return re.search(rf"^readonly {name}='([^']*)'$", text, re.MULTILINE).group(1)
+
+
+def job(name: str = "migrate", image: str = "api:v1", ns: str = NS, **spec: object) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": ns,
+                         "annotations": {"k3s-deploy-action/job-hash": "h1"}},
+            "spec": {**spec, "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "migrate", "image": image}]}}}}
+
+
+def apply_job(double: Double, doc: dict, *flags: str) -> subprocess.CompletedProcess[str]:
+    return double.apply([doc], "--validate=true", "--request-timeout=5s", *flags)
+
+
+def job_fields(double: Double, name: str = "migrate") -> list[str]:
+    done = double("get", "job", name, "-n", NS, "--ignore-not-found", "--request-timeout=5s",
+                  "-o", JOB_FIELDS)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("|")
+
+
+def job_pods(double: Double, uid: str, line: str) -> list[str]:
+    """The script's pod listing for one owner: one `line` (a jsonpath body) per pod."""
+    done = double("get", "pods", "-n", NS, "--request-timeout=5s", "-o",
+                  f'jsonpath={{range .items[?(@.metadata.ownerReferences[0].uid=="{uid}")]}}'
+                  f'{line}{{"\\n"}}{{end}}')
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_a_job_completes_in_a_pod_it_owns(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+
+    created = apply_job(double, job())
+    again = apply_job(double, job())
+
+    assert (created.returncode, created.stdout) == (0, "job.batch/migrate created\n")
+    assert (again.returncode, again.stdout) == (0, "job.batch/migrate unchanged\n")
+    uid, job_hash, active, succeeded, failed, conditions = job_fields(double)
+    assert (job_hash, active, succeeded, failed) == ("h1", "", "1", "")
+    assert conditions == "SuccessCriteriaMet=True;Complete=True;"
+    pods = job_pods(double, uid, "{.metadata.name}|{.metadata.ownerReferences[0].kind}|"
+                    "{.metadata.ownerReferences[0].apiVersion}|{.metadata.ownerReferences[0].name}|"
+                    "{.metadata.ownerReferences[0].controller}|{.metadata.labels.job-name}|"
+                    "{.metadata.labels.batch\\.kubernetes\\.io/job-name}|{.status.phase}")
+    assert len(pods) == 1
+    name, *rest = pods[0].split("|")
+    assert JOB_POD_NAME.fullmatch(name), name
+    assert rest == ["Job", "batch/v1", "migrate", "true", "migrate", "migrate", "Succeeded"]
+    containers = double("get", "pod", name, "-n", NS, "-o", JOB_CONTAINERS)
+    assert containers.stdout == "migrate|0||Completed|0|\n"
+    logs = double("logs", name, "-n", NS, "-c", "migrate", "--tail=20", "--request-timeout=5s")
+    assert (logs.returncode, logs.stdout) == (0, "migrate: done\n")
+    assert double("get", "pods", "-n", NS).stdout.split()[5:8] == [name, "0/1", "Completed"]
+    assert double.cluster.job_runs(NS, "migrate") == 1
+
+
+def test_a_slow_job_is_active_until_its_pod_has_run(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    double.cluster.slow_rollout("job", NS, "migrate", 3)
+    started = time.monotonic()
+    assert apply_job(double, job()).returncode == 0
+
+    uid, _, active, succeeded, failed, conditions = job_fields(double)
+    phases = job_pods(double, uid, "{.status.phase}|{.status.containerStatuses[0].ready}")
+    status = double.cluster.job_status(NS, "migrate")
+    assert time.monotonic() - started < 3, "too slow a machine for this test"
+    assert (active, succeeded, failed, conditions) == ("1", "", "", "")
+    assert phases == ["Running|true"]
+    assert "conditions" not in status and "completionTime" not in status
+
+    while job_fields(double)[3] != "1" and time.monotonic() - started < 10:
+        time.sleep(0.2)
+    assert 3 <= time.monotonic() - started < 10
+    assert job_fields(double)[2:] == ["", "1", "", "SuccessCriteriaMet=True;Complete=True;"]
+
+
+def test_a_crashing_job_fails_at_its_backoff_limit(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    double.cluster.break_image("api:bad", log="migrating...\nmigration 7 failed")
+    for doc in (job(image="api:bad", backoffLimit=2), job("once", "api:bad", backoffLimit=0),
+                job("default", "api:bad")):
+        assert apply_job(double, doc).returncode == 0
+
+    uid, _, active, succeeded, failed, conditions = job_fields(double)
+    pods = job_pods(double, uid, "{.metadata.name}|{.status.phase}")
+    last = pods[-1].split("|")[0]
+    containers = double("get", "pod", last, "-n", NS, "-o", JOB_CONTAINERS)
+    logs = double("logs", last, "-n", NS, "-c", "migrate", "--tail=1", "--request-timeout=5s")
+    status = double.cluster.job_status(NS, "migrate")
+
+    assert (active, succeeded, failed) == ("", "", "3")
+    assert conditions == "FailureTarget=True;Failed=True;"
+    assert [(c["reason"], c.get("message")) for c in status["conditions"]] == [
+        ("BackoffLimitExceeded", "Job has reached the specified backoff limit")] * 2
+    # One pod per attempt (restartPolicy Never), each failed with exit code 1.
+    assert len(pods) == 3 and all(p.endswith("|Failed") for p in pods)
+    assert len({p.split("|")[0] for p in pods}) == 3
+    assert containers.stdout == "migrate|0||Error|1|\n"
+    assert (logs.returncode, logs.stdout) == (0, "migration 7 failed\n")
+    assert job_fields(double, "once")[4] == "1"
+    assert job_fields(double, "default")[4] == "7"  # backoffLimit defaults to 6
+    # Failed is terminal: fixing the image afterwards changes nothing.
+    double.cluster.fix_image("api:bad")
+    assert job_fields(double)[2:] == ["", "", "3", "FailureTarget=True;Failed=True;"]
+
+
+def test_a_job_whose_image_cannot_be_pulled_stays_active(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    double.cluster.break_image("api:gone", "ImagePullBackOff")
+    assert apply_job(double, job(image="api:gone")).returncode == 0
+
+    uid, _, active, succeeded, failed, conditions = job_fields(double)
+    [pod] = job_pods(double, uid, "{.metadata.name}|{.status.phase}")
+    name = pod.split("|")[0]
+    containers = double("get", "pod", name, "-n", NS, "-o", JOB_CONTAINERS)
+    logs = double("logs", name, "-n", NS, "-c", "migrate", "--tail=20")
+
+    assert (active, succeeded, failed, conditions) == ("1", "", "", "")
+    assert pod.endswith("|Pending")
+    assert containers.stdout == "migrate|0|ImagePullBackOff|||\n"
+    assert logs.returncode == 1 and logs.stderr.strip() == (
+        f'Error from server (BadRequest): container "migrate" in pod "{name}" is waiting to '
+        "start: trying and failing to pull image")
+    # Once the image can be pulled the pod runs, and the Job completes.
+    double.cluster.fix_image("api:gone")
+    assert job_fields(double)[2:] == ["", "1", "", "SuccessCriteriaMet=True;Complete=True;"]
+
+
+def test_a_job_s_template_and_other_immutable_fields_are_refused(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace(), job()]))
+    before = double.cluster.objects()
+    path = double.root / "job.yaml"
+    path.write_text(as_yaml([job(image="api:v2")]))
+
+    applied = double("apply", "--validate=true", "--request-timeout=5s", "-f", str(path))
+    dry_run = double("apply", "--dry-run=server", "-f", str(path))
+    diff = double("diff", "-f", str(path))
+    both = apply_job(double, job(image="api:v2", completions=2))
+    unchanged = double.cluster.objects() == before
+    mutable = apply_job(double, job(backoffLimit=1))
+
+    for done in (applied, dry_run):
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith('The Job "migrate" is invalid: spec.template: Invalid '
+                                      "value: {"), done.stderr
+        assert done.stderr.strip().endswith("}: field is immutable")
+    assert diff.returncode == 2 and diff.stdout == ""
+    assert diff.stderr.startswith('The Job "migrate" is invalid: spec.template: Invalid value: ')
+    assert both.stderr.startswith('The Job "migrate" is invalid: [spec.completions: Invalid '
+                                  "value: 2: field is immutable, spec.template: Invalid value: ")
+    assert unchanged
+    assert (mutable.returncode, mutable.stdout) == (0, "job.batch/migrate configured\n")
+
+
+def test_a_job_needs_a_restart_policy_a_job_can_use(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    always = job()
+    always["spec"]["template"]["spec"]["restartPolicy"] = "Always"
+    unset = job("unset")
+    del unset["spec"]["template"]["spec"]["restartPolicy"]
+
+    done = double.apply([always, unset, job("fine")])
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f'The Job "{name}" is invalid: spec.template.spec.restartPolicy: Unsupported value: '
+        '"Always": supported values: "OnFailure", "Never"' for name in ("migrate", "unset")]
+    assert done.stdout == "job.batch/fine created\n"
+
+
+def test_deleting_a_job_deletes_its_pods(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    assert apply_job(double, job()).returncode == 0
+    uid = job_fields(double)[0]
+    delete = ("delete", "job", "migrate", "-n", NS, "--cascade=foreground", "--wait=true",
+              "--timeout=60s", "--ignore-not-found", "--request-timeout=5s")
+
+    deleted = double(*delete)
+    again = double(*delete)
+
+    assert (deleted.returncode, deleted.stdout) == (0, 'job.batch "migrate" deleted\n')
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+    assert job_fields(double) == [""]
+    assert job_pods(double, uid, "{.metadata.name}") == []
+    # Applied again, it is a new Job: a new UID, a new run.
+    assert apply_job(double, job()).stdout == "job.batch/migrate created\n"
+    assert job_fields(double)[0] not in ("", uid)
+    assert double.cluster.job_runs(NS, "migrate") == 2
+
+
+def test_create_generates_the_name_of_a_generate_name_job(double: Double) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    before = double.cluster.objects()
+    generated = job()
+    del generated["metadata"]["name"]
+    generated["metadata"]["generateName"] = "migrate-"
+    elsewhere = copy.deepcopy(generated)
+    elsewhere["metadata"]["namespace"] = "nowhere"
+    bad = copy.deepcopy(generated)
+    bad["spec"]["template"]["spec"]["restartPolicy"] = "Always"
+    path = double.root / "jobs.yaml"
+    path.write_text(as_yaml([generated, elsewhere, bad]))
+    flags = ("-f", str(path), "-o", "name", "--request-timeout=5s")
+
+    dry_run = double("create", "--dry-run=server", *flags)
+    stored_nothing = double.cluster.objects() == before
+    created = double("create", *flags)
+    path.write_text(as_yaml([generated]))
+    applied = double("apply", "-f", str(path))
+
+    assert dry_run.returncode == 1
+    [name] = dry_run.stdout.split()
+    assert JOB_POD_NAME.fullmatch(name.removeprefix("job.batch/")), name
+    missing, invalid = dry_run.stderr.splitlines()
+    assert missing == (f'Error from server (NotFound): error when creating "{path}": '
+                       'namespaces "nowhere" not found')
+    assert re.fullmatch(r'The Job "migrate-\w{5}" is invalid: spec\.template\.spec\.restartPolicy: '
+                        r'Unsupported value: "Always": supported values: "OnFailure", "Never"',
+                        invalid), invalid
+    assert stored_nothing
+    [stored] = created.stdout.split()
+    assert double.cluster.get("job", NS, stored.removeprefix("job.batch/")) is not None
+    assert (applied.returncode, applied.stdout) == (1, "")
+    assert applied.stderr.strip() == "error: from migrate-: cannot use generate name with apply"
+
+
+@pytest.mark.parametrize("argv", [
+    ["delete", "job", "migrate", "--cascade=bogus"],
+    ["delete", "job", "migrate", "--timeout=5"],
+    ["create", "--dry-run=bogus", "-f", "{file}"],
+])
+def test_bad_job_calls_are_refused_like_real_kubectl(argv: list[str], double: Double,
+                                                     real_kubectl, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(as_yaml([job()]))
+    argv = [a.replace("{file}", str(manifest)) for a in argv]
+
+    ours, real = double(*argv), real_kubectl(argv)
+
+    assert ours.returncode == real.returncode == 1
+    assert ours.stderr.splitlines()[0] == real.stderr.splitlines()[0]
+
+
+def test_the_job_calls_are_accepted_by_real_kubectl(double: Double, real_kubectl) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    path = double.root / "job.yaml"
+    path.write_text(as_yaml([job()]))
+    assert double("apply", "-f", str(path)).returncode == 0
+    pod = double.cluster.pods(NS)[0]["metadata"]["name"]
+    uid = job_fields(double)[0]
+    calls = [
+        ["apply", "--validate=true", "--request-timeout=5s", "-f", str(path)],
+        ["get", "job", "migrate", "-n", NS, "--ignore-not-found", "--request-timeout=5s",
+         "-o", JOB_FIELDS],
+        ["get", "pods", "-n", NS, "--request-timeout=5s", "-o",
+         f'jsonpath={{range .items[?(@.metadata.ownerReferences[0].uid=="{uid}")]}}'
+         f"{script_template('POD_LINE_TEMPLATE')}{{end}}"],
+        ["get", "pod", pod, "-n", NS, "-o", JOB_CONTAINERS],
+        ["logs", pod, "-n", NS, "-c", "migrate", "--tail=20", "--request-timeout=5s"],
+        ["create", "--dry-run=server", "-f", str(path), "-o", "name", "--request-timeout=5s"],
+        ["delete", "job", "migrate", "-n", NS, "--cascade=foreground", "--wait=true",
+         "--timeout=60s", "--ignore-not-found", "--request-timeout=5s"],
+    ]
+    for argv in calls:
+        real = real_kubectl(argv)
+        said = real.stdout + real.stderr
+        assert not any(marker in said for marker in USAGE_ERROR_MARKERS), (argv, said)
+        assert "refused" in said, (argv, said)
+        # create --dry-run=server of an existing Job is refused; the rest succeeds.
+        assert double(*argv).returncode == (1 if argv[0] == "create" else 0), argv
+
+
+def test_script_jsonpath_on_job_pods_prints_what_real_kubectl_prints(
+        real_kubectl, double: Double, tmp_path: Path) -> None:
+    double.cluster.seed(as_yaml([namespace()]))
+    double.cluster.break_image("api:bad")
+    double.cluster.break_image("api:gone", "ErrImagePull")
+    for doc in (job(), job("crash", "api:bad", backoffLimit=1), job("pull", "api:gone")):
+        assert apply_job(double, doc).returncode == 0
+    pods = json.loads(double("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
+    assert sorted(p["status"]["phase"] for p in pods) == [
+        "Failed", "Failed", "Pending", "Succeeded"]
+    templates = [script_template("POD_LINE_TEMPLATE"), script_template("CONTAINER_TEMPLATE"),
+                 JOB_CONTAINERS[len("jsonpath="):]]
+
+    for pod in pods:
+        for template in templates:
+            ours = double("get", "pod", pod["metadata"]["name"], "-n", NS, "-o",
+                          f"jsonpath={template}")
+            assert ours.returncode == 0, ours.stderr
+            assert ours.stdout == real_jsonpath(real_kubectl, template, pod, tmp_path), template
+    served = json.loads(double("get", "job", "crash", "-n", NS, "-o", "json").stdout)
+    ours = double("get", "job", "crash", "-n", NS, "-o", JOB_FIELDS)
+    assert ours.stdout == real_jsonpath(real_kubectl, JOB_FIELDS[len("jsonpath="):], served,
+                                        tmp_path)

@@ -7,10 +7,12 @@ up a slow rollout) and read the outcome afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from devkit.simulate import kubectl_double as double
@@ -49,12 +51,23 @@ class Cluster:
 
     # -- scenario controls ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _changing_pods(self) -> Iterator[dict]:
+        """A change of what pods run into: a Job's pod that already started keeps what it ran
+        into (a finished Job its outcome), one that waited for its image starts once it has it."""
+        with double.open_state(self.path, write=True) as state:
+            now = time.time()
+            waiting = double.settle_jobs(state, now)
+            yield state
+            double.start_jobs(state, waiting, now)
+
     def break_image(self, image_ref: str, reason: str = "CrashLoopBackOff", *,
                     message: str | None = None, log: str | None = None) -> None:
         """Pods running image_ref never become ready; their container waits with `reason`
         (and `message`, else the kubelet's usual one). `log` is what the container printed
-        before it crashed (`kubectl logs --previous`)."""
-        with double.open_state(self.path, write=True) as state:
+        before it crashed (`kubectl logs --previous`). A Job's pod on it fails (exit code 1,
+        `log` in `kubectl logs`) when `reason` is a crash, else it never starts."""
+        with self._changing_pods() as state:
             state["broken_images"][image_ref] = reason
             if message is not None:
                 state.setdefault("waiting_messages", {})[image_ref] = message
@@ -67,12 +80,13 @@ class Cluster:
             state.setdefault("container_logs", {})[image_ref] = text
 
     def fix_image(self, image_ref: str) -> None:
-        with double.open_state(self.path, write=True) as state:
+        with self._changing_pods() as state:
             state["broken_images"].pop(image_ref, None)
 
     def slow_rollout(self, kind: str, namespace: str, name: str, seconds: float) -> None:
-        """Every rollout of this workload takes `seconds` to become ready (0: back to normal)."""
-        with double.open_state(self.path, write=True) as state:
+        """Every rollout of this workload takes `seconds` to become ready (0: back to normal); for
+        a Job ("job"), its pod runs that long before it completes or fails."""
+        with self._changing_pods() as state:
             canonical = double.kind_for_name(state, kind).kind
             state["slow_rollouts"][f"{canonical}/{namespace}/{name}"] = seconds
 
@@ -160,6 +174,16 @@ class Cluster:
         if obj is None:
             return None
         return obj["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    def job_status(self, namespace: str, name: str) -> dict | None:
+        """The Job's .status as `kubectl get job` serves it now, or None if there is no Job."""
+        job = self.get("job", namespace, name)
+        return None if job is None else job["status"]
+
+    def job_runs(self, namespace: str, name: str) -> int:
+        """How many times a Job of that name was created (a deleted one included)."""
+        with double.open_state(self.path, write=False) as state:
+            return state.get("job_runs", {}).get(f"{namespace}/{name}", 0)
 
     def pods(self, namespace: str) -> list[dict]:
         with double.open_state(self.path, write=False) as state:

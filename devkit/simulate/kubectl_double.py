@@ -3,11 +3,12 @@
 
 It answers exactly the kubectl calls the deploy script (deploykit/scripts/k3s-deploy/) makes (get, including
 --raw=/readyz, -o name|wide|json|jsonpath=, --ignore-not-found, --field-selector, --sort-by;
-apply -f, --dry-run=client|server, --validate; create -f and replace -f (files or `-f -`);
-annotate [--overwrite]; logs [-c] [--previous] [--tail]; diff -f; rollout status --timeout;
-rollout undo; delete pod --wait; wait --for=condition=established; global -n and
---request-timeout) and refuses the rest the way kubectl does (unknown flags, bad flag values,
-unknown commands: exit 1; diff exits 2 on errors). The cluster lives in one JSON file (env
+apply -f, --dry-run=client|server, --validate; create -f [--dry-run=client|server] and
+replace -f (files or `-f -`); annotate [--overwrite]; logs [-c] [--previous] [--tail]; diff -f;
+rollout status --timeout; rollout undo; delete [--wait] [--cascade] [--timeout]
+[--ignore-not-found]; wait --for=condition=established; global -n and --request-timeout) and
+refuses the rest the way kubectl does (unknown flags, bad flag values, unknown commands:
+exit 1; diff exits 2 on errors). The cluster lives in one JSON file (env
 KUBECTL_DOUBLE_STATE), read and written under an fcntl lock so that concurrent calls see
 consistent state and a create is atomic across processes; `devkit.simulate.cluster.Cluster`
 edits the same file to set up scenarios and to read results.
@@ -16,7 +17,13 @@ What it enforces, because the real API server does:
 - a namespaced object needs an existing Namespace; apiVersion, kind and metadata.name are
   required; kinds must be known (built in, or defined by an applied CustomResourceDefinition);
   a Deployment's selector and a StatefulSet's spec outside template/replicas/updateStrategy
-  are immutable; a Lease's times are MicroTime and its duration positive;
+  are immutable, and so are a Job's template, selector, completions, completionMode,
+  podFailurePolicy, backoffLimitPerIndex, managedBy and successPolicy (the refusal shows the
+  new value as JSON where the real server prints a Go struct); a Job needs containers,
+  restartPolicy Never or OnFailure and a backoffLimit >= 0; a Lease's times are MicroTime and
+  its duration positive;
+- metadata.generateName: `create` (and `create --dry-run=server`) names the object PREFIX + 5
+  characters; `apply` refuses it as kubectl does;
 - every write gives the object the next resourceVersion; `create` fails when the object
   exists; `replace` with metadata.resourceVersion fails with a Conflict when it changed;
 - `apply --dry-run=server` and `diff` run every check of a real apply (an admission webhook
@@ -37,13 +44,30 @@ What it enforces, because the real API server does:
   has its last run in lastState and its log under `logs --previous`; a container that never
   started has no log;
 - `rollout status` waits for real (in small sleeps, never past --timeout) and fails at once
-  when a Deployment is past its progressDeadlineSeconds.
+  when a Deployment is past its progressDeadlineSeconds;
+- a Job runs one pod (owned by the Job, labelled job-name and batch.kubernetes.io/job-name)
+  that completes after the Job's slow_rollout delay (none by default): status succeeded 1 and
+  the conditions SuccessCriteriaMet and Complete, as Kubernetes 1.31+ sets them; before that
+  active 1. An image broken with a crash makes every attempt exit 1 (phase Failed, container
+  terminated with reason Error): status failed backoffLimit + 1 (default 6) and the conditions
+  FailureTarget and Failed (BackoffLimitExceeded), one Failed pod per attempt as with
+  restartPolicy Never; `logs` shows the break_image log (or a default line, as for a completed
+  pod). An image that cannot be pulled (any reason but a crash) keeps the pod Pending, waiting
+  with that reason, and the Job active. Complete and Failed are terminal: a later change of
+  the scenario's images does not change them; a pod that waited for its image starts when the
+  scenario fixes it. Deleting the Job deletes its pods.
 What it does not model: schema validation (--validate is accepted, not acted on), server-side
-apply, field managers, label selectors, controllers other than Deployment, StatefulSet and
-DaemonSet, more than one node.
+apply, field managers, label selectors, controllers other than Deployment, StatefulSet,
+DaemonSet and Job, more than one node; for Jobs: the back-off between attempts (all attempts
+have failed when the first one's run ends), restartPolicy OnFailure (served as Never),
+parallelism and completions above 1, indexed Jobs, suspend, activeDeadlineSeconds, pod
+failure policies, Job events, `kubectl get jobs`' own columns; for delete: --cascade=orphan
+(every cascade deletes what the double derives from the object) and waiting (an object goes
+at once).
 
-Pods are not stored: they are derived from each workload's rollout (when it began, whether an
-image is broken, whether the rollout is slowed down) every time they are read.
+Pods are not stored: they are derived from each workload's rollout and each Job's run (when it
+began, whether an image is broken, whether the rollout is slowed down) every time they are
+read.
 
 Set KUBECTL_DOUBLE_LOG to a file to have every invocation's argv appended as a JSON line (the
 honesty test replays them through the real kubectl).
@@ -173,6 +197,18 @@ BUILTIN_KINDS = (
     Kind("Lease", "coordination.k8s.io", ("v1",), "leases", True),
 )
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+# The Job controller's defaults, and what it sets in a Job's conditions.
+JOB_DEFAULT_BACKOFF_LIMIT = 6
+JOB_BACKOFF_MESSAGE = "Job has reached the specified backoff limit"
+JOB_COMPLETE_MESSAGE = "Reached expected number of succeeded pods"
+# A Job's pod whose image is broken with one of these runs and exits 1; with any other reason
+# it never starts (it waits with that reason) and the Job stays active.
+JOB_CRASH_REASONS = ("CrashLoopBackOff",)
+# What a Job's container printed when the scenario (break_image's log, set_log) did not say.
+JOB_DEFAULT_LOGS = {"Completed": "{container}: done",
+                    "Error": "{container}: error: exit status 1"}
+# The API server truncates metadata.generateName to this before adding 5 random characters.
+MAX_GENERATE_NAME_PREFIX = 58
 # A DaemonSet runs a pod on each node: the double has one (NODE_NAME).
 DAEMONSET_NODES = 1
 
@@ -365,6 +401,13 @@ def store_new_object(state: dict, kind: Kind, manifest: dict, now: float) -> dic
         record["workload"] = {"history": [], "began": now, "stable": None,
                               "stable_since": now, "stuck": {}}
         change_template(state, record, now)
+    if kind.kind == "Job":
+        # The Job controller creates its first pod at once; `started` moves when a pod that
+        # waited for its image gets it (see settle_jobs).
+        record["job"] = {"began": now, "started": now}
+        runs = state.setdefault("job_runs", {})
+        key = f"{meta.get('namespace', '')}/{meta['name']}"
+        runs[key] = runs.get(key, 0) + 1
     return record
 
 
@@ -760,6 +803,190 @@ class WorkloadView:
         return f"partitioned roll out complete: {updated} new pods have been updated...", True
 
 
+class JobView:
+    """A Job as its controller and the kubelet would have it at a moment in time.
+
+    One pod per attempt, as with restartPolicy Never (OnFailure is served the same way). A
+    pod created when the Job was runs its containers for the Job's slow_rollout delay (none by
+    default), then completes or, when an image crash-loops, fails with exit code 1. The Job
+    controller's back-off between attempts is not modelled: all backoffLimit + 1 attempts have
+    failed when the first pod's run ends. A pod whose image cannot be pulled waits (Pending)
+    and the Job stays active."""
+
+    def __init__(self, state: dict, record: dict, now: float) -> None:
+        self.state, self.record, self.now = state, record, now
+        obj = record["object"]
+        meta = obj["metadata"]
+        self.name, self.namespace, self.uid = meta["name"], meta.get("namespace", ""), meta["uid"]
+        spec = obj.get("spec") or {}
+        self.template = spec.get("template") or {}
+        self.backoff_limit = int(spec.get("backoffLimit", JOB_DEFAULT_BACKOFF_LIMIT))
+        job = record["job"]
+        self.began, self.started = job["began"], job.get("started", job["began"])
+        slow = state["slow_rollouts"].get(f"Job/{self.namespace}/{self.name}", 0)
+        # What the pod's containers run into, and when their run ends, stay as they were once
+        # they have started (settle_jobs): Complete and Failed are terminal.
+        if "reason" in job:
+            self.reason, self.culprit = job["reason"], job.get("culprit")
+        else:
+            # The first container (init containers first) whose image is broken.
+            images = template_images(self.template)
+            self.culprit = next((i for i, image in enumerate(images)
+                                 if image in state["broken_images"]), None)
+            self.reason = None if self.culprit is None else state["broken_images"][
+                images[self.culprit]]
+        self.init_count = len((self.template.get("spec") or {}).get("initContainers") or [])
+        self.finished = job.get("finished", self.started + slow)
+        if self.reason is not None and self.reason not in JOB_CRASH_REASONS:
+            self.outcome = "Pending"
+        elif now < self.finished:
+            self.outcome = "Running"
+        else:
+            self.outcome = "Complete" if self.reason is None else "Failed"
+        # An init container runs into the crash: the pod is still initializing.
+        self.initializing = self.outcome == "Running" and self.culprit is not None and (
+            self.culprit < self.init_count)
+
+    def _condition(self, type_: str, reason: str, message: str) -> dict:
+        stamp = rfc3339(self.finished)
+        return {"type": type_, "status": "True", "reason": reason, "message": message,
+                "lastProbeTime": stamp, "lastTransitionTime": stamp}
+
+    def status(self) -> dict:
+        """As the Job controller of Kubernetes 1.31+ writes it (zero counters left out)."""
+        status: dict[str, Any] = {"startTime": rfc3339(self.began), "ready": 0,
+                                  "terminating": 0, "uncountedTerminatedPods": {}}
+        if self.outcome == "Running":
+            status.update(active=1, ready=0 if self.initializing else 1)
+        elif self.outcome == "Pending":
+            status["active"] = 1
+        elif self.outcome == "Complete":
+            status.update(succeeded=1, completionTime=rfc3339(self.finished), conditions=[
+                self._condition("SuccessCriteriaMet", "CompletionsReached",
+                                JOB_COMPLETE_MESSAGE),
+                self._condition("Complete", "CompletionsReached", JOB_COMPLETE_MESSAGE)])
+        else:
+            status.update(failed=self.backoff_limit + 1, conditions=[
+                self._condition("FailureTarget", "BackoffLimitExceeded", JOB_BACKOFF_MESSAGE),
+                self._condition("Failed", "BackoffLimitExceeded", JOB_BACKOFF_MESSAGE)])
+        return status
+
+    def labels(self) -> dict[str, str]:
+        """What the API server adds to the pod template (and the Job controller to its pods)."""
+        return {"batch.kubernetes.io/controller-uid": self.uid,
+                "batch.kubernetes.io/job-name": self.name,
+                "controller-uid": self.uid, "job-name": self.name}
+
+    def pod_name(self, attempt: int) -> str:
+        return f"{self.name}-{generated_suffix(f'{self.uid}/{attempt}', 5)}"
+
+    def pods(self, first_index: int = 0) -> list[dict]:
+        attempts = self.backoff_limit + 1 if self.outcome == "Failed" else 1
+        phase = {"Running": "Pending" if self.initializing else "Running", "Pending": "Pending",
+                 "Complete": "Succeeded", "Failed": "Failed"}[self.outcome]
+        return [self._pod(attempt, phase, first_index + attempt) for attempt in range(attempts)]
+
+    def _container_statuses(self, pod: Pod, phase: str) -> tuple[list[dict], list[dict]]:
+        """(initContainerStatuses, containerStatuses). The first container on a broken image
+        is the one that waits (Pending) or exits 1 (Failed); the init containers before it
+        completed; the containers after a broken init container wait for it."""
+        spec = self.template.get("spec") or {}
+        culprit, init_count = self.culprit, self.init_count
+        started, finished = rfc3339(self.started), rfc3339(self.finished)
+        completed = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started,
+                                    "finishedAt": finished}}
+        error = {"terminated": {"exitCode": 1, "reason": "Error", "startedAt": started,
+                                "finishedAt": finished}}
+        init_statuses, statuses = [], []
+        for i, container in enumerate((spec.get("initContainers") or []) +
+                                      (spec.get("containers") or [])):
+            name, image = container.get("name", ""), container.get("image", "")
+            entry: dict[str, Any] = {"name": name, "image": image, "restartCount": 0,
+                                     "ready": False, "started": False}
+            if culprit is not None and i == culprit and phase in ("Pending", "Failed"):
+                if phase == "Failed":
+                    entry["state"] = error
+                else:
+                    waiting: dict[str, Any] = {"reason": self.reason}
+                    message = waiting_message(self.state, self.reason or "", image, name, pod,
+                                              self.namespace, self.uid)
+                    if message:
+                        waiting["message"] = message
+                    entry["state"] = {"waiting": waiting}
+            elif culprit is not None and culprit < init_count and i > culprit:
+                entry["state"] = {"waiting": {"reason": "PodInitializing"}}
+            elif i == culprit and self.initializing:
+                entry.update(started=True, state={"running": {"startedAt": started}})
+            elif i < init_count or phase in ("Succeeded", "Failed"):
+                entry["state"] = completed
+            else:
+                entry.update(ready=True, started=True, state={"running": {"startedAt": started}})
+            (init_statuses if i < init_count else statuses).append(entry)
+        return init_statuses, statuses
+
+    def _pod(self, attempt: int, phase: str, index: int) -> dict:
+        name = self.pod_name(attempt)
+        created = self.began if attempt == 0 else self.finished
+        containers = [c.get("name", "") for c in (self.template.get("spec") or {}).get(
+            "containers") or []] or ["main"]
+        labels = {**((self.template.get("metadata") or {}).get("labels") or {}), **self.labels()}
+        pod = Pod(name, "Job", self.name, "", created, phase == "Running", self.reason, 0,
+                  containers, labels)
+        init_statuses, statuses = self._container_statuses(pod, phase)
+        ready = phase == "Running"
+        condition: dict[str, Any] = {"type": "Ready", "status": "True" if ready else "False"}
+        if phase in ("Succeeded", "Failed"):
+            condition["reason"] = "PodCompleted" if phase == "Succeeded" else "PodFailed"
+        status: dict[str, Any] = {"phase": phase, "podIP": f"10.42.0.{10 + index % 240}",
+                                  "hostIP": "10.0.1.23", "startTime": rfc3339(created),
+                                  "conditions": [condition]}
+        if init_statuses:
+            status["initContainerStatuses"] = init_statuses
+        status["containerStatuses"] = statuses
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": labels,
+                "creationTimestamp": rfc3339(created),
+                "uid": replica_set_uid(self.uid, f"pod/{attempt}"),
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": self.name,
+                                     "uid": self.uid, "controller": True,
+                                     "blockOwnerDeletion": True}],
+            },
+            "spec": {**(self.template.get("spec") or {}), "nodeName": NODE_NAME},
+            "status": status,
+        }
+
+
+def settle_jobs(state: dict, now: float) -> list[str]:
+    """Before the scenario changes which images are broken or how slow a run is: a Job whose
+    pod has started keeps what it ran into (and a finished one its end: Complete and Failed are
+    terminal). Returns the keys of the Jobs whose pod waits for its image (see start_jobs)."""
+    waiting = []
+    for key, record in state["objects"].items():
+        if "job" not in record:
+            continue
+        view = JobView(state, record, now)
+        if view.outcome == "Pending":
+            waiting.append(key)
+        elif "reason" not in record["job"]:
+            record["job"].update(reason=view.reason, culprit=view.culprit)
+            if view.outcome != "Running":
+                record["job"]["finished"] = view.finished
+    return waiting
+
+
+def start_jobs(state: dict, waiting: list[str], now: float) -> None:
+    """After such a change: a pod that waited for its image and now has it starts now."""
+    for key in waiting:
+        record = state["objects"].get(key)
+        if record is not None and JobView(state, record, now).outcome != "Pending":
+            record["job"]["started"] = now
+
+
 def served_object(state: dict, record: dict, now: float) -> dict:
     """The object as `kubectl get` shows it: what was applied plus what the cluster adds."""
     obj = copy.deepcopy(record["object"])
@@ -778,6 +1005,21 @@ def served_object(state: dict, record: dict, now: float) -> dict:
             spec.setdefault("updateStrategy", {"type": "RollingUpdate",
                                                "rollingUpdate": {"partition": 0}})
         obj["status"] = WorkloadView(state, record, now).status()
+    elif obj["kind"] == "Job":
+        view = JobView(state, record, now)
+        spec = obj.setdefault("spec", {})
+        if "completions" not in spec and "parallelism" not in spec:
+            spec["completions"] = 1
+        for field, default in (("parallelism", 1), ("backoffLimit", JOB_DEFAULT_BACKOFF_LIMIT),
+                               ("completionMode", "NonIndexed"), ("suspend", False),
+                               ("podReplacementPolicy", "TerminatingOrFailed")):
+            spec.setdefault(field, default)
+        # The API server generates the selector and labels the pod template to match it.
+        spec.setdefault("selector", {"matchLabels": {
+            "batch.kubernetes.io/controller-uid": view.uid}})
+        template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+        template_meta["labels"] = {**(template_meta.get("labels") or {}), **view.labels()}
+        obj["status"] = view.status()
     return obj
 
 
@@ -910,6 +1152,8 @@ def list_pods(state: dict, namespace: str, now: float) -> list[dict]:
         elif obj["kind"] in WORKLOAD_KINDS and obj["metadata"].get("namespace") == namespace:
             view = WorkloadView(state, record, now)
             pods.extend(pod_object(view, pod, len(pods)) for pod in view.pods())
+        elif obj["kind"] == "Job" and obj["metadata"].get("namespace") == namespace:
+            pods.extend(JobView(state, record, now).pods(len(pods)))
     return sorted(pods, key=lambda p: p["metadata"]["name"])
 
 
@@ -1188,6 +1432,7 @@ class Flag:
     short: str | None = None
     boolean: bool = False
     repeatable: bool = False
+    bare: str | None = None  # the value of a flag given without one (pflag's NoOptDefVal)
 
 
 GLOBAL_FLAGS = (Flag("namespace", "n"), Flag("request-timeout"))
@@ -1198,9 +1443,10 @@ COMMAND_FLAGS = {
               Flag("output", "o")),
     "rollout status": (Flag("timeout"),),
     "rollout undo": (Flag("to-revision"),),
-    "delete": (Flag("wait", boolean=True), Flag("ignore-not-found", boolean=True)),
+    "delete": (Flag("wait", boolean=True), Flag("ignore-not-found", boolean=True),
+               Flag("cascade", bare="background"), Flag("timeout")),
     "wait": (Flag("for"), Flag("timeout")),
-    "create": (Flag("filename", "f", repeatable=True), Flag("output", "o")),
+    "create": (Flag("filename", "f", repeatable=True), Flag("output", "o"), Flag("dry-run")),
     "replace": (Flag("filename", "f", repeatable=True), Flag("output", "o")),
     "annotate": (Flag("overwrite", boolean=True),),
     "logs": (Flag("container", "c"), Flag("previous", "p", boolean=True), Flag("tail")),
@@ -1273,7 +1519,9 @@ def parse_command_line(argv: list[str]) -> tuple[str, list[str], dict[str, Any]]
             else:
                 flags[flag.name] = True
         else:
-            if not has_value:
+            if not has_value and flag.bare is not None:
+                value = flag.bare
+            elif not has_value:
                 i += 1
                 if i >= len(argv):
                     raise UsageError(f"flag needs an argument: {shown}", command)
@@ -1285,6 +1533,11 @@ def parse_command_line(argv: list[str]) -> tuple[str, list[str], dict[str, Any]]
         i += 1
     skip = 2 if command.startswith("rollout") else 1
     return command, positional[skip:], flags
+
+
+# What Go's strconv.ParseBool accepts.
+GO_BOOLEANS = {**dict.fromkeys(("1", "t", "T", "true", "TRUE", "True"), True),
+               **dict.fromkeys(("0", "f", "F", "false", "FALSE", "False"), False)}
 
 
 def check_request_timeout(flags: dict) -> None:
@@ -1352,9 +1605,47 @@ def load_manifests(path: str, validate: bool) -> tuple[list[dict], list[str]]:
     return docs, errors
 
 
+# The Job spec fields the API server refuses to change (ValidateJobSpecUpdate), in its order.
+JOB_IMMUTABLE_FIELDS = ("completions", "selector", "template", "completionMode",
+                        "podFailurePolicy", "backoffLimitPerIndex", "managedBy", "successPolicy")
+
+
+def defaulted_job_spec(spec: dict) -> dict:
+    """The Job spec fields the API server defaults, as they are once stored."""
+    spec = dict(spec)
+    if "completions" not in spec and "parallelism" not in spec:
+        spec["completions"] = 1
+    spec.setdefault("completionMode", "NonIndexed")
+    return spec
+
+
+def go_value(value: Any) -> str:
+    """A value in a field error. The real server prints a struct as Go source
+    (core.PodTemplateSpec{...}); the double prints its JSON."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if value is None:
+        return "null"
+    return _format(value)
+
+
+def check_job_update(old_spec: dict, new_spec: dict, name: str) -> None:
+    stored = defaulted_job_spec(old_spec)
+    # What the server defaulted and the new manifest leaves out stays (apply's three-way merge).
+    kept = {k: v for k, v in stored.items() if k not in old_spec}
+    wanted = defaulted_job_spec({**kept, **new_spec})
+    errors = [f"spec.{field}: Invalid value: {go_value(wanted.get(field))}: field is immutable"
+              for field in JOB_IMMUTABLE_FIELDS if stored.get(field) != wanted.get(field)]
+    if errors:
+        shown = errors[0] if len(errors) == 1 else f"[{', '.join(errors)}]"
+        raise KubectlError(f'The Job "{name}" is invalid: {shown}')
+
+
 def check_update_allowed(kind: Kind, old: dict, new: dict) -> None:
     name = new["metadata"]["name"]
     old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
+    if kind.kind == "Job":
+        check_job_update(old_spec, new_spec, name)
     if kind.kind in ("Deployment", "DaemonSet") and old_spec.get("selector") != new_spec.get(
             "selector"):
         raise KubectlError(f'The {kind.kind} "{name}" is invalid: spec.selector: Invalid value: '
@@ -1388,6 +1679,25 @@ def check_workload_spec(kind: Kind, manifest: dict) -> None:
                            "Required value")
 
 
+def check_job_spec(manifest: dict) -> None:
+    """What the API server validates in a Job (ValidateJobSpec), the first error only."""
+    name = manifest["metadata"]["name"]
+    spec = manifest.get("spec") or {}
+    pod_spec = (spec.get("template") or {}).get("spec") or {}
+    problem = None
+    backoff = spec.get("backoffLimit")
+    if backoff is not None and (not isinstance(backoff, int) or backoff < 0):
+        problem = f"spec.backoffLimit: Invalid value: {backoff}: must be greater than or equal to 0"
+    elif not pod_spec.get("containers"):
+        problem = "spec.template.spec.containers: Required value"
+    elif pod_spec.get("restartPolicy", "Always") not in ("OnFailure", "Never"):
+        problem = (f"spec.template.spec.restartPolicy: Unsupported value: "
+                   f'"{pod_spec.get("restartPolicy", "Always")}": supported values: '
+                   '"OnFailure", "Never"')
+    if problem:
+        raise KubectlError(f'The Job "{name}" is invalid: {problem}')
+
+
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 
 
@@ -1410,6 +1720,8 @@ MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)
 def check_spec(kind: Kind, manifest: dict, path: str, action: str) -> None:
     """What the API server validates for the kinds the double knows well."""
     check_workload_spec(kind, manifest)
+    if kind.kind == "Job":
+        check_job_spec(manifest)
     if kind.kind != "Lease":
         return
     name = manifest["metadata"]["name"]
@@ -1440,6 +1752,10 @@ def apply_one(state: dict, path: str, manifest: dict, dry_run: bool, now: float,
                            "ensure CRDs are installed first")
     if kind.namespaced:
         namespace = namespace or DEFAULT_NAMESPACE
+    if not name and meta.get("generateName"):
+        # kubectl's own check (apply needs the name to find the live object).
+        raise KubectlError(f"error: from {meta['generateName']}: cannot use generate name "
+                           "with apply")
     if not name:
         group_version = manifest["apiVersion"] if "/" in manifest["apiVersion"] else (
             f"/{manifest['apiVersion']}")
@@ -1716,6 +2032,9 @@ def table_rows(kind: Kind, items: list[dict], wide: bool, now: float) -> list[li
                        if "waiting" in s.get("state", {})]
             waiting += [s["state"]["waiting"]["reason"] for s in statuses
                         if "waiting" in s.get("state", {})]
+            # A container that ran to its end shows its reason (a Job's pod: Completed, Error).
+            waiting += [s["state"]["terminated"]["reason"] for s in statuses
+                        if "terminated" in s.get("state", {})]
             row = [pod["metadata"]["name"], f"{ready}/{len(statuses)}",
                    waiting[0] if waiting else pod["status"]["phase"],
                    str(sum(s.get("restartCount", 0) for s in statuses)), age(pod)]
@@ -1846,6 +2165,21 @@ def command_rollout_undo(positional: list[str], flags: dict) -> int:
 
 
 def command_delete(positional: list[str], flags: dict) -> int:
+    """`kubectl delete TYPE NAME...`: gone at once (--wait and --timeout have nothing to wait
+    for). --cascade is checked as kubectl does; every value deletes what the double derives
+    from the object (pods, ReplicaSets): orphans are not modelled."""
+    timeout_text = flags.get("timeout", "0s")
+    if parse_duration(timeout_text) is None:
+        raise UsageError(f'invalid argument "{timeout_text}" for "--timeout" flag: '
+                         f"{go_duration_error(timeout_text)}", "delete")
+    cascade = flags.get("cascade", "background")
+    if cascade in GO_BOOLEANS:
+        replacement = "background" if GO_BOOLEANS[cascade] else "orphan"
+        print(f"warning: --cascade={cascade} is deprecated (boolean value) and can be replaced "
+              f"with --cascade={replacement}.", file=sys.stderr)
+    elif cascade not in ("background", "foreground", "orphan"):
+        raise KubectlError(f'error: invalid cascade value ({cascade}). Must be "background", '
+                           '"foreground", or "orphan"')
     if len(positional) < 2 and "/" not in (positional[0] if positional else ""):
         raise KubectlError("error: resource(s) were provided, but no name was specified")
     type_name, _, name = positional[0].partition("/")
@@ -1956,9 +2290,12 @@ def manifests_of(flags: dict, command: str) -> list[tuple[str, dict]]:
     return found
 
 
-def resolve_manifest(state: dict, path: str, manifest: dict) -> tuple[Kind, str, str, dict]:
+def resolve_manifest(state: dict, path: str, manifest: dict, generate: str | None = None
+                     ) -> tuple[Kind, str, str, dict]:
     """Kind, namespace and name of a document, and a copy with its namespace set as the API
-    would (namespaced kinds default to `default`; cluster-scoped ones have none)."""
+    would (namespaced kinds default to `default`; cluster-scoped ones have none). `generate`
+    (a create): a document with only metadata.generateName gets a name as the API server
+    generates one, seeded with `generate`."""
     kind = kind_for_manifest(state, manifest["apiVersion"], manifest["kind"])
     meta = manifest.get("metadata") or {}
     name, namespace = meta.get("name") or "", meta.get("namespace") or ""
@@ -1967,52 +2304,88 @@ def resolve_manifest(state: dict, path: str, manifest: dict) -> tuple[Kind, str,
                            f'"{namespace}" from "{path}": no matches for kind '
                            f'"{manifest["kind"]}" in version "{manifest["apiVersion"]}"\n'
                            "ensure CRDs are installed first")
+    namespace = (namespace or DEFAULT_NAMESPACE) if kind.namespaced else ""
+    if not name and generate is not None and meta.get("generateName"):
+        name = generated_name(state, kind, namespace, meta["generateName"], generate)
     if not name:
         raise KubectlError("error: resource name may not be empty")
     manifest = copy.deepcopy(manifest)
     manifest.setdefault("metadata", {})
+    if generate is not None and not manifest["metadata"].get("name"):
+        manifest["metadata"]["name"] = name
     if kind.namespaced:
-        namespace = namespace or DEFAULT_NAMESPACE
         manifest["metadata"]["namespace"] = namespace
     else:
-        namespace = ""
         manifest["metadata"].pop("namespace", None)
     return kind, namespace, name, manifest
 
 
+def generated_name(state: dict, kind: Kind, namespace: str, prefix: str, seed: str) -> str:
+    """metadata.generateName + 5 characters, as the API server names the object (it retries
+    on a name that is taken). Random-looking, deterministic for one cluster state and seed."""
+    prefix = prefix[:MAX_GENERATE_NAME_PREFIX]
+    for attempt in range(100):
+        name = prefix + generated_suffix(
+            f"{seed}/{kind.kind}/{namespace}/{prefix}/{state['next_uid']}/{attempt}", 5)
+        if object_key(kind, namespace, name) not in state["objects"]:
+            return name
+    raise KubectlError(f'Error from server (AlreadyExists): {kind.resource} "{name}" already '
+                       "exists")
+
+
 def command_create(positional: list[str], flags: dict) -> int:
     """`kubectl create -f`: atomic, as the API server's create is: it fails when the object
-    exists, however many clients race (every call holds the state's exclusive lock)."""
+    exists, however many clients race (every call holds the state's exclusive lock). A
+    document with metadata.generateName and no name is stored under a generated name.
+    `--dry-run=server` runs every check on a scratch copy and stores nothing (a generated name
+    is then one the server made up for this dry run only); `--dry-run=client` checks nothing."""
     output = flags.get("output")
+    dry_run = flags.get("dry-run", "none")
+    if dry_run not in ("none", "client", "server"):
+        raise KubectlError(f'error: Invalid dry-run value ({dry_run}). Must be "none", '
+                           '"server", or "client".')
     documents = manifests_of(flags, "create")
     errors = []
-    with open_state(state_path(), write=True) as state:
+    with open_state(state_path(), write=dry_run == "none") as state:
         require_api(state)
         now = time.time()
         for path, document in documents:
             try:
-                kind, namespace, name, manifest = resolve_manifest(state, path, document)
-                key = object_key(kind, namespace, name)
-                if key in state["objects"]:
-                    raise KubectlError(f'Error from server (AlreadyExists): error when creating '
-                                       f'"{path}": {kind.resource} "{name}" already exists')
-                if manifest["metadata"].get("resourceVersion"):
-                    raise KubectlError(f'Error from server (BadRequest): error when creating '
-                                       f'"{path}": resourceVersion should not be set on objects '
-                                       "to be created")
-                if kind.namespaced and object_key(BUILTIN_KINDS[0], "", namespace) not in state[
-                        "objects"]:
-                    raise KubectlError(f'Error from server (NotFound): error when creating '
-                                       f'"{path}": namespaces "{namespace}" not found')
-                check_spec(kind, manifest, path, "creating")
-                record = store_new_object(state, kind, manifest, now)
-                sys.stdout.write(render_output(output, record["object"], kind) if output
-                                 else f"{kind.qualified}/{name} created\n")
+                if dry_run == "client":
+                    kind, _, name, manifest = resolve_manifest(state, path, document)
+                    sys.stdout.write(render_output(output, manifest, kind) if output
+                                     else f"{kind.qualified}/{name} created (dry run)\n")
+                    continue
+                target = copy.deepcopy(state) if dry_run == "server" else state
+                sys.stdout.write(create_one(target, path, document, now, output,
+                                            "dry-run" if dry_run == "server" else "create"))
             except KubectlError as exc:
                 errors.append(str(exc))
     for error in errors:
         print(error, file=sys.stderr)
     return 1 if errors else 0
+
+
+def create_one(state: dict, path: str, document: dict, now: float, output: str | None,
+               mode: str) -> str:
+    """One document of `kubectl create`: `mode` is "create" or "dry-run" (on a scratch copy)."""
+    kind, namespace, name, manifest = resolve_manifest(state, path, document, generate=mode)
+    key = object_key(kind, namespace, name)
+    if key in state["objects"]:
+        raise KubectlError(f'Error from server (AlreadyExists): error when creating '
+                           f'"{path}": {kind.resource} "{name}" already exists')
+    if manifest["metadata"].get("resourceVersion"):
+        raise KubectlError(f'Error from server (BadRequest): error when creating '
+                           f'"{path}": resourceVersion should not be set on objects '
+                           "to be created")
+    if kind.namespaced and object_key(BUILTIN_KINDS[0], "", namespace) not in state["objects"]:
+        raise KubectlError(f'Error from server (NotFound): error when creating '
+                           f'"{path}": namespaces "{namespace}" not found')
+    check_spec(kind, manifest, path, "creating")
+    record = store_new_object(state, kind, manifest, now)
+    if output:
+        return render_output(output, record["object"], kind)
+    return f"{kind.qualified}/{name} created{' (server dry run)' if mode == 'dry-run' else ''}\n"
 
 
 def command_replace(positional: list[str], flags: dict) -> int:
@@ -2148,6 +2521,11 @@ def command_logs(positional: list[str], flags: dict) -> int:
     if status is None:
         raise KubectlError(f"error: container {container} is not valid for pod {pod_name}")
     text = logs.get(status["image"], "")
+    terminated = status["state"].get("terminated") or {}
+    owner = (pod["metadata"].get("ownerReferences") or [{}])[0]
+    if owner.get("kind") == "Job" and status["image"] not in logs and terminated:
+        # A Job's container that ran to its end printed something (the scenario may say what).
+        text = JOB_DEFAULT_LOGS[terminated["reason"]].format(container=container) + "\n"
     waiting = status["state"].get("waiting") or {}
     if flags.get("previous"):
         if "terminated" not in (status.get("lastState") or {}):

@@ -245,10 +245,11 @@ wait_for_job() {
           reason=""
         done < <(job_pods "$j" "$uid")
       fi
+      # The pod, not its reason: a kubelet alternates ErrImagePull and ImagePullBackOff.
       if [[ -z "$reason" ]]; then
         stuck=""
-      elif [[ "$stuck" != "$pod $reason" ]]; then
-        stuck="$pod $reason"
+      elif [[ "$stuck" != "$pod" ]]; then
+        stuck=$pod
         stuck_since=$(date +%s)
       elif (($(date +%s) - stuck_since >= FAIL_FAST_CHECK_SECONDS)); then
         job_outcome[j]=failed
