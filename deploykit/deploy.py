@@ -118,6 +118,10 @@ def _with_progress(
         if name.startswith("progress-url-"):
             gh.mask(value)  # it lets anyone put that object: hidden wherever it shows up
     if not options:
+        gh.log(
+            "Live progress is off for this deploy: the staging area, region or instances are not "
+            "ones the deploy script accepts; the master's output follows when it ends"
+        )
         return files
     bundle = add_options(bundle, options)
     run.progress = progress.Reader(

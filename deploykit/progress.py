@@ -35,6 +35,11 @@ INSTANCE_ID = re.compile(r"^m?i-[0-9a-f]{8,17}$")
 # A presigned PUT URL as the script accepts it (PROGRESS_URL_PATTERN in 55-progress.sh):
 # https, or plain http to the loopback address only (the development rig's S3).
 URL_PATTERN = re.compile(r"^(https://|http://127\.0\.0\.1[:/])[A-Za-z0-9._~:/?#@!&()*+,;=%-]+$")
+# What the script accepts for its other options (PROGRESS_TO_PATTERN and check_progress_options):
+# a value it would refuse is a usage error (exit 2), so such options are never sent.
+TO_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([A-Za-z0-9._/-]*/)?$")
+REGION_PATTERN = re.compile(r"^[a-z0-9-]{1,30}$")
+OWNER_PATTERN = re.compile(r"^[0-9]{12}$")
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
 
 
@@ -55,16 +60,18 @@ def script_options(
     instance_ids: Iterable[str] = (),
     lifetime: int = 0,
 ) -> dict[str, str]:
-    """The script's options for live progress (added to the bundle's `options` file)."""
+    """The script's options for live progress (added to the bundle's `options` file); {} when
+    the script would not accept them (then live progress stays off and the deploy is as before)."""
+    if not OWNER_PATTERN.fullmatch(staging.account):
+        return {}
     if delivery != "presigned":
-        return {
-            "progress-to": f"s3://{staging.bucket}/{folder(staging)}",
-            "progress-region": region,
-            "progress-owner": staging.account,
-        }
+        target = f"s3://{staging.bucket}/{folder(staging)}"
+        if not (TO_PATTERN.fullmatch(target) and REGION_PATTERN.fullmatch(region)):
+            return {}
+        return {"progress-to": target, "progress-region": region, "progress-owner": staging.account}
     options = {"progress-owner": staging.account}
     for instance_id in dict.fromkeys(instance_ids):
-        if not INSTANCE_ID.match(instance_id):
+        if not INSTANCE_ID.fullmatch(instance_id):
             continue
         url = s3_presign.generate_presigned_url(
             "put_object",
@@ -75,7 +82,7 @@ def script_options(
             },
             ExpiresIn=lifetime,
         )
-        if URL_PATTERN.match(url):  # else that instance's progress is off (the script says so)
+        if URL_PATTERN.fullmatch(url):  # else that instance's progress is off (the script says so)
             options[f"progress-url-{instance_id}"] = url
     return options if len(options) > 1 else {}
 

@@ -394,7 +394,8 @@ def test_live_progress_grants_only_its_folder() -> None:
     ]
     for path in DEPLOY_POLICIES:
         reads = [s for s in s3_statements(path) if "s3:GetObject" in as_list(s["Action"])]
-        assert [(as_list(s["Action"]), as_list(s["Resource"])) for s in reads] == [(["s3:GetObject"], [progress])]
+        found = [(as_list(s["Action"]), as_list(s["Resource"])) for s in reads]
+        assert found == [(["s3:GetObject"], [progress])], path.name
 
 
 def test_s3_grants_cover_only_buckets_of_the_caller_s_account() -> None:
