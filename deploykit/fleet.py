@@ -658,6 +658,8 @@ def _show_failed_output(run: Run, results: list[TargetResult]) -> None:
         if found and found.get("message"):
             result.message = str(found["message"])
         show_output(gh, f"Output of the deploy on {result.instance_id} ({result.status})", invocation)
+        if run.progress:
+            run.progress.check_output(invocation.stdout)
     if len(failed) > FULL_OUTPUT_LIMIT:
         left_out = len(failed) - FULL_OUTPUT_LIMIT
         gh.log(f"Output of {left_out} more failed instance(s) left out; see Run Command")

@@ -119,6 +119,8 @@ class OneMaster:
         result.ssm_status, result.exit_code = invocation.status, invocation.response_code
         found = report.parse_report(invocation.stderr)
         show_output(gh, "Output of the deploy on the master", invocation)
+        if self.run.progress:
+            self.run.progress.check_output(invocation.stdout)
         for part in report.was_truncated(invocation.stdout, invocation.stderr):
             gh.warning(f"The master's {part} was cut by SSM.", title="Output truncated")
         result.report = found

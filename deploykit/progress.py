@@ -40,6 +40,8 @@ URL_PATTERN = re.compile(r"^(https://|http://127\.0\.0\.1[:/])[A-Za-z0-9._~:/?#@
 TO_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([A-Za-z0-9._/-]*/)?$")
 REGION_PATTERN = re.compile(r"^[a-z0-9-]{1,30}$")
 OWNER_PATTERN = re.compile(r"^[0-9]{12}$")
+# The script's line when it turned live progress off (progress_off), at a line's start.
+_MASTER_OFF = re.compile(r"^live progress is off: ", re.M)
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId"}
 
 
@@ -111,6 +113,7 @@ class Reader:
         self.errors = 0
         self.off = False
         self.lines_shown = 0
+        self.master_off_warned = False
 
     def poll(self) -> None:
         if self.off or self.clock() < self.next_read:
@@ -120,6 +123,21 @@ class Reader:
     def finish(self) -> None:
         if not self.off:
             self.read()
+
+    def check_output(self, stdout: str) -> None:
+        """After the command: if the master's output says that it turned live progress off
+        (55-progress.sh progress_off), one warning with the fix, in the action's own words
+        (the output itself is remote text and stays fenced)."""
+        if self.master_off_warned or not _MASTER_OFF.search(stdout or ""):
+            return
+        self.master_off_warned = True
+        self.gh.warning(
+            "The master could not put its live progress (its output says why, on the line "
+            "starting 'live progress is off:'); the deploy went on. With delivery s3 its "
+            "instance role needs s3:PutObject on the staging area's progress/ folder "
+            "(examples/iam, statement UploadLiveProgress), or set input 'progress' to false.",
+            title="Live progress off",
+        )
 
     def read(self) -> None:
         self.next_read = self.clock() + READ_EVERY
@@ -132,9 +150,17 @@ class Reader:
             if code in _DENIED or self.errors >= MAX_READ_ERRORS:
                 self.off = True
                 why = code or type(exc).__name__
-                self.gh.log(
+                hint = (
+                    " The deploy role needs s3:ListBucket and s3:GetObject on that folder "
+                    "(examples/iam, statement ReadLiveProgress), or set input 'progress' to false."
+                    if code in _DENIED
+                    else ""
+                )
+                self.gh.warning(
                     f"Live progress not shown: could not read s3://{self.staging.bucket}/"
-                    f"{folder(self.staging)} ({why}); the master's output follows when it ends"
+                    f"{folder(self.staging)} ({why}); the master's output follows when it "
+                    f"ends, and the deploy goes on.{hint}",
+                    title="Live progress off",
                 )
 
     def _read(self) -> None:
