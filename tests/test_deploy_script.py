@@ -1888,3 +1888,28 @@ def test_progress_without_an_instance_id_is_off_and_changes_nothing_else(master:
 
     assert run.code == 0, run.stdout
     assert "live progress is off: the SSM agent gave no instance id" in run.stdout
+
+
+def test_progress_with_a_presigned_url_puts_with_curl_and_says_its_content_type(master: Master) -> None:
+    """delivery presigned: curl PUTs to this instance's URL. Without a content type, curl sends
+    its form default, and the S3 of the development rig stored the object empty."""
+    tools = master.root / "curl-bin"
+    tools.mkdir()
+    calls = master.root / "curl.calls"
+    (tools / "curl").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >>{calls}\n')
+    (tools / "curl").chmod(0o755)
+    url = "https://k3s-deploy-x.s3.eu-west-1.amazonaws.com/progress/i-0123456789abcdef0.log?X-Amz-Signature=ab"
+    options = ("progress-owner=123456789012\n"
+               f"progress-url-i-0fedcba9876543210=https://elsewhere.example/x\nprogress-url-i-0123456789abcdef0={url}\n")
+    env = master.env(path=f"{tools}:{master.bin}:{os.environ['PATH']}",
+                     AWS_SSM_INSTANCE_ID="i-0123456789abcdef0", K3S_DEPLOY_PROGRESS_SECONDS="1")
+
+    run = master.run(master.command("deploy", "d-1", "--bundle", str(master.bundle(platform(), options)),
+                                    timeout=60, rollback_timeout=15), env)
+
+    assert run.code == 0, run.stdout
+    made = calls.read_text().splitlines()
+    assert made and all(call.endswith(f" {url}") for call in made), made  # this instance's URL only
+    assert all("-X PUT" in call and "-H x-amz-expected-bucket-owner: 123456789012" in call
+               and "-H Content-Type: text/plain; charset=utf-8" in call for call in made), made
+    assert "live progress is off" not in run.stdout

@@ -183,8 +183,11 @@ put_progress() {
       --expected-bucket-owner "$progress_owner" --content-type 'text/plain; charset=utf-8' \
       --output text >/dev/null 2>"$err" </dev/null &
   else
+    # The content type is said: curl's default for --data-binary (a form) would have the
+    # object stored as form data, or, behind some servers, as nothing at all.
     timeout "$PROGRESS_PUT_SECONDS" curl -fsS -X PUT --max-time "$((PROGRESS_PUT_SECONDS - 1))" \
-      -H "x-amz-expected-bucket-owner: $progress_owner" --data-binary "@$copy" "$progress_url" >/dev/null 2>"$err" </dev/null &
+      -H "x-amz-expected-bucket-owner: $progress_owner" -H 'Content-Type: text/plain; charset=utf-8' \
+      --data-binary "@$copy" "$progress_url" >/dev/null 2>"$err" </dev/null &
   fi
   progress_put_pid=$!
   wait "$progress_put_pid" || rc=$?
