@@ -52,7 +52,7 @@ class AwsClients:
         if self.hurried:
             return
         self.hurried = True
-        for name in ("ec2", "ssm", "ssm_send", "s3", "sts"):
+        for name in ("ec2", "ssm", "ssm_send", "s3", "s3_light", "sts"):
             self.__dict__.pop(name, None)  # cached_property: rebuilt on next use
 
     def _config(self, max_attempts: int = MAX_ATTEMPTS, **extra: Any) -> Any:
@@ -95,6 +95,15 @@ class AwsClients:
         return self._session.client(
             "s3", config=self._config(s3={"addressing_style": "path"}, signature_version="s3v4")
         )
+
+    @cached_property
+    def s3_light(self) -> Any:
+        """For reads that may fail without harm (live progress): two tries, short timeouts, so
+        a slow answer never delays noticing that the command ended."""
+        config = self._config(max_attempts=2, s3={"addressing_style": "path"}, signature_version="s3v4")
+        if not self.hurried:
+            config = config.merge(type(config)(connect_timeout=3, read_timeout=5))
+        return self._session.client("s3", config=config)
 
     @cached_property
     def s3_presign(self) -> Any:

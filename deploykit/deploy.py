@@ -6,13 +6,13 @@ way; this module tells the story once for all of them.
 
 from __future__ import annotations
 
-from deploykit import build, command, registry, report, stage
+from deploykit import build, command, fleet, progress, registry, report, stage
 from deploykit.awsapi import AwsClients
 from deploykit.contract import Status
 from deploykit.errors import DeployError, JobCancelled, StagingError
 from deploykit.github import Workflow
 from deploykit.inputs import Settings
-from deploykit.render import Bundle, build_bundle
+from deploykit.render import Bundle, add_options, build_bundle
 from deploykit.report import Outcome
 from deploykit.results import TargetResult, conclude
 from deploykit.run import Clock, Files, Run
@@ -59,6 +59,7 @@ def deploy(
     try:
         if transport.stages:
             staging = _stage(run)
+            files = _with_progress(run, transport, bundle, files, staging)
             stage.upload(aws.s3, staging, command.SCRIPT_NAME, files.script)
             stage.upload(aws.s3, staging, command.BUNDLE_NAME, files.bundle)
         transport.send(files, staging)
@@ -83,6 +84,55 @@ def deploy(
             _clean_up(run, staging)
     _warn_prune_left(gh, results, many=transport.many)
     conclude(outcome, results, many=transport.many, dry_run=settings.dry_run, failure=transport.failure)
+
+
+def _with_progress(
+    run: Run, transport: Transport, bundle: Bundle, files: Files, staging: stage.Staging
+) -> Files:
+    """Live progress (input `progress`): where the script puts its step lines goes into the
+    bundle's options (known only now: the staging area's name and the instances), and the
+    reader that shows them is set up. Returns the files to stage."""
+    settings, gh = run.settings, run.gh
+    if not settings.progress or settings.transport == "local":
+        return files
+    lifetime = 0
+    if settings.delivery == "presigned":
+        # Until the last wave of a fleet may have ended; a URL signed with temporary
+        # credentials still dies with them (the script then says that progress is off).
+        ids = transport.candidates()
+        waves = (
+            fleet.delivery_timeout(len(ids), settings.max_concurrency, command.execution_timeout(settings))
+            if transport.many
+            else command.DELIVERY_TIMEOUT
+        )
+        lifetime = min(waves + command.execution_timeout(settings) + 60, fleet.MAX_PRESIGNED_SECONDS)
+    options = progress.script_options(
+        delivery=settings.delivery,
+        region=settings.aws_region,
+        staging=staging,
+        s3_presign=run.aws.s3_presign if settings.delivery == "presigned" else None,
+        instance_ids=transport.candidates(),
+        lifetime=lifetime,
+    )
+    for name, value in options.items():
+        if name.startswith("progress-url-"):
+            gh.mask(value)  # it lets anyone put that object: hidden wherever it shows up
+    if not options:
+        gh.log(
+            "Live progress is off for this deploy: the staging area, region or instances are not "
+            "ones the deploy script accepts; the master's output follows when it ends"
+        )
+        return files
+    bundle = add_options(bundle, options)
+    run.progress = progress.Reader(
+        run.aws.s3_light, staging, gh, many=transport.many, clock=run.clock.monotonic
+    )
+    gh.log(
+        f"Live progress: the master's step lines appear here while it runs (from "
+        f"s3://{staging.bucket}/{progress.folder(staging)}); bundle sha256 {bundle.sha256[:16]} "
+        "with that option"
+    )
+    return Files(files.script, bundle.data, bundle.sha256)
 
 
 def _warn_prune_left(gh: Workflow, results: list[TargetResult], *, many: bool) -> None:

@@ -203,6 +203,10 @@ class FleetTransport:
     def targets(self) -> list[TargetResult]:
         return self.results_
 
+    def candidates(self) -> list[str]:
+        """Every server the deploy command may run on: each cluster's chosen one and standbys."""
+        return [server.instance_id for m in self.fleet.members for server in m.failover_order]
+
     def send(self, files: Files, staging: stage.Staging | None) -> None:
         """Send to the chosen server of every cluster (wait() sends the failover rounds)."""
         if not self.fleet.members:
@@ -254,7 +258,10 @@ class FleetTransport:
                 standby,
                 clock=run.clock.monotonic,
                 sleep=run.clock.sleep,
+                on_poll=run.progress.poll if run.progress else None,
             )
+            if run.progress:
+                run.progress.finish()
             by_id = {r.instance_id: r for r in self.results_}
             for fleet_command in self.round:
                 for entry in list_invocations(run.aws.ssm, fleet_command.command_id):
@@ -475,6 +482,7 @@ def wait_for_fleet(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    on_poll: Callable[[], None] | None = None,
 ) -> None:
     """Poll ListCommands for every unfinished command until all have ended. At the deadline the
     unfinished ones are cancelled (their instances are then rolled back like any instance whose
@@ -534,6 +542,7 @@ def wait_for_fleet(
             clock=clock,
             sleep=sleep,
             not_yet=frozenset({"InvalidCommandId"}),
+            on_poll=on_poll,
         )
     except wait.DeadlinePassed:
         for fleet_command in list(pending.values()):
@@ -649,6 +658,8 @@ def _show_failed_output(run: Run, results: list[TargetResult]) -> None:
         if found and found.get("message"):
             result.message = str(found["message"])
         show_output(gh, f"Output of the deploy on {result.instance_id} ({result.status})", invocation)
+        if run.progress:
+            run.progress.check_output(invocation.stdout)
     if len(failed) > FULL_OUTPUT_LIMIT:
         left_out = len(failed) - FULL_OUTPUT_LIMIT
         gh.log(f"Output of {left_out} more failed instance(s) left out; see Run Command")

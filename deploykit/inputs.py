@@ -48,6 +48,11 @@ INPUTS: dict[str, tuple[str, str]] = {
         "how the master gets the staged files: s3 (the AWS CLI with its instance role) or presigned "
         "(curl and short-lived URLs: the master needs no S3 permission)",
     ),
+    "progress": (
+        "true",
+        "show the master's step lines in the job log while the deploy runs (through a small "
+        "object in the staging area); transport ssm only",
+    ),
     "ssm-document": (
         "",
         "the custom SSM Command document to run the deploy with (examples/iam/k3s-deploy-document.json); "
@@ -173,6 +178,7 @@ class Settings:
     registry: RegistryLogin | None = None  # its password never shows in a repr
     verify_images: str = "auto"  # "auto", "true" or "false": registry.check_images says what each does
     fleet: bool = False
+    progress: bool = True  # live progress: the master's step lines while the deploy runs
     instance_ids: tuple[str, ...] = ()  # every id given in 'instance-id'
     max_concurrency: str = "50"
     max_errors: str = "0"
@@ -453,6 +459,7 @@ def parse_settings(raw: Mapping[str, str], env: Mapping[str, str] | None = None)
         rollback=_bool("rollback", get("rollback")),
         rollback_timeout=rollback_timeout,
         cleanup=_bool("cleanup", get("cleanup")),
+        progress=_bool("progress", get("progress")),
         bucket=bucket,
         kubectl=kubectl,
         request_timeout=request_timeout,

@@ -212,6 +212,9 @@ class LocalTransport:
     def targets(self) -> list[TargetResult]:
         return [self.result]
 
+    def candidates(self) -> list[str]:
+        return []  # no SSM: the script's output streams here as it runs
+
     def send(self, files: Files, staging: Staging | None) -> None:
         settings, gh = self.run.settings, self.run.gh
         where = (

@@ -92,7 +92,10 @@ class OneMaster:
                     wait.expected_from_history(aws.ssm, sent.instance_id, settings.ssm_document),
                     float(settings.timeout),
                 ),
+                on_poll=self.run.progress.poll if self.run.progress else None,
             )
+            if self.run.progress:
+                self.run.progress.finish()
         except wait.DeadlinePassed:
             self.result.status = Status.TIMED_OUT
             self.result.message = (
@@ -104,6 +107,10 @@ class OneMaster:
             self.result.fix = FIX_SSM_AGENT
             self._cancel_command()
 
+    def candidates(self) -> list[str]:
+        """Every server the deploy command may run on: the master, then its HA standbys."""
+        return [server.instance_id for server in self.master.failover_order] if self.master else []
+
     def results(self) -> list[TargetResult]:
         result, invocation = self.result, self.invocation
         if invocation is None:  # the deadline passed: cancelled, the script could not report
@@ -112,6 +119,8 @@ class OneMaster:
         result.ssm_status, result.exit_code = invocation.status, invocation.response_code
         found = report.parse_report(invocation.stderr)
         show_output(gh, "Output of the deploy on the master", invocation)
+        if self.run.progress:
+            self.run.progress.check_output(invocation.stdout)
         for part in report.was_truncated(invocation.stdout, invocation.stderr):
             gh.warning(f"The master's {part} was cut by SSM.", title="Output truncated")
         result.report = found

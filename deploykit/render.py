@@ -14,7 +14,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,26 @@ class Bundle:
     sha256: str
     manifests: tuple[Manifest, ...]
     workloads: tuple[tuple[str, str, str], ...]  # (kind, namespace, name)
+    # The archive's files, to add options later.
+    entries: tuple[tuple[str, bytes], ...] = field(default=(), repr=False, compare=False)
+
+
+def add_options(bundle: Bundle, options: Mapping[str, str]) -> Bundle:
+    """The same bundle with more script options (known only once staged: live progress)."""
+    _check_options(options)
+    files = dict(bundle.entries)
+    extra = "".join(f"{name}={value}\n" for name, value in options.items()).encode()
+    files["bundle/options"] = files.get("bundle/options", b"") + extra
+    data = pack(files)
+    digest = hashlib.sha256(data).hexdigest()
+    return Bundle(data, digest, bundle.manifests, bundle.workloads, tuple(files.items()))
+
+
+def _check_options(options: Mapping[str, str]) -> None:
+    # One line each: a line break in a value would add an option (inputs.py refuses them).
+    for name, value in options.items():
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", name) or re.search(r"[\x00-\x1f\x7f]", value):
+            raise ValueError(f"script option {name!r} must be one line of printable text")
 
 
 FIX_LINK = (
@@ -417,11 +437,8 @@ def build_bundle(
             f"{inventory_key(m)}\t{m.namespace}\t{m.name}\n" for m in manifests
         ).encode()
     if options:
-        # The script's options (command.bundle_options): verified with the bundle's sha256. One
-        # line each: a line break in a value would add an option (inputs.py refuses them).
-        for name, value in options.items():
-            if not re.fullmatch(r"[a-z][a-z-]*", name) or re.search(r"[\x00-\x1f\x7f]", value):
-                raise ValueError(f"script option {name!r} must be one line of printable text")
+        # The script's options (command.bundle_options): verified with the bundle's sha256.
+        _check_options(options)
         files["bundle/options"] = "".join(f"{name}={value}\n" for name, value in options.items()).encode()
     data = pack(files)
-    return Bundle(data, hashlib.sha256(data).hexdigest(), tuple(manifests), workloads)
+    return Bundle(data, hashlib.sha256(data).hexdigest(), tuple(manifests), workloads, tuple(files.items()))

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from deploykit.awsapi import AwsClients
 from deploykit.github import Workflow
 from deploykit.inputs import Settings
+from deploykit.progress import Reader
 from deploykit.report import Outcome
 
 # How long past the SSM execution timeout the action keeps waiting before it gives up on the
@@ -41,6 +42,7 @@ class Run:
     outcome: Outcome
     clock: Clock = field(default_factory=Clock)
     deploy_id: str = ""
+    progress: Reader | None = None  # live progress, once staged (input `progress`)
 
     def __post_init__(self) -> None:
         self.deploy_id = self.deploy_id or new_deploy_id(self.clock.utcnow())

@@ -47,6 +47,10 @@ class Transport(Protocol):
         """What is known of each target so far (the outputs name them after a failure too)."""
         ...
 
+    def candidates(self) -> list[str]:
+        """The instance ids the deploy command may run on (HA standbys too); [] without SSM."""
+        ...
+
     def send(self, files: Files, staging: Staging | None) -> None:
         """Start the deploy (or dry run) on every target."""
 

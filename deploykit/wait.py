@@ -190,11 +190,14 @@ def poll(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     not_yet: frozenset[str] = frozenset(),
+    on_poll: Callable[[], None] | None = None,
 ) -> T:
     """Call `ask` until `ended(answer)`; raise DeadlinePassed at `deadline` (a clock() value).
 
     Errors whose code is in `not_yet` count as "not visible yet" for NOT_FOUND_WINDOW seconds;
-    throttling widens the interval; any other error ends the wait as AwsCallFailed.
+    throttling widens the interval; any other error ends the wait as AwsCallFailed. `on_poll`
+    runs after every question that did not end the wait (live progress reads on its own
+    schedule).
     """
     from botocore.exceptions import ClientError
 
@@ -218,6 +221,8 @@ def poll(
                     raise
         if last is not None and ended(last):
             return last
+        if on_poll is not None:
+            on_poll()
         now = clock()
         if now >= deadline:
             raise DeadlinePassed(last)
@@ -239,6 +244,7 @@ def wait_for_command(
     sleep: Callable[[float], None] = time.sleep,
     policy: Policy | None = None,
     until: Callable[[Invocation], bool] | None = None,
+    on_poll: Callable[[], None] | None = None,
 ) -> Invocation:
     """Poll GetCommandInvocation until the invocation ends (or `until` says so); raise
     DeadlinePassed at `deadline` (a clock() value)."""
@@ -261,4 +267,5 @@ def wait_for_command(
         clock=clock,
         sleep=sleep,
         not_yet=frozenset({"InvocationDoesNotExist"}),
+        on_poll=on_poll,
     )

@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -454,6 +455,23 @@ def test_the_options_in_the_bundle_drive_the_deploy_and_its_later_rollback(maste
     # a bundle made without prune has no inventory to compare with: refused before any change
     ("prune=true\nrelease=0123456789abcdef0123\nrelease-name=acme/shop:k8s\n", 5,
      "--prune true needs bundle/inventory.tsv, which this bundle lacks"),
+    # live progress (55-progress.sh): the action sends only values these patterns accept
+    ("progress-to=s3://Bad_Bucket/progress/\nprogress-region=eu-west-1\nprogress-owner=123456789012\n", 2,
+     "--progress-to must be s3://BUCKET/ or s3://BUCKET/PREFIX/"),
+    ("progress-to=s3://k3s-deploy-x/progress/$(touch pwned)/\nprogress-region=eu-west-1\n"
+     "progress-owner=123456789012\n", 2, "--progress-to must be s3://BUCKET/"),
+    ("progress-to=s3://k3s-deploy-x/progress/\n", 2, "--progress-to needs --progress-region"),
+    ("progress-to=s3://k3s-deploy-x/progress/\nprogress-region=eu-west-1\nprogress-owner=1234\n", 2,
+     "--progress-to needs --progress-region (an AWS region) and --progress-owner"),
+    ("progress-url-i-0123456789abcdef0=https://s3.example/p\n", 2,
+     "--progress-url-INSTANCE needs --progress-owner"),
+    ("progress-owner=123456789012\nprogress-url-i-0123456789abcdef0=https://s3.example/p'$(touch pwned)'\n",
+     2,
+     "--progress-url-INSTANCE must name an instance id and be an https:// URL"),
+    ("progress-owner=123456789012\nprogress-url-i-0123456789abcdef0=http://s3.example/p\n", 2,
+     "--progress-url-INSTANCE must name an instance id and be an https:// URL"),
+    ("progress-owner=123456789012\nprogress-url-master=https://s3.example/p\n", 2,
+     "--progress-url-INSTANCE must name an instance id"),
 ])
 def test_a_bad_options_file_in_the_bundle_changes_nothing(master: Master, options: str, code: int,
                                                            says: str) -> None:
@@ -1800,3 +1818,113 @@ def test_a_statefulset_that_fails_before_the_jobs_runs_no_job_and_changes_no_dep
     assert master.cluster.get("Job", NS, "migrate") is None
     assert master.cluster.image_of("deployment", NS, "api") == "api:v1"
     assert master.cluster.image_of("statefulset", NS, "redis") == "redis:7.2"
+
+
+# -- live progress (55-progress.sh) ---------------------------------------------------------------
+
+PROGRESS_OPTIONS = ("progress-to=s3://k3s-deploy-x/k3s-deploy/d-1/progress/\nprogress-region=eu-west-1\n"
+                    "progress-owner=123456789012\n")
+FAKE_AWS = """#!/bin/bash
+# Records each call; copies the body of a put-object to SINK/N.log (FAIL=1: refuses like S3).
+sink=$(dirname "$0")/../sink
+mkdir -p "$sink"
+printf '%s\\n' "$*" >>"$sink/calls"
+if [[ -e "$sink/FAIL" ]]; then
+  echo "An error occurred (AccessDenied) when calling the PutObject operation: Access Denied" >&2
+  exit 254
+fi
+while (($#)); do
+  if [[ "$1" == --body ]]; then cp -- "$2" "$sink/$(wc -l <"$sink/calls").log"; fi
+  shift
+done
+"""
+
+
+def progress_master(master: Master, fail: bool = False) -> tuple[Path, dict[str, str]]:
+    tools = master.root / "aws-cli" / "bin"
+    tools.mkdir(parents=True)
+    (tools / "aws").write_text(FAKE_AWS)
+    (tools / "aws").chmod(0o755)
+    sink = master.root / "aws-cli" / "sink"
+    sink.mkdir()
+    if fail:
+        (sink / "FAIL").touch()
+    env = master.env(path=f"{tools}:{master.bin}:{os.environ['PATH']}",
+                     AWS_SSM_INSTANCE_ID="i-0123456789abcdef0", K3S_DEPLOY_PROGRESS_SECONDS="1")
+    return sink, env
+
+
+def test_progress_puts_the_step_lines_while_the_deploy_runs_and_once_at_the_end(master: Master) -> None:
+    sink, env = progress_master(master)
+    master.cluster.slow_rollout("deployment", NS, "api", 4)
+    bundle = master.bundle(platform(), PROGRESS_OPTIONS)
+
+    run = master.run(master.command("deploy", "d-1", "--bundle", str(bundle), timeout=60,
+                                    rollback_timeout=15), env)
+
+    assert run.code == 0, run.stdout
+    calls = (sink / "calls").read_text().splitlines()
+    assert len(calls) >= 2, calls  # while it ran, and the last one
+    assert all("s3api put-object --region eu-west-1 --bucket k3s-deploy-x "
+               "--key k3s-deploy/d-1/progress/i-0123456789abcdef0.log" in call for call in calls), calls
+    assert all("--expected-bucket-owner 123456789012" in call for call in calls)
+    last = (sink / f"{len(calls)}.log").read_text().splitlines()
+    # Step lines with the time, the run's summary too; not kubectl's own output.
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d .+", line) for line in last), last
+    assert any("==> waiting for deployment/api" in line for line in last), "\n".join(last)
+    assert any(f"deployment/api in {NS}: rolled out, ready" in line for line in last), last
+    assert any(line.endswith(f" {run.report['message']}") for line in last), last
+    assert not any(re.search(r" (created|configured|unchanged)$", line) for line in last), last
+    assert "live progress is off" not in run.stdout
+
+
+def test_refused_uploads_turn_progress_off_once_and_the_deploy_goes_on(master: Master) -> None:
+    sink, env = progress_master(master, fail=True)
+    master.cluster.slow_rollout("deployment", NS, "api", 6)
+    bundle = master.bundle(platform(), PROGRESS_OPTIONS)
+
+    run = master.run(master.command("deploy", "d-1", "--bundle", str(bundle), timeout=60,
+                                    rollback_timeout=15), env)
+
+    assert run.code == 0, run.stdout
+    assert run.report["result"] == "success"
+    said = [line for line in run.stdout.splitlines() if line.startswith("live progress is off:")]
+    assert len(said) == 1 and "the upload failed 3 times" in said[0] and "AccessDenied" in said[0], run.stdout
+    assert len((sink / "calls").read_text().splitlines()) == 3  # no last put once it is off
+
+
+def test_progress_without_an_instance_id_is_off_and_changes_nothing_else(master: Master) -> None:
+    _, env = progress_master(master)
+    del env["AWS_SSM_INSTANCE_ID"]
+    bundle = master.bundle(platform(), PROGRESS_OPTIONS)
+
+    run = master.run(master.command("deploy", "d-1", "--bundle", str(bundle), timeout=60,
+                                    rollback_timeout=15), env)
+
+    assert run.code == 0, run.stdout
+    assert "live progress is off: the SSM agent gave no instance id" in run.stdout
+
+
+def test_progress_with_a_presigned_url_puts_with_curl_and_says_its_content_type(master: Master) -> None:
+    """delivery presigned: curl PUTs to this instance's URL. Without a content type, curl sends
+    its form default, and the S3 of the development rig stored the object empty."""
+    tools = master.root / "curl-bin"
+    tools.mkdir()
+    calls = master.root / "curl.calls"
+    (tools / "curl").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >>{calls}\n')
+    (tools / "curl").chmod(0o755)
+    url = "https://k3s-deploy-x.s3.eu-west-1.amazonaws.com/progress/i-0123456789abcdef0.log?X-Amz-Signature=ab"
+    options = ("progress-owner=123456789012\n"
+               f"progress-url-i-0fedcba9876543210=https://elsewhere.example/x\nprogress-url-i-0123456789abcdef0={url}\n")
+    env = master.env(path=f"{tools}:{master.bin}:{os.environ['PATH']}",
+                     AWS_SSM_INSTANCE_ID="i-0123456789abcdef0", K3S_DEPLOY_PROGRESS_SECONDS="1")
+
+    run = master.run(master.command("deploy", "d-1", "--bundle", str(master.bundle(platform(), options)),
+                                    timeout=60, rollback_timeout=15), env)
+
+    assert run.code == 0, run.stdout
+    made = calls.read_text().splitlines()
+    assert made and all(call.endswith(f" {url}") for call in made), made  # this instance's URL only
+    assert all("-X PUT" in call and "-H x-amz-expected-bucket-owner: 123456789012" in call
+               and "-H Content-Type: text/plain; charset=utf-8" in call for call in made), made
+    assert "live progress is off" not in run.stdout

@@ -367,14 +367,35 @@ def s3_statements(path: Path) -> list[dict[str, Any]]:
 
 
 def test_s3_grants_cover_only_the_action_s_bucket_names() -> None:
+    from deploykit.progress import FOLDER
     from deploykit.stage import BUCKET_PREFIX
 
+    allowed = (
+        f"arn:aws:s3:::{BUCKET_PREFIX}*",
+        f"arn:aws:s3:::{BUCKET_PREFIX}*/*",
+        f"arn:aws:s3:::{BUCKET_PREFIX}*/{FOLDER}*",  # live progress: deploykit/progress.py
+    )
     for path in (*DEPLOY_POLICIES, MASTER_POLICY):
         for statement in s3_statements(path):
             for resource in as_list(statement["Resource"]):
-                assert resource in (f"arn:aws:s3:::{BUCKET_PREFIX}*", f"arn:aws:s3:::{BUCKET_PREFIX}*/*"), (
-                    f"{path.name} {statement['Sid']}: {resource}"
-                )
+                assert resource in allowed, f"{path.name} {statement['Sid']}: {resource}"
+
+
+def test_live_progress_grants_only_its_folder() -> None:
+    """The master may write the progress objects and nothing else: a master that was taken over
+    must not be able to replace the staged script or bundle. The deploy role reads them only."""
+    from deploykit.progress import FOLDER
+    from deploykit.stage import BUCKET_PREFIX
+
+    progress = f"arn:aws:s3:::{BUCKET_PREFIX}*/{FOLDER}*"
+    writes = [s for s in s3_statements(MASTER_POLICY) if "s3:PutObject" in as_list(s["Action"])]
+    assert [(s["Sid"], as_list(s["Action"]), as_list(s["Resource"])) for s in writes] == [
+        ("UploadLiveProgress", ["s3:PutObject"], [progress])
+    ]
+    for path in DEPLOY_POLICIES:
+        reads = [s for s in s3_statements(path) if "s3:GetObject" in as_list(s["Action"])]
+        found = [(as_list(s["Action"]), as_list(s["Resource"])) for s in reads]
+        assert found == [(["s3:GetObject"], [progress])], path.name
 
 
 def test_s3_grants_cover_only_buckets_of_the_caller_s_account() -> None:
@@ -465,8 +486,10 @@ def test_the_tag_guard_example_in_the_readme_lints_clean() -> None:
     assert not findings, [(f.issue, f.detail) for f in findings]
 
 
-def test_master_role_can_only_read_the_staged_files() -> None:
-    assert granted_actions(MASTER_POLICY) == {"s3:GetObject", "s3:ListBucket"}
+def test_master_role_reads_the_staged_files_and_writes_only_its_progress() -> None:
+    """It reads the staged files; its one write is live progress, on the progress folder only
+    (test_live_progress_grants_only_its_folder)."""
+    assert granted_actions(MASTER_POLICY) == {"s3:GetObject", "s3:ListBucket", "s3:PutObject"}
 
 
 def test_trust_policy_admits_only_the_production_environment_through_github_oidc() -> None:

@@ -113,6 +113,7 @@ def test_defaults_table(env, workspace):
         "server-dry-run": "true",
         "lock-timeout": "300",
         "prune": "false",
+        "progress": "true",
     }
 
 

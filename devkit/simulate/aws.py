@@ -788,7 +788,13 @@ class SimulatedAWS:
             invocation.process = subprocess.Popen(
                 ["/bin/sh", str(script_path)],
                 cwd=master.path,
-                env=master.env,
+                # As the agent: the instance and region are named to the command.
+                env={
+                    **master.env,
+                    "AWS_SSM_INSTANCE_ID": master.instance_id,
+                    "AWS_SSM_REGION_NAME": self.region,
+                    "SSM_COMMAND_ID": invocation.command.command_id,
+                },
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,

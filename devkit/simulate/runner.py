@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +82,9 @@ def run_action(
     *,
     timeout: float = 300,
     echo: bool = False,
+    on_line: Callable[[str], None] | None = None,
 ) -> ActionRun:
+    """Run the action as the runner does; `on_line` sees each line of its log as it comes."""
     env = runner_env(sim, inputs, workspace, files)
     for name in ("output", "summary", "state"):
         (files / name).write_text("")
@@ -101,6 +103,8 @@ def run_action(
     try:
         for line in process.stdout:
             lines.append(line)
+            if on_line is not None:
+                on_line(line)
             if echo:
                 print(line, end="", flush=True)
         returncode = process.wait()

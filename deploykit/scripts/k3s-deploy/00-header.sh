@@ -73,8 +73,14 @@
 #                           (default false; 87-prune.sh says what is kept)
 #   --release ID, --release-name NAME   with --prune: the release's label value (20 hex
 #                           digits) and its name as the user knows it
+#   --progress-to s3://BUCKET/PREFIX/, --progress-region R, --progress-owner ACCOUNT
+#                           live progress: the step lines go to PREFIX/INSTANCE.log
+#                           (INSTANCE: the SSM agent's AWS_SSM_INSTANCE_ID) with the AWS CLI,
+#                           while the deploy runs (55-progress.sh); default: none
+#   --progress-url-INSTANCE URL   the same through a presigned PUT URL (curl), for that instance
 #
-# Needs: bash 4.4+, coreutils, tar, gzip, kubectl; `diff` for dry-run. No jq, no python.
+# Needs: bash 4.4+, coreutils, tar, gzip, kubectl; `diff` for dry-run; the AWS CLI or curl for
+# live progress (optional). No jq, no python.
 #
 # Output: the log on stdout (kubectl's stderr merged into it); on stderr only the JSON report
 # between ===K3S-DEPLOY-REPORT-BEGIN=== and ===K3S-DEPLOY-REPORT-END=== (SSM returns only

@@ -173,6 +173,10 @@ exec 3>&2 2>&1
 
 log() {
   printf '%s\n' "$*"
+  # Step lines also go to the live progress file (55-progress.sh), while it is on.
+  if [[ -n "$progress_file" ]] && is_progress_line "$*"; then
+    note_progress "$*"
+  fi
 }
 
 # shellcheck disable=SC2329 # called by the EXIT trap
@@ -196,6 +200,8 @@ cleanup() {
       release_lock || true
     fi
   fi
+  # Last: the final put of the progress file waits for nothing the deploy needs.
+  stop_progress || true
   if [[ -n "$work_dir" ]]; then
     rm -rf -- "$work_dir" || true
   fi
@@ -250,4 +256,6 @@ usage() {
   log "         --max-diff-bytes N --request-timeout DUR --validate true|false"
   log "         --state-dir DIR --commit SHA --run-url URL"
   log "         --prune false|true|all --release ID --release-name NAME"
+  log "         --progress-to s3://BUCKET/PREFIX/ --progress-region R --progress-owner ACCOUNT"
+  log "         --progress-url-INSTANCE URL"
 }

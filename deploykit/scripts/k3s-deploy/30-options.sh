@@ -70,6 +70,10 @@ set_option() {
   prune) prune_mode=$2 ;;
   release) release_id=$2 ;;
   release-name) release_name=$2 ;;
+  progress-to) progress_to=$2 ;;
+  progress-region) progress_region=$2 ;;
+  progress-owner) progress_owner=$2 ;;
+  progress-url-?*) progress_urls[${1#progress-url-}]=$2 ;;
   *) return 1 ;;
   esac
 }
@@ -152,6 +156,7 @@ validate_arguments() {
   if [[ "$prune_mode" != false ]] && [[ ! "$release_id" =~ $RELEASE_ID_PATTERN || ! "$release_name" =~ $RELEASE_NAME_PATTERN ]]; then
     usage_error "--prune needs --release (20 hex digits) and --release-name (1 to 200 letters, digits and . _ / : @ + -)"
   fi
+  check_progress_options
   state_dir="$state_root/$deploy_id"
 }
 

@@ -29,6 +29,8 @@ unpack_bundle() {
     fail_early 5 check "bundle $bundle is not a readable .tar.gz"
   fi
   load_options "$work_dir/bundle/options"
+  # The options came from the verified bundle: the live progress uploader may start.
+  start_progress
   bundle_phase_files=()
   for name in "${PHASE_FILES[@]}"; do
     if [[ -f "$work_dir/bundle/$name" ]]; then
