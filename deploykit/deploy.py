@@ -6,7 +6,7 @@ way; this module tells the story once for all of them.
 
 from __future__ import annotations
 
-from deploykit import build, command, fleet, progress, registry, report, stage
+from deploykit import build, command, fleet, progress, registry, report, stage, wait
 from deploykit.awsapi import AwsClients
 from deploykit.contract import Status
 from deploykit.errors import DeployError, JobCancelled, StagingError
@@ -81,7 +81,7 @@ def deploy(
         transport.close()
         _record_targets(outcome, transport)
         if staging is not None:
-            _clean_up(run, staging)
+            _clean_up(run, staging, master_may_put=run.progress is not None and _may_still_run(transport))
     _warn_prune_left(gh, results, many=transport.many)
     conclude(outcome, results, many=transport.many, dry_run=settings.dry_run, failure=transport.failure)
 
@@ -194,7 +194,19 @@ def _stage(run: Run) -> stage.Staging:
     return staging
 
 
-def _clean_up(run: Run, staging: stage.Staging) -> None:
+def _may_still_run(transport: Transport) -> bool:
+    """Whether a command that went out was not seen to end (a cancel, or SSM that stopped
+    answering): its script may still be running, and putting its live progress."""
+    return any(
+        target.sent and not target.never_started and target.ssm_status.split(" ", 1)[0] not in wait.TERMINAL
+        for target in transport.targets
+    )
+
+
+def _clean_up(run: Run, staging: stage.Staging, *, master_may_put: bool = False) -> None:
+    """Delete the staging area. With `master_may_put`, a master may still put its live progress
+    after this (its script ends seconds after a cancel): the post step's state is kept, so that
+    the post step, which runs after this step ends, deletes what came in late."""
     settings, aws, gh = run.settings, run.aws, run.gh
     if not settings.cleanup:
         gh.log(f"Leaving {staging.where()} in place (input 'cleanup' is false)")
@@ -208,10 +220,16 @@ def _clean_up(run: Run, staging: stage.Staging) -> None:
             cancelled = exc
             aws.hurry()
             stage.delete_staged(aws.s3, staging)
-        gh.log(f"Deleted {staging.where()}")
-        # Nothing left for the post-entrypoint to delete.
-        gh.save_state("bucket", "")
-        gh.save_state("prefix", "")
+        if master_may_put:
+            gh.log(
+                f"Deleted {staging.where()}; the post step looks again for live progress that the "
+                "master may still put while its script stops"
+            )
+        else:
+            gh.log(f"Deleted {staging.where()}")
+            # Nothing left for the post-entrypoint to delete.
+            gh.save_state("bucket", "")
+            gh.save_state("prefix", "")
     except DeployError as exc:
         gh.warning(
             f"{exc.message}. Left behind: {staging.where()}; delete it by hand or with "

@@ -122,8 +122,11 @@ def backstop(env: Mapping[str, str], gh: Workflow) -> None:
     if ours and not _check_tagged_as_ours(aws.s3, bucket, account):
         gh.log(f"Bucket {bucket} is already gone")
         return
-    stage.delete_staged(aws.s3, staging)
-    gh.log(f"Deleted {staging.where()}, which the deploy step had left behind")
+    deleted = stage.delete_staged(aws.s3, staging)
+    if deleted or ours:
+        gh.log(f"Deleted {staging.where()}, which the deploy step had left behind ({deleted} files)")
+    else:
+        gh.log(f"Nothing was left in {staging.where()}")
 
 
 def _cancelled(signum: int, frame: FrameType | None) -> None:

@@ -213,12 +213,14 @@ def upload(s3: Any, staging: Staging, name: str, body: bytes) -> str:
     return key
 
 
-def delete_staged(s3: Any, staging: Staging) -> None:
-    """Delete every object version under the staging place, then our bucket.
+def delete_staged(s3: Any, staging: Staging) -> int:
+    """Delete every object version under the staging place, then our bucket. Returns how many
+    object versions (and delete markers) it deleted.
 
     Raises AwsCallFailed when something is left; NoSuchBucket counts as clean.
     """
     arn = f"arn:aws:s3:::{staging.bucket}"
+    deleted = 0
     try:
         # Listing and deleting are separate permissions: each error names its own.
         with aws_call(f"list the staged files in {staging.where()}", "s3:ListBucketVersions", arn):
@@ -250,10 +252,12 @@ def delete_staged(s3: Any, staging: Staging) -> None:
                 raise StagingError(
                     f"can't delete {first.get('Key')} in {staging.where()}: {first.get('Code')}"
                 )
+            deleted += len(doomed)
         if staging.created_bucket:
             with aws_call(f"delete bucket {staging.bucket}", "s3:DeleteBucket", arn):
                 s3.delete_bucket(Bucket=staging.bucket, ExpectedBucketOwner=staging.account)
     except Exception as exc:
         if error_code(exc.__context__ or exc) == "NoSuchBucket" or "NoSuchBucket" in str(exc):
-            return
+            return deleted
         raise
+    return deleted

@@ -1905,6 +1905,41 @@ def test_progress_without_an_instance_id_is_off_and_changes_nothing_else(master:
     assert "live progress is off: the SSM agent gave no instance id" in run.stdout
 
 
+def test_a_signal_stops_progress_before_the_rollback_and_puts_nothing_after(master: Master) -> None:
+    """After a cancel the action deletes the staging area while the script is still stopping:
+    a put made during the script's rollback would land after that and be left behind. So the
+    uploader stops first thing on a signal, with no last put, even when the signal reaches the
+    script's shell alone."""
+    sink, env = progress_master(master)
+    # The undo takes a few of the uploader's 1 s turns, as on a busy API server.
+    slow = master.root / "slow-undo-bin"
+    slow.mkdir()
+    (slow / "kubectl").write_text('#!/bin/sh\ncase "$*" in *"rollout undo"*) sleep 3 ;; esac\n'
+                                  f'exec "{master.bin}/kubectl" "$@"\n')
+    (slow / "kubectl").chmod(0o755)
+    env["PATH"] = f"{slow}:{env['PATH']}"
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("deployment", NS, "api", 120)
+    argv = master.command("deploy", "deploy-p", "--bundle", str(master.bundle(
+        platform(api_image="api:v2"), PROGRESS_OPTIONS)), timeout=120)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not list(sink.glob("*.log")) or master.cluster.revision("deployment", NS, "api") != "2":
+        assert time.monotonic() < deadline, "the deploy never applied, or never put its progress"
+        time.sleep(0.1)
+    master.cluster.slow_rollout("deployment", NS, "api", 0)
+    # To the script alone (a signal to the whole group would stop the uploader by itself).
+    os.kill(process.pid, signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=30)
+
+    assert process.returncode == 143, stdout
+    assert "rollback: done (undos sent, not waited for)" in stdout
+    bodies = [path.read_text() for path in sorted(sink.glob("*.log"))]
+    assert bodies and all("==> " in body for body in bodies), bodies
+    assert not any("rollback:" in body or "interrupted by SIG" in body for body in bodies), bodies
+
+
 def test_progress_with_a_presigned_url_puts_with_curl_and_says_its_content_type(master: Master) -> None:
     """delivery presigned: curl PUTs to this instance's URL. Without a content type, curl sends
     its form default, and the S3 of the development rig stored the object empty."""

@@ -83,8 +83,10 @@ def run_action(
     timeout: float = 300,
     echo: bool = False,
     on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
 ) -> ActionRun:
-    """Run the action as the runner does; `on_line` sees each line of its log as it comes."""
+    """Run the action as the runner does; `on_line` sees each line of its log as it comes, and
+    `on_start` the process once started (to signal it, as a cancel would)."""
     env = runner_env(sim, inputs, workspace, files)
     for name in ("output", "summary", "state"):
         (files / name).write_text("")
@@ -97,6 +99,8 @@ def run_action(
         text=True,
     )
     assert process.stdout is not None
+    if on_start is not None:
+        on_start(process)
     watchdog = threading.Timer(timeout, process.kill)  # a hung action must not hang the tests
     watchdog.start()
     lines = []

@@ -4,14 +4,18 @@ fenced like the rest of the master's output; nothing is left in S3 afterwards.""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from devkit.simulate.aws import SimulatedAWS
+from devkit.simulate.aws import PROJECT_ROOT, SimulatedAWS
 from devkit.simulate.faults import ACCESS_DENIED, fault_proxy
 from devkit.simulate.runner import ActionRun, run_action
 from tests.e2e.conftest import API, NS, WORKER, World, platform_manifests
@@ -198,3 +202,84 @@ def test_fleet_mode_shows_each_instances_lines_under_its_id(fleet: World) -> Non
         assert re.search(first, run.log, re.M), run.log
         assert f"{master.instance_id}: " in run.log
     assert fleet.buckets() == []
+
+
+def run_post_step(world: World, state: dict[str, str], **inputs: str) -> str:
+    """The runner's post step (post.py) with the state the main step saved; its log."""
+    env = world.sim.env(
+        {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_", "STATE_"))}
+    )
+    env.update({f"STATE_{name}": value for name, value in state.items()})
+    env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
+    env.update({"INPUT_AWS-REGION": world.sim.region, "PYTHONPATH": str(PROJECT_ROOT)})
+    post = subprocess.run([sys.executable, str(PROJECT_ROOT / "post.py")], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert post.returncode == 0, post.stdout + post.stderr
+    return post.stdout + post.stderr
+
+
+def test_a_cancel_leaves_the_post_step_to_delete_progress_the_master_puts_late(world: World) -> None:
+    """Cancelled while the master still runs: the action deletes its prefix at once, but the
+    master's script stops only seconds later, and a progress put may land after that. So the
+    post step's state is kept, and the post step (which runs after the main step) deletes what
+    came in late. The master's own script puts nothing once it is signalled."""
+    quick_uploads(world)
+    world.cluster.slow_rollout("deployment", NS, "api", 20)
+    s3 = world.sim.client("s3")
+    s3.create_bucket(Bucket="team-artifacts",
+                     CreateBucketConfiguration={"LocationConstraint": world.sim.region})
+    s3.put_object(Bucket="team-artifacts", Key="keep/me.txt", Body=b"mine")
+    action: list[subprocess.Popen[str]] = []
+
+    def cancel_on_the_first_live_line(line: str) -> None:
+        if WAITING_FOR_API in line and "Output of the deploy" not in line and action:
+            action.pop().send_signal(signal.SIGTERM)
+
+    run = run_action(world.sim, {"aws-region": world.sim.region, "images": f"{API}\n{WORKER}",
+                                 "timeout": "60", "verify-images": "false", "image-tag": "v1",
+                                 "bucket": "team-artifacts"},
+                     world.workspace, world.files, timeout=240,
+                     on_line=cancel_on_the_first_live_line, on_start=action.append)
+
+    assert run.outputs["status"] == "cancelled", run.log
+    prefix = run.state["prefix"]
+    assert prefix.startswith("k3s-deploy/") and not run.state.get("bucket"), run.state
+    assert "the post step looks again for live progress" in run.log
+    settle(world)
+
+    def keys() -> list[str]:
+        return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="team-artifacts").get("Contents", []))
+
+    # The script stopped its uploader before its rollback: nothing came in after the cleanup.
+    assert keys() == ["keep/me.txt"]
+    # A put that landed late all the same (one in flight when the signal came):
+    s3.put_object(Bucket="team-artifacts", Key=f"{prefix}progress/{world.master.instance_id}.log",
+                  Body=b"12:00:00 ==> waiting for deployment/api\n")
+
+    log = run_post_step(world, run.state, bucket="team-artifacts")
+
+    assert f"Deleted s3://team-artifacts/{prefix}, which the deploy step had left behind (1 files)" in log
+    assert keys() == ["keep/me.txt"]
+    assert "Nothing was left in" in run_post_step(world, run.state, bucket="team-artifacts")
+
+
+def test_a_deploy_that_ends_leaves_the_post_step_nothing(world: World) -> None:
+    quick_uploads(world)
+
+    run, _ = deploy_timed(world)
+
+    assert run.returncode == 0, run.log
+    assert run.state == {"bucket": "", "prefix": ""}, run.state
+    assert "the post step looks again" not in run.log
+
+
+def settle(world: World, seconds: float = 60) -> None:
+    """Until every command sent to the master has ended."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(world.sim.invocation(sent["command_id"], instance)["Status"]
+               in ("Success", "Failed", "Cancelled", "TimedOut")
+               for sent in world.sim.sent_commands() for instance in sent["instance_ids"]):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"commands still running on the master after {seconds} s")

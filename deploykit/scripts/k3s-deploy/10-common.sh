@@ -218,6 +218,10 @@ on_signal() {
   trap '' INT TERM HUP
   log "interrupted by SIG$1"
   interrupted=true
+  # Live progress stops first, with no last put: the action has stopped reading (a cancel) or
+  # reads the whole output next, and an upload landing after it deleted the staging area
+  # would be left behind.
+  stop_progress || true
   if [[ "$command" == deploy && "$rollback_enabled" == true && -n "$state_dir" &&
     -f "$state_dir/revisions.tsv" ]]; then
     lock_keep=true

@@ -205,7 +205,7 @@ put_progress() {
 
 # Stops the uploader and puts the file a last time, unless live progress was turned off or the
 # run was stopped by a signal (then time is short). From the EXIT trap: never fails.
-# shellcheck disable=SC2329 # called by cleanup (the EXIT trap)
+# shellcheck disable=SC2329 # called by cleanup (the EXIT trap) and on_signal
 stop_progress() {
   if [[ -z "$progress_pid" ]]; then
     return 0
