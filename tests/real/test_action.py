@@ -121,13 +121,23 @@ def test_example_platform_through_ssm_on_the_real_api(
     write_workspace(workspace, ns)
     redis_volume(control_plane, ns)
 
+    runs: dict[str, ActionRun] = {}
+
     def deploy(tag: str) -> ActionRun:
         inputs = {"aws-region": sim.region, "images": IMAGES, "image-tag": tag,
                   "timeout": "180", "manifests": "k8s/base", "verify-images": "false"}
-        return run_action(sim, inputs, workspace, tmp_path / "files", timeout=400)
+        runs[tag] = run_action(sim, inputs, workspace, tmp_path / "files", timeout=400)
+        return runs[tag]
 
     check_three_deploys(control_plane, ns, deploy)
     assert [b["Name"] for b in sim.client("s3").list_buckets().get("Buckets", [])] == []
+    # Live progress (on by default, every 5 s): the master's step lines on the real API showed
+    # while the crash-looping release was being watched, before SSM gave the whole output.
+    crash = runs["crashloop"]
+    before_output = crash.log.split("Output of the deploy on the master")[0]
+    assert "Live progress: the master's step lines appear here" in before_output, crash.log
+    assert f"==> waiting for deployment/api in {ns}" in before_output, crash.log
+    assert "live progress is off" not in crash.log and "Live progress not shown" not in crash.log
 
 
 def run_local(plane: ControlPlane, workspace: Path, files: Path, inputs: dict[str, str]) -> ActionRun:
