@@ -1760,6 +1760,37 @@ def test_a_job_with_the_same_hash_that_completed_is_not_run_again_and_a_changed_
     assert replaced["spec"]["template"]["spec"]["containers"][0]["image"] == "api:v2"
 
 
+def test_a_job_left_running_by_a_cancel_is_waited_for_by_the_next_deploy_not_run_again(
+        master: Master) -> None:
+    """A cancel does not stop a running migration (killing it half-way is worse than letting it
+    end); the next deploy with the same Job waits for that run instead of starting another."""
+    master.cluster.seed(as_yaml(platform()))
+    master.cluster.slow_rollout("job", NS, "migrate", 15)
+    docs = [*platform(), job(image="api:v1")]
+    process = subprocess.Popen(master.command("deploy", "deploy-c", "--bundle", str(master.bundle(docs)),
+                                              timeout=60, rollback_timeout=15),
+                               env=master.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while master.cluster.job_runs(NS, "migrate") == 0:
+        assert time.monotonic() < deadline, "the Job never started"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert master.finished(process).code == 143
+    running = master.cluster.get("Job", NS, "migrate")
+    assert running is not None and not (master.cluster.job_status(NS, "migrate") or {}).get("succeeded")
+
+    run = master.deploy(docs, "deploy-d", timeout=60)
+
+    assert run.code == 0, run.stdout
+    assert master.cluster.job_runs(NS, "migrate") == 1
+    assert master.cluster.get("Job", NS, "migrate")["metadata"]["uid"] == running["metadata"]["uid"]
+    assert master.cluster.job_status(NS, "migrate").get("succeeded") == 1
+    assert f"job/migrate in {NS} is still running with this spec" in run.stdout
+    assert "replacing job/migrate" not in run.stdout
+    assert run.report["jobs"][0]["result"] == "completed", run.report
+
+
 def test_a_failing_job_stops_the_deploy_before_any_deployment_changes(master: Master) -> None:
     master.cluster.seed(as_yaml(platform()))
     master.cluster.break_image("api:v2", "CrashLoopBackOff", log="migration 0042 failed: no such column")
