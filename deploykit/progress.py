@@ -29,7 +29,9 @@ from deploykit.stage import Staging
 
 FOLDER = "progress/"
 READ_EVERY = 5.0  # seconds between two looks at the folder
-MAX_OBJECT_BYTES = 64 * 1024  # the script keeps its file far smaller; more is not read
+# The script keeps at most 400 lines of 300 characters with a time stamp (PROGRESS_MAX_LINES,
+# PROGRESS_LINE_MAX), about 124 KB in single-byte text: a larger object is read only this far.
+MAX_OBJECT_BYTES = 256 * 1024
 MAX_READ_ERRORS = 3  # errors in a row (other than a refusal) before the reading stops
 INSTANCE_ID = re.compile(r"^m?i-[0-9a-f]{8,17}$")
 # A presigned PUT URL as the script accepts it (PROGRESS_URL_PATTERN in 55-progress.sh):

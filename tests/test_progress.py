@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -286,3 +287,19 @@ def test_the_master_giving_up_is_one_warning_in_the_action_s_words() -> None:
     warnings = out.getvalue().splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("::warning title=Live progress off::")
     assert "UploadLiveProgress" in warnings[0] and "AccessDenied" not in warnings[0]
+
+
+def test_the_largest_file_the_script_writes_is_shown_whole() -> None:
+    """The script's own limits (55-progress.sh): as many lines as it keeps, each as long as it
+    lets one be, with its time stamp; the reader must not cut that short."""
+    source = (Path(progress.__file__).parent / "scripts" / "k3s-deploy" / "55-progress.sh").read_text()
+    max_lines = int(re.search(r"^readonly PROGRESS_MAX_LINES=(\d+)$", source, re.M).group(1))
+    line_max = int(re.search(r"^readonly PROGRESS_LINE_MAX=(\d+)$", source, re.M).group(1))
+    lines = [f"10:00:00 ==> {n:04d} " + "x" * (line_max - 10) for n in range(max_lines)]
+    s3 = FakeS3()
+    read, out, _ = reader(s3)
+    s3.put(OWN, ONE, "\n".join(lines) + "\n")
+
+    read.read()
+
+    assert shown(out) == lines
