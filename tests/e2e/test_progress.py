@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,15 @@ def fenced(log: str, needle: str) -> bool:
         elif needle in line:
             found = True
     return found
+
+
+def team_bucket(world: World) -> Any:
+    """The user's own bucket (input `bucket`), holding a file of theirs; its S3 client."""
+    s3 = world.sim.client("s3")
+    s3.create_bucket(Bucket="team-artifacts",
+                     CreateBucketConfiguration={"LocationConstraint": world.sim.region})
+    s3.put_object(Bucket="team-artifacts", Key="keep/me.txt", Body=b"mine")
+    return s3
 
 
 def quick_uploads(world: World) -> None:
@@ -136,10 +146,7 @@ def test_a_master_that_may_not_put_the_object_deploys_and_says_progress_is_off(w
 def test_progress_in_a_given_bucket_goes_with_the_prefix(world: World) -> None:
     quick_uploads(world)
     world.cluster.slow_rollout("deployment", NS, "api", 6)
-    s3 = world.sim.client("s3")
-    s3.create_bucket(Bucket="team-artifacts",
-                     CreateBucketConfiguration={"LocationConstraint": world.sim.region})
-    s3.put_object(Bucket="team-artifacts", Key="keep/me.txt", Body=b"mine")
+    s3 = team_bucket(world)
 
     run, _ = deploy_timed(world, bucket="team-artifacts")
 
@@ -225,10 +232,7 @@ def test_a_cancel_leaves_the_post_step_to_delete_progress_the_master_puts_late(w
     came in late. The master's own script puts nothing once it is signalled."""
     quick_uploads(world)
     world.cluster.slow_rollout("deployment", NS, "api", 20)
-    s3 = world.sim.client("s3")
-    s3.create_bucket(Bucket="team-artifacts",
-                     CreateBucketConfiguration={"LocationConstraint": world.sim.region})
-    s3.put_object(Bucket="team-artifacts", Key="keep/me.txt", Body=b"mine")
+    s3 = team_bucket(world)
     action: list[subprocess.Popen[str]] = []
 
     def cancel_on_the_first_live_line(line: str) -> None:
