@@ -282,6 +282,10 @@ class FleetTransport:
                 if result.status == Status.SUCCESS:
                     result.message = "dry run passed; nothing changed"
         _show_failed_output(self.run, self.results_)
+        if self.run.progress:
+            self.run.progress.warn_silent(
+                r.instance_id for r in self.results_ if r.status == Status.SUCCESS and r.reported
+            )
         return self.results_
 
     def roll_back(self, results: list[TargetResult]) -> None:

@@ -124,7 +124,8 @@ def backstop(env: Mapping[str, str], gh: Workflow) -> None:
         return
     deleted = stage.delete_staged(aws.s3, staging)
     if deleted or ours:
-        gh.log(f"Deleted {staging.where()}, which the deploy step had left behind ({deleted} files)")
+        files = "1 file" if deleted == 1 else f"{deleted} files"
+        gh.log(f"Deleted {staging.where()}, which the deploy step had left behind ({files})")
     else:
         gh.log(f"Nothing was left in {staging.where()}")
 

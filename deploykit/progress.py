@@ -141,6 +141,26 @@ class Reader:
             title="Live progress off",
         )
 
+    def warn_silent(self, instance_ids: Iterable[str]) -> None:
+        """Fleet mode, after the command: the instances that ran the deploy to the end but
+        never put a progress object (the action reads the whole output of failed instances
+        only, so their own 'live progress is off' line goes unseen). One warning with the fix."""
+        if self.off:
+            return
+        start = len(folder(self.staging))
+        heard = {key[start:].removesuffix(".log") for key in self.etags}
+        silent = [instance_id for instance_id in instance_ids if instance_id not in heard]
+        if not silent:
+            return
+        shown = ", ".join(silent[:5]) + (f" and {len(silent) - 5} more" if len(silent) > 5 else "")
+        self.gh.warning(
+            f"No live progress came from {len(silent)} instance(s) that deployed: {shown}. Their "
+            "instance role needs s3:PutObject on the staging area's progress/ folder with delivery "
+            "s3 (examples/iam, statement UploadLiveProgress), and the AWS CLI (or curl with "
+            "delivery presigned); or set input 'progress' to false.",
+            title="Live progress off",
+        )
+
     def read(self) -> None:
         self.next_read = self.clock() + READ_EVERY
         try:

@@ -303,3 +303,32 @@ def test_the_largest_file_the_script_writes_is_shown_whole() -> None:
     read.read()
 
     assert shown(out) == lines
+
+
+def test_fleet_instances_that_never_put_are_named_once_and_a_long_list_is_cut() -> None:
+    s3 = FakeS3()
+    read, out, _ = reader(s3, many=True)
+    s3.put(OWN, ONE, "10:00:00 ==> a\n")
+    read.read()
+    others = [f"i-00000000000000{n:03d}" for n in range(7)]
+
+    read.warn_silent([ONE])
+    assert "::warning" not in out.getvalue()
+    read.warn_silent([ONE, *others])
+
+    (warning,) = [line for line in out.getvalue().splitlines() if line.startswith("::warning")]
+    assert "No live progress came from 7 instance(s) that deployed: " in warning
+    assert ", ".join(others[:5]) + " and 2 more." in warning
+    assert ONE not in warning
+
+
+def test_no_fleet_warning_once_the_reading_is_off() -> None:
+    s3 = FakeS3()
+    read, out, _ = reader(s3, many=True)
+    s3.fail.append(client_error("AccessDenied", 403))
+    read.read()
+    before = out.getvalue()
+
+    read.warn_silent([ONE, TWO])
+
+    assert out.getvalue() == before  # the refused read said it already; the lines are unknown

@@ -262,7 +262,7 @@ def test_a_cancel_leaves_the_post_step_to_delete_progress_the_master_puts_late(w
 
     log = run_post_step(world, run.state, bucket="team-artifacts")
 
-    assert f"Deleted s3://team-artifacts/{prefix}, which the deploy step had left behind (1 files)" in log
+    assert f"Deleted s3://team-artifacts/{prefix}, which the deploy step had left behind (1 file)" in log
     assert keys() == ["keep/me.txt"]
     assert "Nothing was left in" in run_post_step(world, run.state, bucket="team-artifacts")
 
@@ -287,3 +287,25 @@ def settle(world: World, seconds: float = 60) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"commands still running on the master after {seconds} s")
+
+
+def test_fleet_mode_warns_about_an_instance_that_deployed_but_put_no_progress(fleet: World) -> None:
+    """Only failed instances' whole output is read in fleet mode, so a master that could not
+    put (its role lacks s3:PutObject) would go unnoticed: the action names it in one warning."""
+    masters = list(fleet.sim.masters.values())
+    for master in masters:
+        master.env["K3S_DEPLOY_PROGRESS_SECONDS"] = "1"
+    denied = masters[1]
+    with fault_proxy(fleet.sim.endpoint_url) as proxy:
+        denied.env["AWS_ENDPOINT_URL"] = proxy.url
+        proxy.add("PutObject", ACCESS_DENIED, times=None)
+
+        run, _ = deploy_timed(fleet, fleet="true", **{"instance-tag": "k3s-master-*"})
+
+    assert run.returncode == 0, run.log
+    assert run.outputs["status"] == "success"
+    warnings = [line for line in run.log.splitlines() if line.startswith("::warning")]
+    (silent,) = [line for line in warnings if "No live progress came from" in line]
+    assert f"1 instance(s) that deployed: {denied.instance_id}." in silent, silent
+    assert masters[0].instance_id not in silent
+    assert re.search(rf"^{masters[0].instance_id}: \d\d:\d\d:\d\d ", run.log, re.M), run.log
