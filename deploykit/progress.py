@@ -147,8 +147,7 @@ class Reader:
         only, so their own 'live progress is off' line goes unseen). One warning with the fix."""
         if self.off:
             return
-        start = len(folder(self.staging))
-        heard = {key[start:].removesuffix(".log") for key in self.etags}
+        heard = {self._instance(key) for key in self.etags}
         silent = [instance_id for instance_id in instance_ids if instance_id not in heard]
         if not silent:
             return
@@ -219,7 +218,11 @@ class Reader:
         self.shown[key] = len(lines)
         self.lines_shown += len(new)
         if self.many:
-            instance = key[len(folder(self.staging)) :].removesuffix(".log")
+            instance = self._instance(key)
             new = [f"{instance}: {line}" for line in new]
         # Remote text: fenced (stop-commands under a token) and neutralised, like the output.
         self.gh.echo_untrusted("\n".join(new))
+
+    def _instance(self, key: str) -> str:
+        """The instance id in a progress object's key (object_key's inverse)."""
+        return key[len(folder(self.staging)) :].removesuffix(".log")

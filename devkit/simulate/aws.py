@@ -545,6 +545,20 @@ class SimulatedAWS:
         with self._lock:
             return dict(self._invocations[(command_id, instance_id)].record)
 
+    def settle(self, seconds: float) -> None:
+        """Wait until every command sent to any instance has ended (AssertionError after
+        `seconds`): what a script still stopping after a cancel does is then done."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if all(
+                self.invocation(sent["command_id"], instance)["Status"] in TERMINAL
+                for sent in self.sent_commands()
+                for instance in sent["instance_ids"]
+            ):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"commands still running on the master after {seconds} s")
+
     # -- SSM actions (called by the patched response class, in moto's request threads) --------
 
     def send_command(self, response: SimpleSystemManagerResponse) -> ActionResult:

@@ -121,3 +121,22 @@ def run_action(
         summary=(files / "summary").read_text(),
         state=parse_key_values((files / "state").read_text()),
     )
+
+
+def run_post_step(sim: SimulatedAWS, state: Mapping[str, str], inputs: Mapping[str, str]) -> str:
+    """Run the post step (post.py) as the runner does after the main step, with the state the
+    main step saved; its log. It always exits 0 (a backstop never fails the job)."""
+    env = sim.env({k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_", "STATE_"))})
+    env.update({f"STATE_{name}": value for name, value in state.items()})
+    env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    post = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "post.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert post.returncode == 0, post.stdout + post.stderr
+    return post.stdout + post.stderr

@@ -4,11 +4,9 @@ fenced like the rest of the master's output; nothing is left in S3 afterwards.""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from devkit.simulate.aws import PROJECT_ROOT, SimulatedAWS
+from devkit.simulate.aws import SimulatedAWS
 from devkit.simulate.faults import ACCESS_DENIED, fault_proxy
-from devkit.simulate.runner import ActionRun, run_action
+from devkit.simulate.runner import ActionRun, run_action, run_post_step
 from tests.e2e.conftest import API, NS, WORKER, World, platform_manifests
 
 pytestmark = pytest.mark.e2e
@@ -211,20 +209,6 @@ def test_fleet_mode_shows_each_instances_lines_under_its_id(fleet: World) -> Non
     assert fleet.buckets() == []
 
 
-def run_post_step(world: World, state: dict[str, str], **inputs: str) -> str:
-    """The runner's post step (post.py) with the state the main step saved; its log."""
-    env = world.sim.env(
-        {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_", "STATE_"))}
-    )
-    env.update({f"STATE_{name}": value for name, value in state.items()})
-    env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})
-    env.update({"INPUT_AWS-REGION": world.sim.region, "PYTHONPATH": str(PROJECT_ROOT)})
-    post = subprocess.run([sys.executable, str(PROJECT_ROOT / "post.py")], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert post.returncode == 0, post.stdout + post.stderr
-    return post.stdout + post.stderr
-
-
 def test_a_cancel_leaves_the_post_step_to_delete_progress_the_master_puts_late(world: World) -> None:
     """Cancelled while the master still runs: the action deletes its prefix at once, but the
     master's script stops only seconds later, and a progress put may land after that. So the
@@ -249,7 +233,7 @@ def test_a_cancel_leaves_the_post_step_to_delete_progress_the_master_puts_late(w
     prefix = run.state["prefix"]
     assert prefix.startswith("k3s-deploy/") and not run.state.get("bucket"), run.state
     assert "the post step looks again for live progress" in run.log
-    settle(world)
+    world.sim.settle(60)
 
     def keys() -> list[str]:
         return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="team-artifacts").get("Contents", []))
@@ -260,11 +244,12 @@ def test_a_cancel_leaves_the_post_step_to_delete_progress_the_master_puts_late(w
     s3.put_object(Bucket="team-artifacts", Key=f"{prefix}progress/{world.master.instance_id}.log",
                   Body=b"12:00:00 ==> waiting for deployment/api\n")
 
-    log = run_post_step(world, run.state, bucket="team-artifacts")
+    post_inputs = {"aws-region": world.sim.region, "bucket": "team-artifacts"}
+    log = run_post_step(world.sim, run.state, post_inputs)
 
     assert f"Deleted s3://team-artifacts/{prefix}, which the deploy step had left behind (1 file)" in log
     assert keys() == ["keep/me.txt"]
-    assert "Nothing was left in" in run_post_step(world, run.state, bucket="team-artifacts")
+    assert "Nothing was left in" in run_post_step(world.sim, run.state, post_inputs)
 
 
 def test_a_deploy_that_ends_leaves_the_post_step_nothing(world: World) -> None:
@@ -275,18 +260,6 @@ def test_a_deploy_that_ends_leaves_the_post_step_nothing(world: World) -> None:
     assert run.returncode == 0, run.log
     assert run.state == {"bucket": "", "prefix": ""}, run.state
     assert "the post step looks again" not in run.log
-
-
-def settle(world: World, seconds: float = 60) -> None:
-    """Until every command sent to the master has ended."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if all(world.sim.invocation(sent["command_id"], instance)["Status"]
-               in ("Success", "Failed", "Cancelled", "TimedOut")
-               for sent in world.sim.sent_commands() for instance in sent["instance_ids"]):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"commands still running on the master after {seconds} s")
 
 
 def test_fleet_mode_warns_about_an_instance_that_deployed_but_put_no_progress(fleet: World) -> None:

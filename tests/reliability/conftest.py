@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,19 +186,7 @@ class Rig:
 
     def settle(self, seconds: float = SETTLE_SECONDS) -> None:
         """Wait until every command sent to the master has ended."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            pending = [
-                sent
-                for sent in self.sim.sent_commands()
-                for instance in sent["instance_ids"]
-                if self.sim.invocation(sent["command_id"], instance)["Status"]
-                not in ("Success", "Failed", "Cancelled", "TimedOut")
-            ]
-            if not pending:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"commands still running on the master after {seconds} s")
+        self.sim.settle(seconds)
 
     def deploy_runs(self) -> list[dict[str, object]]:
         """Deploy commands (not rollbacks) the master really started."""

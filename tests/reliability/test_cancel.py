@@ -4,19 +4,15 @@ waiting, the one case that leaves the bucket to the post step and to `sweep`."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from devkit.simulate.aws import PROJECT_ROOT
 from devkit.simulate.cluster import Cluster
-from devkit.simulate.runner import ActionRun
+from devkit.simulate.runner import ActionRun, run_post_step
 from tests.reliability import figures
 from tests.reliability.conftest import API, NS, WORKER, WORKLOADS, Rig, Started, manifests, release_yaml
 
@@ -89,19 +85,7 @@ def test_sigkill_while_waiting_leaves_the_bucket_to_the_post_step(
 
     listed = sweep.find_leftovers(rig.sim.client("s3"), rig.sim.account_id, older_than=0)
     assert [leftover.bucket for leftover in listed] == left and listed[0].ours
-    env = rig.sim.env(
-        {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_", "STATE_"))}
-    )
-    env.update({f"STATE_{name}": value for name, value in run.state.items()})
-    env.update({"INPUT_AWS-REGION": rig.sim.region, "PYTHONPATH": str(PROJECT_ROOT)})
-    post = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "post.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    log = run_post_step(rig.sim, run.state, {"aws-region": rig.sim.region})
     figures.note(
         request.node,
         table="kill",
@@ -112,8 +96,7 @@ def test_sigkill_while_waiting_leaves_the_bucket_to_the_post_step(
         left_after_sweep=len(rig.staged_buckets()),
         other_faults=1,
     )
-    assert post.returncode == 0, post.stdout + post.stderr
-    assert rig.staged_buckets() == [], post.stdout + post.stderr
+    assert rig.staged_buckets() == [], log
     assert rig.assert_one_release(run) == "v2"  # the script finished on its own
 
 
